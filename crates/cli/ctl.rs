@@ -1,0 +1,300 @@
+//! `cutover ctl`: the operator's client for the admin API.
+//!
+//! Exit codes (SPEC §1): 0 success; 1 the API refused (reasons printed);
+//! 2 a usage error or the admin API could not be reached.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+/// Options of `cutover ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "CUTOVER_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the raw JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Show every site, or one site with its targets and endpoints.
+    Status {
+        /// Site name.
+        site: Option<String>,
+    },
+    /// Make TARGET the live target of SITE.
+    Switch {
+        /// Site name.
+        site: String,
+        /// Target to make live.
+        target: String,
+        /// Skip the health and smoke gates.
+        #[arg(long)]
+        force: bool,
+        /// How long the old target may finish its work, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        drain_timeout: Option<Duration>,
+        /// Refuse unless every endpoint runs this version.
+        #[arg(long)]
+        expect_version: Option<String>,
+    },
+    /// Switch SITE back to its previous target.
+    Rollback {
+        /// Site name.
+        site: String,
+        /// Skip the health and smoke gates.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create or replace a non-live target.
+    SetTarget {
+        /// Site name.
+        site: String,
+        /// Target name.
+        target: String,
+        /// Endpoint address host:port (repeat for several).
+        #[arg(long = "endpoint", required = true, num_args = 1..)]
+        endpoints: Vec<String>,
+        /// Version the target runs.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Show a site's history, newest first.
+    History {
+        /// Site name.
+        site: String,
+    },
+}
+
+/// Runs one `ctl` command and maps the outcome to the exit code.
+pub fn run(args: CtlArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cutover ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (method, path, body) = request_for(&args.command);
+    match runtime.block_on(call(&args.admin, args.token.as_deref(), method, &path, body)) {
+        Err(e) => {
+            eprintln!("cutover ctl: cannot reach the admin API at {}: {e}", args.admin);
+            ExitCode::from(2)
+        }
+        Ok((status, value)) if status >= 400 => {
+            if args.json {
+                println!("{}", pretty(&value));
+            } else {
+                print_error(status, &value);
+            }
+            ExitCode::from(1)
+        }
+        Ok((_, value)) => {
+            if args.json {
+                println!("{}", pretty(&value));
+            } else {
+                print_human(&args.command, &value);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn request_for(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
+    match cmd {
+        CtlCommand::Status { site: None } => (Method::GET, "/v1/sites".into(), None),
+        CtlCommand::Status { site: Some(s) } => (Method::GET, format!("/v1/sites/{s}"), None),
+        CtlCommand::Switch { site, target, force, drain_timeout, expect_version } => {
+            let mut body = json!({ "to": target, "force": force });
+            if let Some(d) = drain_timeout {
+                body["drain_timeout"] = json!(humantime::format_duration(*d).to_string());
+            }
+            if let Some(v) = expect_version {
+                body["expect_version"] = json!(v);
+            }
+            (Method::POST, format!("/v1/sites/{site}/switch"), Some(body))
+        }
+        CtlCommand::Rollback { site, force } => {
+            (Method::POST, format!("/v1/sites/{site}/rollback"), Some(json!({ "force": force })))
+        }
+        CtlCommand::SetTarget { site, target, endpoints, version } => {
+            let body = json!({ "endpoints": endpoints, "version": version });
+            (Method::PUT, format!("/v1/sites/{site}/targets/{target}"), Some(body))
+        }
+        CtlCommand::History { site } => (Method::GET, format!("/v1/sites/{site}/history"), None),
+    }
+}
+
+/// Sends one request to the admin API; returns the status and the JSON (or text) answer.
+async fn call(
+    base: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let base: Uri = base.parse().map_err(|e| anyhow::anyhow!("--admin {base:?} is not a URL: {e}"))?;
+    if base.scheme_str() != Some("http") {
+        anyhow::bail!("--admin must be an http:// URL");
+    }
+    let authority = base.authority().ok_or_else(|| anyhow::anyhow!("--admin has no host"))?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connection timed out"))??;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let prefix = base.path().trim_end_matches('/');
+    let mut req = Request::builder().method(method).uri(format!("{prefix}{path}")).header("host", authority.as_str());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let bytes = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(serde_json::to_vec(&b)?)
+        }
+        None => Bytes::new(),
+    };
+    // Switches wait for smoke checks: allow them time.
+    let resp = tokio::time::timeout(Duration::from_secs(120), sender.send_request(req.body(Full::new(bytes))?))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 120s"))??;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    Ok((status, value))
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn print_error(status: u16, v: &Value) {
+    let err = &v["error"];
+    let message = err["message"].as_str().unwrap_or("request refused");
+    let code = err["code"].as_str().unwrap_or("error");
+    eprintln!("refused ({status} {code}): {message}");
+    if let Some(reasons) = err["details"]["reasons"].as_array() {
+        for r in reasons {
+            eprintln!("  - {}", r.as_str().unwrap_or_default());
+        }
+    }
+}
+
+fn print_human(cmd: &CtlCommand, v: &Value) {
+    match cmd {
+        CtlCommand::Status { site: None } => {
+            let sites = v.as_array().cloned().unwrap_or_default();
+            let mut rows = vec![row(["SITE", "HOSTS", "LIVE", "PREVIOUS", "MODE"])];
+            for s in &sites {
+                rows.push(row([
+                    text(&s["name"]),
+                    join(&s["hosts"]),
+                    text(&s["live"]),
+                    text(&s["previous"]),
+                    mode(&s["mode"]),
+                ]));
+            }
+            print_table(&rows);
+        }
+        CtlCommand::History { .. } => {
+            let mut rows = vec![row(["AT", "KIND", "FROM", "TO", "ACTOR", "RESULT", "REASON"])];
+            for h in v.as_array().cloned().unwrap_or_default() {
+                rows.push(row([
+                    text(&h["at"]),
+                    text(&h["kind"]),
+                    text(&h["from"]),
+                    text(&h["to"]),
+                    text(&h["actor"]),
+                    text(&h["result"]),
+                    text(&h["reason"]),
+                ]));
+            }
+            print_table(&rows);
+        }
+        _ => print_site(v),
+    }
+}
+
+fn print_site(s: &Value) {
+    println!("site {}  hosts: {}", text(&s["name"]), join(&s["hosts"]));
+    println!("live: {}   previous: {}   mode: {}", text(&s["live"]), text(&s["previous"]), mode(&s["mode"]));
+    let mut rows = vec![row(["TARGET", "STATE", "VERSION", "INFLIGHT", "ENDPOINT", "HEALTH", "REPORTS"])];
+    if let Some(targets) = s["targets"].as_object() {
+        for (name, t) in targets {
+            let endpoints = t["endpoints"].as_array().cloned().unwrap_or_default();
+            for (i, e) in endpoints.iter().enumerate() {
+                let health = match e["healthy"].as_bool() {
+                    Some(true) => "healthy",
+                    Some(false) => "UNHEALTHY",
+                    None => "unchecked",
+                };
+                let first = i == 0;
+                rows.push(row([
+                    if first { name.clone() } else { String::new() },
+                    if first { text(&t["state"]) } else { String::new() },
+                    if first { text(&t["version"]) } else { String::new() },
+                    if first { text(&t["inflight"]) } else { String::new() },
+                    text(&e["address"]),
+                    health.to_string(),
+                    text(&e["version"]),
+                ]));
+            }
+        }
+    }
+    print_table(&rows);
+}
+
+fn row<const N: usize, S: Into<String>>(cells: [S; N]) -> Vec<String> {
+    cells.into_iter().map(Into::into).collect()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn join(v: &Value) -> String {
+    v.as_array().map(|a| a.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+}
+
+fn mode(m: &Value) -> String {
+    let on: Vec<&str> =
+        ["read_only", "maintenance", "paused"].into_iter().filter(|k| m[*k].as_bool().unwrap_or(false)).collect();
+    if on.is_empty() {
+        "normal".into()
+    } else {
+        on.join(", ")
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, s)| format!("{s:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

@@ -1,0 +1,228 @@
+//! Routing admin requests to controller commands, and the JSON they answer with.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_core::controller::Actor;
+use cutover_core::{ControlError, Controller, SwitchRequest};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+/// Largest admin request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The admin API of one running cutover.
+#[derive(Debug)]
+pub struct Admin {
+    /// The control plane every command goes to.
+    controller: Arc<Controller>,
+    /// Bearer token `/v1/` calls must carry, when set.
+    token: Option<String>,
+}
+
+/// Body of `PUT /v1/sites/{site}/targets/{target}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetTargetBody {
+    endpoints: Vec<String>,
+    #[serde(default)]
+    version: Option<String>,
+}
+
+/// Body of `POST /v1/sites/{site}/switch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchBody {
+    to: String,
+    #[serde(default)]
+    force: bool,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    #[serde(default)]
+    expect_version: Option<String>,
+}
+
+/// Body of `POST /v1/sites/{site}/rollback`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    force: bool,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+/// An error answer: its status and JSON body.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: &str, details: serde_json::Value) -> Self {
+        Self { status, body: json!({ "error": { "code": code, "message": message, "details": details } }) }
+    }
+
+    fn into_response(self) -> Answer {
+        json_response(self.status, &self.body)
+    }
+}
+
+impl Admin {
+    /// An admin API driving `controller`, requiring `token` when set.
+    pub fn new(controller: Arc<Controller>, token: Option<String>) -> Self {
+        Self { controller, token }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Answer
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
+            (&Method::GET, ["metrics"]) => {
+                text(StatusCode::OK, self.controller.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            }
+            (_, ["v1", ..]) => {
+                if !self.authorized(&req) {
+                    let message = "a valid bearer token is required";
+                    let mut r =
+                        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, json!({})).into_response();
+                    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return r;
+                }
+                let method = req.method().clone();
+                let body = match read_body(req.into_body()).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                self.v1(&method, &segments[1..], &body).await
+            }
+            _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {path}"), json!({}))
+                .into_response(),
+        }
+    }
+
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let given =
+            req.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
+        given.ct_eq(token.as_bytes()).into()
+    }
+
+    async fn v1(&self, method: &Method, segments: &[&str], body: &[u8]) -> Answer {
+        let c = &self.controller;
+        let result: Result<(StatusCode, serde_json::Value), ApiError> = match (method, segments) {
+            (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
+            (&Method::GET, ["sites", site]) => answer(c.site(site).await),
+            (&Method::GET, ["sites", site, "history"]) => answer(c.history(site).await),
+            (&Method::PUT, ["sites", site, "targets", target]) => match parse::<SetTargetBody>(body) {
+                Ok(b) => answer(c.set_target(site, target, b.endpoints, b.version, Actor::Api).await),
+                Err(r) => Err(r),
+            },
+            (&Method::POST, ["sites", site, "switch"]) => match parse::<SwitchBody>(body) {
+                Ok(b) => {
+                    let req = SwitchRequest {
+                        to: b.to,
+                        force: b.force,
+                        drain_timeout: b.drain_timeout,
+                        expect_version: b.expect_version,
+                    };
+                    answer(c.switch(site, req, Actor::Api).await)
+                }
+                Err(r) => Err(r),
+            },
+            (&Method::POST, ["sites", site, "rollback"]) => {
+                let b =
+                    if body.iter().all(u8::is_ascii_whitespace) { Ok(RollbackBody::default()) } else { parse(body) };
+                match b {
+                    Ok(b) => answer(c.rollback(site, b.force, Actor::Api).await),
+                    Err(r) => Err(r),
+                }
+            }
+            (
+                _,
+                ["sites"] | ["sites", _] | ["sites", _, "history" | "switch" | "rollback"] | ["sites", _, "targets", _],
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{method} is not allowed here"),
+                json!({}),
+            )),
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: /v1/{}", segments.join("/")),
+                json!({}),
+            )),
+        };
+        match result {
+            Ok((status, value)) => json_response(status, &value),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+fn answer<T: Serialize>(r: Result<T, ControlError>) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    match r {
+        Ok(v) => Ok((StatusCode::OK, to_json(&v))),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Err(ApiError { status, body: e.to_json() })
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.to_string().starts_with("unknown field") { "unknown_field" } else { "invalid_json" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, &format!("request body: {e}"), json!({}))
+    })
+}
+
+async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            &format!("request body: {e}"),
+            json!({ "limit": MAX_BODY }),
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Answer {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Answer {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}

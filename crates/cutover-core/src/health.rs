@@ -1,0 +1,208 @@
+//! Active health checks: one task per endpoint, probing `health.path` (or,
+//! without a path, making a TCP connection) every `interval`.
+//!
+//! The first result decides an unknown endpoint's health at once, so a fresh
+//! start does not wait `healthy_threshold` intervals; after that the
+//! rise/fall thresholds apply. A passive failure (the data plane could not
+//! connect) makes the endpoint unhealthy, and it needs `healthy_threshold`
+//! passing probes to come back. Probes never touch the data plane's pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_config::Health as HealthConfig;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoint::{Endpoint, Health};
+use crate::upstream::connect_tcp;
+
+/// What one probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// Whether the endpoint passed.
+    pub ok: bool,
+    /// Version header value, when configured and present.
+    pub version: Option<String>,
+    /// Why it failed, for logs and refusal reasons.
+    pub detail: String,
+}
+
+/// Probes `endpoint` once according to `cfg`.
+pub async fn probe(address: &str, cfg: &HealthConfig) -> ProbeResult {
+    match tokio::time::timeout(cfg.timeout, probe_inner(address, cfg)).await {
+        Ok(r) => r,
+        Err(_) => ProbeResult { ok: false, version: None, detail: format!("no answer within {:?}", cfg.timeout) },
+    }
+}
+
+async fn probe_inner(address: &str, cfg: &HealthConfig) -> ProbeResult {
+    let fail = |detail: String| ProbeResult { ok: false, version: None, detail };
+    let stream = match connect_tcp(address, cfg.timeout).await {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let Some(path) = &cfg.path else {
+        return ProbeResult { ok: true, version: None, detail: "tcp connect ok".into() };
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(x) => x,
+        Err(e) => return fail(format!("handshake failed: {e}")),
+    };
+    tokio::spawn(conn);
+    let host = cfg.host.as_deref().unwrap_or(address);
+    let req = Request::get(path.as_str())
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::USER_AGENT, "cutover-health")
+        .body(Empty::<Bytes>::new());
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return fail(format!("bad probe request: {e}")),
+    };
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("request failed: {e}")),
+    };
+    let status = resp.status().as_u16();
+    let version = cfg
+        .version_header
+        .as_deref()
+        .and_then(|h| resp.headers().get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string());
+    // Read the (small) body so the exchange completes cleanly.
+    let _ = resp.into_body().collect().await;
+    if cfg.expect_status.contains(status) {
+        ProbeResult { ok: true, version, detail: format!("status {status}") }
+    } else {
+        ProbeResult { ok: false, version, detail: format!("status {status} not expected") }
+    }
+}
+
+/// Rise/fall bookkeeping of one endpoint's checks.
+#[derive(Debug, Default)]
+pub struct Streak {
+    successes: u32,
+    failures: u32,
+    last_set: Option<Health>,
+}
+
+impl Streak {
+    /// Applies one probe result to `current` health; returns the new health.
+    pub fn apply(&mut self, current: Health, ok: bool, cfg: &HealthConfig) -> Health {
+        if self.last_set.is_some_and(|h| h != current) {
+            // Someone else (passive health) changed it: start counting afresh.
+            self.successes = 0;
+            self.failures = 0;
+        }
+        if ok {
+            self.successes += 1;
+            self.failures = 0;
+        } else {
+            self.failures += 1;
+            self.successes = 0;
+        }
+        let next = match current {
+            Health::Unknown if ok => Health::Healthy,
+            Health::Unknown => Health::Unhealthy,
+            Health::Unhealthy if self.successes >= cfg.healthy_threshold => Health::Healthy,
+            Health::Healthy if self.failures >= cfg.unhealthy_threshold => Health::Unhealthy,
+            other => other,
+        };
+        self.last_set = Some(next);
+        next
+    }
+}
+
+/// Runs the checks of `endpoint` until `stop` is cancelled.
+pub async fn run(endpoint: Arc<Endpoint>, cfg: Arc<HealthConfig>, stop: CancellationToken) {
+    let mut streak = Streak::default();
+    loop {
+        let result = tokio::select! {
+            r = probe(&endpoint.address, &cfg) => r,
+            _ = stop.cancelled() => return,
+        };
+        if !result.ok {
+            tracing::debug!(endpoint = %endpoint.address, detail = %result.detail, "health probe failed");
+        }
+        if cfg.version_header.is_some() && result.version.is_some() {
+            endpoint.set_reported_version(result.version);
+        }
+        let next = streak.apply(endpoint.health(), result.ok, &cfg);
+        if next != endpoint.health() {
+            endpoint.set_health(next);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(jitter(cfg.interval)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// `interval` ± up to 10 %, so probes of many endpoints do not align.
+fn jitter(interval: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let spread = interval / 10;
+    let offset = spread.mul_f64(f64::from(nanos % 1000) / 1000.0);
+    interval - spread / 2 + offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rise: u32, fall: u32) -> HealthConfig {
+        HealthConfig { healthy_threshold: rise, unhealthy_threshold: fall, ..Default::default() }
+    }
+
+    #[test]
+    fn first_result_decides_then_thresholds_apply() {
+        let c = cfg(2, 3);
+        let mut s = Streak::default();
+        let mut h = s.apply(Health::Unknown, true, &c);
+        assert_eq!(h, Health::Healthy);
+        // Two failures are not enough to fall (threshold 3).
+        h = s.apply(h, false, &c);
+        h = s.apply(h, false, &c);
+        assert_eq!(h, Health::Healthy);
+        h = s.apply(h, false, &c);
+        assert_eq!(h, Health::Unhealthy);
+        // One success is not enough to rise (threshold 2).
+        h = s.apply(h, true, &c);
+        assert_eq!(h, Health::Unhealthy);
+        h = s.apply(h, true, &c);
+        assert_eq!(h, Health::Healthy);
+    }
+
+    #[test]
+    fn flapping_never_changes_state() {
+        let c = cfg(2, 2);
+        let mut s = Streak::default();
+        let mut h = s.apply(Health::Unknown, true, &c);
+        for i in 0..20 {
+            h = s.apply(h, i % 2 == 0, &c);
+            assert_eq!(h, Health::Healthy);
+        }
+    }
+
+    #[test]
+    fn passive_failure_needs_a_full_rise() {
+        let c = cfg(3, 1);
+        let mut s = Streak::default();
+        let h = s.apply(Health::Unknown, true, &c);
+        assert_eq!(h, Health::Healthy);
+        s.apply(h, true, &c);
+        s.apply(h, true, &c);
+        // The data plane marks it unhealthy behind the prober's back.
+        let mut h = Health::Unhealthy;
+        h = s.apply(h, true, &c);
+        h = s.apply(h, true, &c);
+        assert_eq!(h, Health::Unhealthy);
+        h = s.apply(h, true, &c);
+        assert_eq!(h, Health::Healthy);
+    }
+}

@@ -1,0 +1,169 @@
+//! The routing snapshot: everything the data plane needs to route one
+//! request, immutable, published with one `ArcSwap::store`.
+//!
+//! A request does one `load()`, finds its site by host, and clones out the
+//! `Arc<TargetPool>` it will use, so a switch while it runs cannot change
+//! where it goes or how it is counted.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cutover_config::{Protocol, Site};
+use cutover_metrics::TargetMetrics;
+
+use crate::endpoint::{Endpoint, Health};
+
+/// The whole routing state of the process at one instant.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    /// Sites in configuration order.
+    pub sites: Vec<Arc<SiteRoute>>,
+    /// Lower-cased host name → index into `sites`.
+    hosts: HashMap<Box<str>, usize>,
+    /// The site whose hosts include `*`.
+    default_site: Option<usize>,
+}
+
+impl RoutingTable {
+    /// Builds the host index over `sites`.
+    pub fn new(sites: Vec<Arc<SiteRoute>>) -> Self {
+        let mut hosts = HashMap::new();
+        let mut default_site = None;
+        for (i, site) in sites.iter().enumerate() {
+            for h in &site.config.hosts {
+                if h == "*" {
+                    default_site = Some(i);
+                } else {
+                    hosts.insert(h.as_str().into(), i);
+                }
+            }
+        }
+        Self { sites, hosts, default_site }
+    }
+
+    /// The site serving `host` (port already stripped; any case), or the `*` site.
+    pub fn site_for_host(&self, host: &str) -> Option<&Arc<SiteRoute>> {
+        let idx = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.hosts.get(host.to_ascii_lowercase().as_str())
+        } else {
+            self.hosts.get(host)
+        };
+        idx.or(self.default_site.as_ref()).map(|&i| &self.sites[i])
+    }
+
+    /// The site named `name`.
+    pub fn site(&self, name: &str) -> Option<&Arc<SiteRoute>> {
+        self.sites.iter().find(|s| s.name() == name)
+    }
+}
+
+/// One site as routed right now.
+#[derive(Debug)]
+pub struct SiteRoute {
+    /// The site's configuration (hosts, modes' settings, health settings).
+    pub config: Arc<Site>,
+    /// The live target.
+    pub live: Arc<TargetPool>,
+    /// Every target, live included.
+    pub targets: Vec<Arc<TargetPool>>,
+}
+
+impl SiteRoute {
+    /// The site's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The target named `name`.
+    pub fn target(&self, name: &str) -> Option<&Arc<TargetPool>> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// One target: its endpoints and its pre-resolved metric handles.
+#[derive(Debug)]
+pub struct TargetPool {
+    /// Target name.
+    pub name: String,
+    /// Declared version.
+    pub version: Option<String>,
+    /// Endpoints, shared with every snapshot that has this target.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Read-only whenever it serves.
+    pub read_only: bool,
+    /// Protocol to the endpoints.
+    pub protocol: Protocol,
+    /// Metric handles for this site/target (the in-flight gauge is also the drain count).
+    pub metrics: TargetMetrics,
+}
+
+impl TargetPool {
+    /// Requests in flight on this target.
+    pub fn inflight(&self) -> i64 {
+        self.metrics.inflight.get()
+    }
+
+    /// Picks an endpoint by least outstanding requests among the healthy ones,
+    /// skipping those in `exclude`. When no endpoint is healthy, every one not
+    /// excluded is a candidate (fail open).
+    pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
+        let choose = |healthy_only: bool| {
+            self.endpoints
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| !exclude.contains(i) && (!healthy_only || e.health() == Health::Healthy))
+                .min_by_key(|(_, e)| e.outstanding.load(Ordering::Relaxed))
+                .map(|(i, _)| i)
+        };
+        choose(true).or_else(|| choose(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Pool;
+    use cutover_metrics::Metrics;
+    use std::time::Duration;
+
+    fn pool(m: &Metrics, n: usize) -> TargetPool {
+        let endpoints = (0..n)
+            .map(|i| {
+                let gauge = m.endpoint_healthy.with_label_values(&["s", "t", &i.to_string()]);
+                Arc::new(Endpoint::new(format!("127.0.0.1:{}", 1000 + i), gauge, Pool::new(4, Duration::from_secs(1))))
+            })
+            .collect();
+        TargetPool {
+            name: "t".into(),
+            version: None,
+            endpoints,
+            read_only: false,
+            protocol: Protocol::Http1,
+            metrics: m.target("s", "t"),
+        }
+    }
+
+    #[test]
+    fn pick_prefers_healthy_with_fewest_outstanding() {
+        let m = Metrics::new();
+        let p = pool(&m, 3);
+        p.endpoints[0].set_health(Health::Healthy);
+        p.endpoints[1].set_health(Health::Healthy);
+        p.endpoints[2].set_health(Health::Unhealthy);
+        p.endpoints[0].outstanding.store(5, Ordering::Relaxed);
+        assert_eq!(p.pick(&[]), Some(1));
+        assert_eq!(p.pick(&[1]), Some(0));
+        // Only the unhealthy one is left: fail open.
+        assert_eq!(p.pick(&[0, 1]), Some(2));
+        assert_eq!(p.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn unknown_endpoints_are_tried_when_none_is_healthy() {
+        let m = Metrics::new();
+        let p = pool(&m, 2);
+        p.endpoints[0].outstanding.store(1, Ordering::Relaxed);
+        assert_eq!(p.pick(&[]), Some(1));
+    }
+}

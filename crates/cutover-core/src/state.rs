@@ -1,0 +1,218 @@
+//! Durable runtime state (SPEC §5): what the operators decided, written
+//! atomically before the admin API acknowledges it.
+//!
+//! [`StateStore`] is a trait so a shared store (etcd) can follow; today the
+//! only implementation is [`FileStore`]: temporary file, fsync, rename, fsync
+//! of the directory.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::history::HistoryEntry;
+
+/// Format version written in the file.
+pub const STATE_VERSION: u32 = 1;
+
+/// Everything that survives a restart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Always [`STATE_VERSION`].
+    pub version: u32,
+    /// Per-site state by site name.
+    pub sites: BTreeMap<String, SiteState>,
+}
+
+/// What was decided for one site.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteState {
+    /// The live target.
+    pub live: String,
+    /// The target live before, for rollback.
+    pub previous: Option<String>,
+    /// Targets created or replaced through the API.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetSpec>,
+    /// Site modes.
+    #[serde(default)]
+    pub mode: ModeState,
+    /// Canary weights, when set.
+    #[serde(default)]
+    pub weights: Option<BTreeMap<String, u8>>,
+    /// Recorded actions, oldest first.
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// A target set through the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// `host:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// Declared version.
+    pub version: Option<String>,
+}
+
+/// Durable site modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModeState {
+    /// Writes refused.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Everything answered with the maintenance page.
+    #[serde(default)]
+    pub maintenance: bool,
+}
+
+/// A state file that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing failed.
+    #[error("state file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The fault.
+        source: io::Error,
+    },
+    /// The file is not a valid state file.
+    #[error("state file {path} is not valid: {message} (fix it, or start with --reset-state to move it aside)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The fault.
+        message: String,
+    },
+}
+
+/// Where state is kept.
+pub trait StateStore: Send + Sync + 'static {
+    /// The last saved state, `None` when nothing was ever saved.
+    fn load(&self) -> Result<Option<State>, StateError>;
+    /// Saves `state` durably; returns only once it would survive a crash.
+    fn save(&self, state: &State) -> Result<(), StateError>;
+}
+
+/// A JSON state file written atomically.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// A store at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves an existing state file aside (`<name>.reset-<unix time>`); returns the new name.
+    pub fn reset(&self) -> Result<Option<PathBuf>, StateError> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut aside = self.path.clone().into_os_string();
+        aside.push(format!(".reset-{secs}"));
+        let aside = PathBuf::from(aside);
+        fs::rename(&self.path, &aside).map_err(|source| StateError::Io { path: self.path.clone(), source })?;
+        Ok(Some(aside))
+    }
+
+    fn io(&self, source: io::Error) -> StateError {
+        StateError::Io { path: self.path.clone(), source }
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<State>, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        };
+        let state: State = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: self.path.clone(),
+                message: format!("unsupported version {} (expected {STATE_VERSION})", state.version),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    fn save(&self, state: &State) -> Result<(), StateError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| StateError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| self.io(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        assert_eq!(store.load().unwrap(), None);
+        let mut state = State { version: STATE_VERSION, ..Default::default() };
+        state.sites.insert("shop".into(), SiteState { live: "green".into(), ..Default::default() });
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state));
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        fs::write(&path, b"{not json").unwrap();
+        let err = FileStore::new(&path).load().unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn reset_moves_the_file_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        fs::write(&path, b"garbage").unwrap();
+        let store = FileStore::new(&path);
+        let aside = store.reset().unwrap().unwrap();
+        assert!(!path.exists());
+        assert_eq!(fs::read(aside).unwrap(), b"garbage");
+        assert_eq!(store.load().unwrap(), None);
+    }
+}

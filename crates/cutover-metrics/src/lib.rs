@@ -1,0 +1,222 @@
+//! cutover's Prometheus metrics.
+//!
+//! One [`Metrics`] per running app owns its own `Registry` (never the global
+//! one). Metric names live in [`names`]. The data plane never looks a label
+//! up per request: [`TargetMetrics`] resolves every labelled handle of one
+//! target once, when a routing snapshot is built.
+
+pub mod names;
+
+pub use prometheus::{IntCounter, IntGauge};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric family of one running cutover.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `cutover_requests_total{site,target,code}`
+    pub requests: IntCounterVec,
+    /// `cutover_request_duration_seconds{site,target}`
+    pub request_duration: HistogramVec,
+    /// `cutover_upstream_errors_total{site,target,kind}`
+    pub upstream_errors: IntCounterVec,
+    /// `cutover_inflight_requests{site,target}`
+    pub inflight: IntGaugeVec,
+    /// `cutover_live_target{site,target}`
+    pub live_target: IntGaugeVec,
+    /// `cutover_target_weight{site,target}`
+    pub target_weight: IntGaugeVec,
+    /// `cutover_endpoint_healthy{site,target,endpoint}`
+    pub endpoint_healthy: IntGaugeVec,
+    /// `cutover_switches_total{site,result}`
+    pub switches: IntCounterVec,
+    /// `cutover_rollbacks_total{site,reason}`
+    pub rollbacks: IntCounterVec,
+    /// `cutover_site_mode{site,mode}`
+    pub site_mode: IntGaugeVec,
+    /// `cutover_client_connections{listener}`
+    pub client_connections: IntGaugeVec,
+    /// `cutover_config_reloads_total{result}`
+    pub config_reloads: IntCounterVec,
+    /// `cutover_drain_forced_closes_total{site,target,kind}`
+    pub drain_forced_closes: IntCounterVec,
+    /// `cutover_held_requests{site}`
+    pub held_requests: IntGaugeVec,
+    /// `cutover_deployments_total{site,state}`
+    pub deployments: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric on a fresh registry.
+    pub fn new() -> Self {
+        use names::*;
+        let r = Registry::new();
+        let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(REQUEST_DURATION, "Time from request head to the end of the response body.")
+                .buckets(buckets),
+            &["site", "target"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(request_duration.clone())).expect("metric registered once");
+        Self {
+            requests: counter(&r, REQUESTS, "Requests answered, by status class.", &["site", "target", "code"]),
+            request_duration,
+            upstream_errors: counter(&r, UPSTREAM_ERRORS, "Upstream failures.", &["site", "target", "kind"]),
+            inflight: gauge(&r, INFLIGHT, "Requests in flight.", &["site", "target"]),
+            live_target: gauge(&r, LIVE_TARGET, "1 for the live target of a site.", &["site", "target"]),
+            target_weight: gauge(&r, TARGET_WEIGHT, "Canary weight of a target, in percent.", &["site", "target"]),
+            endpoint_healthy: gauge(
+                &r,
+                ENDPOINT_HEALTHY,
+                "1 healthy, 0 unhealthy, -1 not checked yet.",
+                &["site", "target", "endpoint"],
+            ),
+            switches: counter(&r, SWITCHES, "Switch attempts.", &["site", "result"]),
+            rollbacks: counter(&r, ROLLBACKS, "Rollbacks.", &["site", "reason"]),
+            site_mode: gauge(&r, SITE_MODE, "1 when the mode is on.", &["site", "mode"]),
+            client_connections: gauge(&r, CLIENT_CONNECTIONS, "Open client connections.", &["listener"]),
+            config_reloads: counter(&r, CONFIG_RELOADS, "Configuration reloads.", &["result"]),
+            drain_forced_closes: counter(
+                &r,
+                DRAIN_FORCED_CLOSES,
+                "Connections closed at a drain deadline.",
+                &["site", "target", "kind"],
+            ),
+            held_requests: gauge(&r, HELD_REQUESTS, "Requests held by a pause.", &["site"]),
+            deployments: counter(&r, DEPLOYMENTS, "Deployments finished, by final state.", &["site", "state"]),
+            registry: r,
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Resolves every per-target handle of `site`/`target` once.
+    pub fn target(&self, site: &str, target: &str) -> TargetMetrics {
+        let code = |c: &str| self.requests.with_label_values(&[site, target, c]);
+        let err = |k: &str| self.upstream_errors.with_label_values(&[site, target, k]);
+        TargetMetrics {
+            by_class: [code("1xx"), code("2xx"), code("3xx"), code("4xx"), code("5xx")],
+            duration: self.request_duration.with_label_values(&[site, target]),
+            inflight: self.inflight.with_label_values(&[site, target]),
+            connect_errors: err("connect"),
+            timeout_errors: err("timeout"),
+            reset_errors: err("reset"),
+        }
+    }
+
+    /// Removes every series labelled with `site` and `target` (a target deleted for good).
+    pub fn forget_target(&self, site: &str, target: &str) {
+        let _ = self.inflight.remove_label_values(&[site, target]);
+        let _ = self.live_target.remove_label_values(&[site, target]);
+        let _ = self.target_weight.remove_label_values(&[site, target]);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-target handles the data plane uses without any label lookup.
+#[derive(Clone, Debug)]
+pub struct TargetMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+    /// In-flight requests of this target (also the drain counter).
+    pub inflight: IntGauge,
+    connect_errors: IntCounter,
+    timeout_errors: IntCounter,
+    reset_errors: IntCounter,
+}
+
+/// What went wrong talking to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The connection could not be made.
+    Connect,
+    /// The upstream did not answer in time.
+    Timeout,
+    /// The connection broke mid-exchange.
+    Reset,
+}
+
+impl TargetMetrics {
+    /// Counts one answered request of `status` that took `seconds`.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        match kind {
+            UpstreamErrorKind::Connect => self.connect_errors.inc(),
+            UpstreamErrorKind::Timeout => self.timeout_errors.inc(),
+            UpstreamErrorKind::Reset => self.reset_errors.inc(),
+        }
+    }
+
+    /// Requests answered so far with a 5xx status, and in all.
+    pub fn totals(&self) -> (u64, u64) {
+        let all = self.by_class.iter().map(IntCounter::get).sum();
+        (self.by_class[4].get(), all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_handles_feed_the_labelled_series() {
+        let m = Metrics::new();
+        let t = m.target("shop", "blue");
+        t.observe(200, 0.01);
+        t.observe(503, 0.02);
+        t.upstream_error(UpstreamErrorKind::Connect);
+        t.inflight.inc();
+        let text = m.encode();
+        assert!(text.contains(r#"cutover_requests_total{code="2xx",site="shop",target="blue"} 1"#), "{text}");
+        assert!(text.contains(r#"cutover_requests_total{code="5xx",site="shop",target="blue"} 1"#));
+        assert!(text.contains(r#"cutover_upstream_errors_total{kind="connect",site="shop",target="blue"} 1"#));
+        assert!(text.contains(r#"cutover_inflight_requests{site="shop",target="blue"} 1"#));
+        assert_eq!(t.totals(), (1, 2));
+    }
+
+    #[test]
+    fn two_resolutions_share_one_series() {
+        let m = Metrics::new();
+        m.target("s", "t").inflight.inc();
+        assert_eq!(m.target("s", "t").inflight.get(), 1);
+    }
+}

@@ -1,0 +1,210 @@
+//! Header rules of SPEC §3: hop-by-hop removal, forwarded headers, request id.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{BufMut, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+/// `Keep-Alive`
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`
+pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `Proxy-Authorization` (credentials for this hop only)
+pub static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+/// `HTTP2-Settings` (h2c upgrade)
+pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+/// `X-Forwarded-For`
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Request-Id`
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Fields that must never be removed because `Connection` names them: removing
+/// them would change the message's framing or routing.
+fn protected(name: &str) -> bool {
+    name.eq_ignore_ascii_case("host")
+        || name.eq_ignore_ascii_case("content-length")
+        || name.eq_ignore_ascii_case("x-request-id")
+}
+
+/// Removes hop-by-hop headers, including every field named in `Connection`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && !protected(n))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &HTTP2_SETTINGS] {
+        headers.remove(name);
+    }
+    headers.remove(TE);
+    headers.remove(TRAILER);
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. Incoming values are kept (and the
+/// peer appended to `X-Forwarded-For`) only when the peer is trusted.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let mut ip = [0u8; 45];
+    let ip = format_ip(peer, &mut ip);
+    let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        let mut buf = BytesMut::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if !buf.is_empty() {
+                buf.put_slice(b", ");
+            }
+            buf.put_slice(v.as_bytes());
+        }
+        buf.put_slice(b", ");
+        buf.put_slice(ip.as_bytes());
+        HeaderValue::from_maybe_shared(buf.freeze()).ok()
+    } else {
+        HeaderValue::from_str(ip).ok()
+    };
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), xff);
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+}
+
+fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("0.0.0.0")
+}
+
+/// Keeps a well-formed incoming `X-Request-Id` or sets a new one; returns it.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// A new 32-hex-digit request id, unique within the process and unlikely across processes.
+pub fn new_request_id() -> HeaderValue {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        splitmix(t ^ u64::from(std::process::id()).rotate_left(32))
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let hi = splitmix(seed ^ n);
+    let lo = splitmix(hi ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut out = [0u8; 32];
+    for (i, byte) in hi.to_be_bytes().iter().chain(lo.to_be_bytes().iter()).enumerate() {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out[2 * i] = HEX[(byte >> 4) as usize];
+        out[2 * i + 1] = HEX[(byte & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_removed() {
+        let mut h = map(&[
+            ("connection", "close, x-secret, Content-Length"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("content-length", "3"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn untrusted_forwarded_headers_are_replaced() {
+        let mut h =
+            map(&[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "evil")]);
+        let host = HeaderValue::from_static("shop.example.com");
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), false, "http", Some(&host));
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example.com");
+    }
+
+    #[test]
+    fn trusted_forwarded_for_is_appended_to() {
+        let mut h =
+            map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8"), ("x-forwarded-proto", "https")]);
+        set_forwarded(&mut h, "::1".parse().unwrap(), true, "http", None);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        let mut h = map(&[("x-request-id", "has space")]);
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

@@ -1,0 +1,19 @@
+//! cutover's data plane.
+//!
+//! - [`server`]: the accept loop and per-connection hyper server (HTTP/1.1
+//!   and h2c), connection limit, graceful shutdown.
+//! - [`forward`]: the life of one request: route through one snapshot, pick
+//!   an endpoint, forward, retry a connection that could not be made.
+//! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
+//! - [`body`]: the response body type, which carries the in-flight guard
+//!   until the last byte is sent and returns the upstream connection to its pool.
+//!
+//! The data plane only reads the routing snapshot; it never changes state.
+
+pub mod body;
+pub mod forward;
+pub mod headers;
+pub mod server;
+
+pub use forward::Proxy;
+pub use server::{serve, ListenerConfig};
