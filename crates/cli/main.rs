@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// An HTTP reverse proxy for zero-downtime blue-green releases.
 #[derive(Debug, Parser)]
-#[command(name = "cutover", version, about, propagate_version = true)]
+#[command(name = "cutover", version, about)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]

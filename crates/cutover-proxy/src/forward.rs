@@ -22,7 +22,7 @@ use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
 use cutover_core::upstream::{self, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
-use http::header::{HeaderValue, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -82,10 +82,13 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
         let uri = req.uri().clone();
-        if let Some(resp) = reject_bad_request(&req) {
+        if let Some((status, message)) = reject_bad_request(&req) {
             let mut guard = RequestGuard::new(None, method, uri);
-            guard.status = resp.0.as_u16();
-            return Ok(local(resp.0, resp.1, guard));
+            guard.status = status.as_u16();
+            // A request that could be read two ways leaves the connection in doubt: close it.
+            let mut resp = local(status, message, guard);
+            resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
         }
         let Some((site, target)) = self.route(&req) else {
             let mut guard = RequestGuard::new(None, method, uri);

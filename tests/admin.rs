@@ -1,0 +1,186 @@
+//! The admin API (SPEC §4): auth, errors that change nothing, gates, set-target.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{admin_call, admin_raw, dead_addr, site, Options, Origin, Proxy};
+
+async fn shop(token: Option<&str>) -> (Proxy, Origin, Origin) {
+    let blue = Origin::start("blue").await;
+    let green = Origin::start("green").await;
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]);
+    let p = Proxy::start_with(&sites, Options { token: token.map(Into::into), ..Default::default() }).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    (p, blue, green)
+}
+
+/// Without or with a wrong token `/v1/` is 401; `/healthz` and `/metrics` stay open.
+#[tokio::test]
+async fn token_is_required_on_v1_only() {
+    let (p, _b, _g) = shop(Some("s3cret")).await;
+    for token in [None, Some("wrong"), Some("s3cret-but-longer"), Some("")] {
+        let (status, body) = admin_call(p.admin, "GET", "/v1/sites", None, token).await;
+        assert_eq!(status, 401, "token {token:?}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, _) =
+            admin_call(p.admin, "POST", "/v1/sites/shop/switch", Some(json!({"to": "green"})), token).await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue", "an unauthorized switch changed state");
+    assert_eq!(admin_call(p.admin, "GET", "/v1/sites", None, Some("s3cret")).await.0, 200);
+    assert_eq!(admin_call(p.admin, "GET", "/healthz", None, None).await, (200, Value::String("ok\n".into())));
+    let (status, metrics) = admin_call(p.admin, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.as_str().unwrap().contains("cutover_live_target"));
+}
+
+/// Unknown sites and targets are 404 with the JSON error shape.
+#[tokio::test]
+async fn unknown_site_or_target_is_404() {
+    let (p, _b, _g) = shop(None).await;
+    let (status, body) = p.api("GET", "/v1/sites/nope", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("site_not_found")), "{body}");
+    let (status, body) = p.api("POST", "/v1/sites/nope/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("site_not_found")));
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "purple"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("target_not_found")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("purple"));
+    let (status, _) = p.api("GET", "/v1/sites/nope/history", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = p.api("GET", "/v1/nothing-here", None).await;
+    assert_eq!(status, 404);
+}
+
+/// Malformed JSON, unknown fields and bad values are 400 and change nothing,
+/// not even the history.
+#[tokio::test]
+async fn bad_requests_are_400_and_change_nothing() {
+    let (p, _b, _g) = shop(None).await;
+    let before = p.api("GET", "/v1/sites/shop", None).await.1;
+    let cases = [
+        ("POST", "/v1/sites/shop/switch", "{not json", "invalid_json"),
+        ("POST", "/v1/sites/shop/switch", r#"{"to":"green","forse":true}"#, "unknown_field"),
+        ("POST", "/v1/sites/shop/switch", r#"{"to":"green","drain_timeout":"soon"}"#, "invalid_json"),
+        ("POST", "/v1/sites/shop/switch", r#"{"force":true}"#, "invalid_json"),
+        ("POST", "/v1/sites/shop/rollback", r#"{"force":"yes"}"#, "invalid_json"),
+        ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["nope"]}"#, "invalid_request"),
+        ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":[]}"#, "invalid_request"),
+        ("PUT", "/v1/sites/shop/targets/Bad_Name", r#"{"endpoints":["127.0.0.1:1"]}"#, "invalid_request"),
+        ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["127.0.0.1:1"],"colour":"x"}"#, "unknown_field"),
+    ];
+    for (method, path, body, code) in cases {
+        let (status, answer) = admin_raw(p.admin, method, path, body, None).await;
+        assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+        assert!(!answer["error"]["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1, before);
+    assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, json!([]));
+}
+
+/// A target whose endpoint is down is refused with 409 and reasons naming the
+/// endpoint (recorded as refused); `force` switches anyway.
+#[tokio::test]
+async fn unhealthy_target_is_refused_unless_forced() {
+    let blue = Origin::start("blue").await;
+    let dead = dead_addr().await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![dead])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    // Wait for the dead endpoint's first probe.
+    for _ in 0..100 {
+        if p.api("GET", "/v1/sites/shop", None).await.1["targets"]["green"]["endpoints"][0]["healthy"] == json!(false) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "target_unhealthy");
+    let reasons = body["error"]["details"]["reasons"].as_array().unwrap();
+    assert!(reasons[0].as_str().unwrap().contains(&dead.to_string()), "{body}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert_eq!(history[0]["result"], "refused");
+    assert_eq!(history[0]["to"], "green");
+
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "force": true}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["live"], "green");
+    // Nothing answers on green: 502, never the old target.
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.status, 502);
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_switches_total{result="refused",site="shop"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"cutover_switches_total{result="ok",site="shop"} 1"#));
+    assert!(metrics.contains(r#"cutover_upstream_errors_total{kind="connect",site="shop",target="green"}"#));
+}
+
+/// `expect_version` refuses a target that does not run the version, even forced.
+#[tokio::test]
+async fn expect_version_is_checked() {
+    let (p, _b, _g) = shop(None).await;
+    let (status, body) = p
+        .api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "expect_version": "v9", "force": true})))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "version_mismatch");
+    assert!(body["error"]["details"]["reasons"][0].as_str().unwrap().contains("green-v1"));
+    let (status, body) =
+        p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "expect_version": "green-v1"}))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// PUT targets creates or replaces a non-live target (new endpoints are probed
+/// afresh, starting unknown) and refuses the live one.
+#[tokio::test]
+async fn set_target_replaces_standby_and_refuses_live() {
+    let (p, _b, _g) = shop(None).await;
+    let next = Origin::start("green2").await;
+    let (status, body) = p
+        .api(
+            "PUT",
+            "/v1/sites/shop/targets/green",
+            Some(json!({"endpoints": [next.addr.to_string()], "version": "v42"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["targets"]["green"]["version"], "v42");
+    assert_eq!(body["targets"]["green"]["endpoints"][0]["address"], next.addr.to_string());
+    p.wait_healthy("shop", &["green"]).await;
+    p.switch("shop", "green").await;
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "green2");
+
+    let (status, body) =
+        p.api("PUT", "/v1/sites/shop/targets/green", Some(json!({"endpoints": ["127.0.0.1:9"]}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("target_is_live")), "{body}");
+
+    // A brand-new target name is created.
+    let (status, body) =
+        p.api("PUT", "/v1/sites/shop/targets/clone", Some(json!({"endpoints": ["127.0.0.1:9"]}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["targets"]["clone"]["state"], "standby");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert_eq!(history[0]["kind"], "set_target");
+    assert_eq!(history[0]["to"], "clone");
+}
+
+/// Site objects have one shape everywhere: `targets` keyed by name.
+#[tokio::test]
+async fn site_shape_is_the_same_in_list_and_detail() {
+    let (p, _b, _g) = shop(None).await;
+    let (_, list) = p.api("GET", "/v1/sites", None).await;
+    let (_, one) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(list[0], one);
+    for key in ["name", "hosts", "live", "previous", "mode", "weights", "targets", "watch"] {
+        assert!(one.get(key).is_some(), "missing {key}: {one}");
+    }
+    let t = &one["targets"]["blue"];
+    for key in ["version", "state", "inflight", "read_only", "endpoints"] {
+        assert!(t.get(key).is_some(), "missing target.{key}: {t}");
+    }
+    let e = &t["endpoints"][0];
+    for key in ["address", "healthy", "inflight", "version"] {
+        assert!(e.get(key).is_some(), "missing endpoint.{key}: {e}");
+    }
+    assert_eq!(one["mode"], json!({"read_only": false, "maintenance": false, "paused": false}));
+}

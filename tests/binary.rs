@@ -1,0 +1,254 @@
+//! Black-box tests of the real `cutover` binary: durable state across
+//! `kill -9`, refusing bad state and bad configuration, `check`, `ctl`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use support::Origin;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a config for one site `shop` (blue live, green) into `dir`; returns (proxy, admin) addresses.
+fn write_config(dir: &Path, blue: SocketAddr, green: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let (http, admin) = (free_port(), free_port());
+    let yaml = format!(
+        r#"
+listen: {{ http: "127.0.0.1:{http}" }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+state: {{ path: state/cutover-state.json }}
+shutdown_timeout: 2s
+sites:
+  - name: shop
+    hosts: ["*"]
+    live: blue
+    targets:
+      blue:  {{ endpoints: ["{blue}"], version: v1 }}
+      green: {{ endpoints: ["{green}"], version: v2 }}
+    health: {{ path: /up, interval: 50ms, timeout: 500ms, healthy_threshold: 1 }}
+"#
+    );
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(dir.join("cutover.yaml"), yaml).unwrap();
+    (format!("127.0.0.1:{http}").parse().unwrap(), format!("127.0.0.1:{admin}").parse().unwrap())
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("cutover.yaml"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_up(admin: SocketAddr, child: &mut Child) {
+    for _ in 0..200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cutover exited early with {status}");
+        }
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("cutover did not start");
+}
+
+async fn ctl(admin: SocketAddr, args: &[&str]) -> Output {
+    let admin = format!("http://{admin}");
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("ctl").arg("--admin").arg(admin).args(args);
+    cmd.output().await.unwrap()
+}
+
+/// A switch acknowledged before `kill -9` is still in force after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_restart_keeps_the_live_target() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    // The switch is refused until green has been probed; retry until it passes.
+    let mut switched = false;
+    for _ in 0..100 {
+        let out = ctl(admin, &["switch", "shop", "green"]).await;
+        if out.status.success() {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(switched, "switch never accepted");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    assert_eq!(support::get(http, "shop", "/").await.body, "green");
+    let out = ctl(admin, &["--json", "status", "shop"]).await;
+    let site: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("green"), Some("blue")));
+    assert_eq!(
+        site["targets"]["green"]["endpoints"][0]["version"],
+        serde_json::Value::Null,
+        "health must not be restored"
+    );
+    // SIGTERM: a clean exit 0.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
+
+/// An unreadable state file stops the start with a message naming the file;
+/// `--reset-state` moves it aside and starts from the configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_state_stops_the_start_until_reset() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let state = dir.path().join("state/cutover-state.json");
+    std::fs::write(&state, "{ this is not json").unwrap();
+    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cutover-state.json"), "{stderr}");
+    assert!(stderr.contains("--reset-state"), "{stderr}");
+    assert!(std::net::TcpListener::bind(http).is_ok(), "the listener was bound despite the error");
+
+    let mut child = serve(dir.path(), &["--reset-state"]);
+    wait_up(admin, &mut child).await;
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(aside.iter().any(|n| n.to_string_lossy().starts_with("cutover-state.json.reset-")), "{aside:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `check` exits 0 on the documented example and 1 with every error (field
+/// path and value) on a bad file; `serve` refuses the same file before binding.
+#[tokio::test]
+async fn check_and_serve_reject_bad_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(BIN).args(["check", "--config", &format!("{root}/config/cutover.yaml")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bad = format!(
+        r#"
+listen: {{ http: "127.0.0.1:{port}" }}
+admin: {{ listen: "0.0.0.0:9901" }}
+sites:
+  - name: shop
+    hosts: [a.test]
+    live: purple
+    targets:
+      blue: {{ endpoints: ["not-an-endpoint"] }}
+    health: {{ healthy_threshold: 0 }}
+"#
+    );
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "admin.listen",
+        "sites[0].live",
+        "purple",
+        "sites[0].targets.blue.endpoints[0]",
+        "not-an-endpoint",
+        "sites[0].health.healthy_threshold",
+        "bad.yaml",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sites[0].live"));
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+
+    let out = Command::new(BIN).args(["check", "--config", "/nonexistent/cutover.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cutover.yaml"));
+}
+
+/// `ctl` exit codes: 0 success, 1 refused (reasons printed), 2 unreachable or usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exit_codes_and_output() {
+    let blue = Origin::start("blue").await;
+    let dead = support::dead_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_http, admin) = write_config(dir.path(), blue.addr, dead);
+    let mut child = serve(dir.path(), &["--log-format", "json"]);
+    wait_up(admin, &mut child).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let out = ctl(admin, &["status"]).await;
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SITE") && stdout.contains("shop"), "{stdout}");
+
+    let out = ctl(admin, &["status", "shop"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("green") && stdout.contains("UNHEALTHY"), "{stdout}");
+
+    let out = ctl(admin, &["switch", "shop", "green"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("target_unhealthy") && stderr.contains(&dead.to_string()), "{stderr}");
+
+    let out = ctl(admin, &["switch", "shop", "green", "--force"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = ctl(admin, &["history", "shop"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("refused") && stdout.contains("forced"), "{stdout}");
+
+    let out = ctl(admin, &["set-target", "shop", "blue", "--endpoint", "127.0.0.1:1", "--version", "v3"]).await;
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = ctl(support::dead_addr().await, &["status"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = ctl(admin, &["switch", "shop"]).await;
+    assert_eq!(out.status.code(), Some(2), "missing argument is a usage error");
+
+    // JSON logs: one access line per request.
+    let _ = support::get(_http, "shop", "/").await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let access = logs
+        .lines()
+        .find(|l| l.contains("\"target\":\"access\"") || l.contains("request_id"))
+        .unwrap_or_else(|| panic!("no access line in:\n{logs}"));
+    let line: serde_json::Value = serde_json::from_str(access).unwrap();
+    assert_eq!(line["site"], "shop");
+    assert_eq!(line["status"], 502);
+}
+
+/// `--version` and `--help` work on every command.
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("cutover "));
+    for cmd in [&["serve"][..], &["check"], &["demo"], &["ctl"], &["ctl", "switch"], &["ctl", "set-target"]] {
+        let out = Command::new(BIN).args(cmd).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{cmd:?} --help");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+    }
+}

@@ -1,0 +1,209 @@
+//! The data plane (SPEC §3): routing by host, header rules checked at the
+//! origin, retries, 502/504, streamed bodies, and requests never forwarded.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::{dead_addr, raw_exchange, site, Client, Options, Origin, Proxy};
+
+async fn one_site(extra: &str) -> (Proxy, Origin) {
+    let blue = Origin::start("blue").await;
+    let sites = site("shop", "shop.test, Other.Test", "blue", &[("blue", vec![blue.addr])]);
+    let p = Proxy::start_with(&sites, Options { extra: extra.into(), ..Default::default() }).await;
+    (p, blue)
+}
+
+/// Hop-by-hop headers (and those named in `Connection`) never reach the origin
+/// nor the client; forwarded headers and a request id are set.
+#[tokio::test]
+async fn hop_by_hop_removed_and_forwarded_headers_set() {
+    let (p, blue) = one_site("").await;
+    let req = Request::get("/path?q=1")
+        .header("host", "shop.test:8080")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("upgrade", "h2c")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.test")
+        .header("x-kept", "yes")
+        .body(Full::default())
+        .unwrap();
+    let a = Client::connect(p.addr).await.send(req).await.unwrap();
+    assert_eq!(a.status, 200);
+    // The origin's own hop-by-hop headers do not reach the client.
+    assert!(a.headers.get("x-origin-hop").is_none(), "{:?}", a.headers);
+    assert!(a.headers.get("keep-alive").is_none());
+    let seen = &blue.seen()[0];
+    assert_eq!(seen.path, "/path");
+    let h = &seen.headers;
+    for gone in ["x-drop-me", "keep-alive", "proxy-connection", "te", "upgrade"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the origin: {h:?}");
+    }
+    assert_ne!(h.get("connection").map(|v| v.as_bytes()), Some(&b"keep-alive, x-drop-me"[..]));
+    assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["host"], "shop.test:8080");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "untrusted XFF must be replaced");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.test:8080");
+    assert_eq!(h["x-request-id"].len(), 32);
+}
+
+/// From a trusted proxy, `X-Forwarded-For` is appended to and the others kept.
+#[tokio::test]
+async fn trusted_proxy_forwarded_headers_are_kept() {
+    let (p, blue) = one_site("trusted_proxies: [127.0.0.0/8]").await;
+    let req = Request::get("/")
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "trace-abc")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(p.addr).await.send(req).await.unwrap().status, 200);
+    let h = &blue.seen()[0].headers;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-request-id"], "trace-abc");
+}
+
+/// Hosts match without port and in any case; an unknown host is 404 and
+/// nothing is forwarded; an absolute-form URI is routed by its authority.
+#[tokio::test]
+async fn routing_by_host() {
+    let (p, blue) = one_site("").await;
+    assert_eq!(support::get(p.addr, "SHOP.test:1234", "/").await.body, "blue");
+    assert_eq!(support::get(p.addr, "other.test", "/").await.body, "blue");
+    let a = support::get(p.addr, "unknown.test", "/").await;
+    assert_eq!(a.status, 404);
+    assert_eq!(blue.count(), 2);
+    let raw =
+        raw_exchange(p.addr, b"GET http://shop.test/abs HTTP/1.1\r\nHost: unknown.test\r\nConnection: close\r\n\r\n")
+            .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(blue.seen()[2].path, "/abs");
+    assert_eq!(blue.seen()[2].headers["host"], "shop.test");
+}
+
+/// Ambiguous or refused framing gets 400/405 and never reaches the origin.
+#[tokio::test]
+async fn bad_requests_are_never_forwarded() {
+    let (p, blue) = one_site("").await;
+    let cases: [&[u8]; 5] = [
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"CONNECT shop.test:443 HTTP/1.1\r\nHost: shop.test:443\r\n\r\n",
+    ];
+    for raw in cases {
+        let answer = raw_exchange(p.addr, raw).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 405"),
+            "{:?} → {answer:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(blue.count(), 0, "a bad request reached the origin: {:?}", blue.seen());
+}
+
+/// A connection that cannot be made is retried on another endpoint: with one
+/// endpoint dead every request still succeeds, and the dead one is taken out.
+#[tokio::test]
+async fn connect_failure_is_retried_on_another_endpoint() {
+    let blue = Origin::start("blue").await;
+    let dead = dead_addr().await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![dead, blue.addr])])).await;
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..20 {
+        let a = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "blue"));
+    }
+    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{s}");
+}
+
+/// A killed upstream mid-life: requests fail over to the surviving endpoint.
+#[tokio::test]
+async fn killed_endpoint_fails_over() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![a.addr, b.addr])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..10 {
+        assert_eq!(c.get("shop.test", "/").await.unwrap().status, 200);
+    }
+    a.kill();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..20 {
+        let r = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "b"));
+    }
+}
+
+/// No endpoint answers → 502; an upstream slower than the response timeout → 504.
+#[tokio::test]
+async fn upstream_failures_map_to_502_and_504() {
+    let dead = dead_addr().await;
+    let p = Proxy::start(&site("down", "down.test", "blue", &[("blue", vec![dead])])).await;
+    assert_eq!(support::get(p.addr, "down.test", "/").await.status, 502);
+
+    let (p, _blue) = one_site("limits: { upstream_response_timeout: 300ms }").await;
+    assert_eq!(support::get(p.addr, "shop.test", "/slow?ms=2000").await.status, 504);
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.status, 200);
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(
+        metrics.contains(r#"cutover_upstream_errors_total{kind="timeout",site="shop",target="blue"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"cutover_requests_total{code="5xx",site="shop",target="blue"} 1"#));
+}
+
+/// Bodies stream both ways: an 8 MiB upload comes back byte-exact, and a
+/// slow chunked response arrives chunk by chunk (first byte before the last chunk is made).
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let (p, _blue) = one_site("").await;
+    let payload: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::post("/echo").header("host", "shop.test").body(Full::new(Bytes::from(payload.clone()))).unwrap();
+    let a = Client::connect(p.addr).await.send(req).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.bytes.len(), payload.len());
+    assert!(a.bytes == payload, "upload came back altered");
+
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let start = std::time::Instant::now();
+    let req =
+        Request::get("/stream?chunks=5&ms=200").header("host", "shop.test").body(Full::<Bytes>::default()).unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(start.elapsed() < Duration::from_millis(600), "first chunk was buffered: {:?}", start.elapsed());
+    assert_eq!(first, "blue chunk 0\n");
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "blue chunk 1\nblue chunk 2\nblue chunk 3\nblue chunk 4\n");
+}
+
+/// Upstream connections are kept alive and reused across requests.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (p, blue) = one_site("").await;
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..50 {
+        assert_eq!(c.get("shop.test", "/").await.unwrap().status, 200);
+    }
+    // Health probes open their own connections; the data plane needs one.
+    let data_conns = blue.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(data_conns <= 5, "{data_conns} upstream connections for 50 sequential requests");
+}

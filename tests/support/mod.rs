@@ -1,0 +1,392 @@
+//! Test harness: real origins, a real proxy and admin API on ephemeral
+//! loopback ports, and small HTTP clients. Every test talks over sockets.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cutover_admin::Admin;
+use cutover_core::state::FileStore;
+use cutover_core::Controller;
+use cutover_metrics::Metrics;
+use cutover_proxy::ListenerConfig;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// What an origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// A real HTTP origin on 127.0.0.1 that answers with its name.
+///
+/// Paths: `/up` → `ok`; `/slow?ms=N` → waits N ms; `/echo` → the request body;
+/// `/stream?chunks=N&ms=M` → N chunks M ms apart; `/status/N` → status N;
+/// anything else → its name. Every answer carries `x-origin: NAME`.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Requests seen, health probes excluded.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Origin {
+    pub async fn start(name: &str) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, name)
+    }
+
+    /// Serves on an already-bound listener (to restart an origin on the same port).
+    pub fn serve(listener: TcpListener, name: &str) -> Origin {
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let origin = Origin {
+            addr,
+            name: name.to_string(),
+            seen: seen.clone(),
+            connections: connections.clone(),
+            stop: stop.clone(),
+        };
+        let name: Arc<str> = name.into();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop.cancelled() => return,
+                };
+                connections.fetch_add(1, Ordering::Relaxed);
+                let (name, seen, stop) = (name.clone(), seen.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| origin_answer(req, name.clone(), seen.clone()));
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        origin
+    }
+
+    /// Stops accepting and drops every open connection (a killed upstream).
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
+
+    /// Requests seen so far (health probes excluded).
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn query(req: &Request<Incoming>) -> HashMap<String, u64> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+async fn origin_answer(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let q = query(&req);
+    let probe = path == "/up";
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    if !probe {
+        seen.lock().unwrap().push(Seen { method, path: path.clone(), headers, body_len: body.len() });
+    }
+    let full = |b: Bytes| Full::new(b).boxed();
+    let resp = if probe {
+        Response::new(full(Bytes::from_static(b"ok\n")))
+    } else if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000))).await;
+        Response::new(full(Bytes::from(format!("{name} slow done"))))
+    } else if path == "/echo" {
+        Response::new(full(body))
+    } else if path == "/stream" {
+        let chunks = q.get("chunks").copied().unwrap_or(5);
+        let ms = q.get("ms").copied().unwrap_or(100);
+        let name = name.clone();
+        let stream = futures_stream(chunks, ms, name);
+        Response::new(StreamBody::new(stream).boxed())
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(full(Bytes::from(format!("{name} status"))));
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        r
+    } else {
+        Response::new(full(Bytes::from(name.to_string())))
+    };
+    let mut resp = resp;
+    resp.headers_mut().insert("x-origin", name.parse().unwrap());
+    resp.headers_mut().insert("connection", "keep-alive, x-origin-hop".parse().unwrap());
+    resp.headers_mut().insert("x-origin-hop", "secret".parse().unwrap());
+    Ok(resp)
+}
+
+fn futures_stream(
+    chunks: u64,
+    ms: u64,
+    name: Arc<str>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if tx.send(Ok(Frame::data(Bytes::from(format!("{name} chunk {i}\n"))))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A running proxy (data plane + admin API) in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub controller: Arc<Controller>,
+    pub dir: tempfile::TempDir,
+    pub token: Option<String>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Options of [`Proxy::start_with`].
+#[derive(Default)]
+pub struct Options {
+    pub token: Option<String>,
+    /// Extra top-level YAML (limits, trusted_proxies, ...).
+    pub extra: String,
+    /// Reuse this directory (and its state file).
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl Proxy {
+    /// Starts a proxy whose `sites:` section is `sites_yaml` (indented as a list).
+    pub async fn start(sites_yaml: &str) -> Proxy {
+        Self::start_with(sites_yaml, Options::default()).await
+    }
+
+    pub async fn start_with(sites_yaml: &str, opts: Options) -> Proxy {
+        let dir = opts.dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+        let admin_cfg = match &opts.token {
+            Some(t) => {
+                std::fs::write(dir.path().join("token"), t).unwrap();
+                "admin: { listen: 127.0.0.1:0, token_file: token }".to_string()
+            }
+            None => "admin: { listen: 127.0.0.1:0 }".to_string(),
+        };
+        let yaml = format!(
+            "listen: {{ http: 127.0.0.1:0 }}\n{admin_cfg}\nstate: {{ path: state.json }}\nshutdown_timeout: 5s\n{}\nsites:\n{sites_yaml}",
+            opts.extra
+        );
+        let config =
+            cutover_config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+        let metrics = Metrics::new();
+        let store = Arc::new(FileStore::new(&config.state_path));
+        let controller = Controller::start(config.clone(), store, metrics.clone()).expect("controller starts");
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin) = (http.local_addr().unwrap(), admin_listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table(), &config));
+        let lc = ListenerConfig {
+            scheme: "http",
+            limits: config.limits,
+            connections: metrics.client_connections.with_label_values(&["http"]),
+        };
+        let t1 =
+            tokio::spawn(cutover_proxy::serve(http, proxy, lc, stop.clone().cancelled_owned(), Duration::from_secs(5)));
+        let api = Arc::new(Admin::new(controller.clone(), config.admin.token.clone()));
+        let t2 = tokio::spawn(cutover_admin::serve(admin_listener, api, stop.clone().cancelled_owned()));
+        Proxy { addr, admin, controller, dir, token: opts.token, stop, tasks: vec![t1, t2] }
+    }
+
+    /// Calls the admin API with this proxy's token.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        admin_call(self.admin, method, path, body, self.token.as_deref()).await
+    }
+
+    /// Switches `site` to `to` and asserts the switch was accepted.
+    pub async fn switch(&self, site: &str, to: &str) {
+        let (status, body) =
+            self.api("POST", &format!("/v1/sites/{site}/switch"), Some(serde_json::json!({ "to": to }))).await;
+        assert_eq!(status, 200, "switch {site} → {to} refused: {body}");
+    }
+
+    /// Waits until every endpoint of `site`'s `targets` is healthy.
+    pub async fn wait_healthy(&self, site: &str, targets: &[&str]) {
+        for _ in 0..200 {
+            let (_, s) = self.api("GET", &format!("/v1/sites/{site}"), None).await;
+            let all = targets.iter().all(|t| {
+                s["targets"][t]["endpoints"]
+                    .as_array()
+                    .is_some_and(|eps| eps.iter().all(|e| e["healthy"] == Value::Bool(true)))
+            });
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("targets {targets:?} of {site} never became healthy");
+    }
+
+    /// Stops the proxy and waits for its servers to finish.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        self.controller.shutdown();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.controller.shutdown();
+    }
+}
+
+/// YAML for one site with the given targets (`name → endpoints`), health on `/up` every 50 ms.
+pub fn site(name: &str, hosts: &str, live: &str, targets: &[(&str, Vec<SocketAddr>)]) -> String {
+    let mut s = format!("  - name: {name}\n    hosts: [{hosts}]\n    live: {live}\n    targets:\n");
+    for (t, eps) in targets {
+        let eps: Vec<String> = eps.iter().map(|a| format!("\"{a}\"")).collect();
+        s.push_str(&format!("      {t}: {{ endpoints: [{}], version: {t}-v1 }}\n", eps.join(", ")));
+    }
+    s.push_str(
+        "    health: { path: /up, interval: 50ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1 }\n",
+    );
+    s
+}
+
+/// An answer as a test sees it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub bytes: Bytes,
+}
+
+/// A single kept-alive HTTP/1.1 client connection.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        Client { sender }
+    }
+
+    /// Sends `req`; `Err` on a transport error.
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Answer, hyper::Error> {
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Answer { status, headers, body: String::from_utf8_lossy(&body).into(), bytes: body })
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Answer, hyper::Error> {
+        self.send(Request::get(path).header("host", host).body(Full::default()).unwrap()).await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+/// One GET on a fresh connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Answer {
+    Client::connect(addr).await.get(host, path).await.expect("request failed")
+}
+
+/// Calls an admin API at `addr`.
+pub async fn admin_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let raw = body.map(|b| b.to_string()).unwrap_or_default();
+    admin_raw(addr, method, path, &raw, token).await
+}
+
+/// Calls an admin API with a raw body.
+pub async fn admin_raw(addr: SocketAddr, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let a =
+        Client::connect(addr).await.send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await.unwrap();
+    let value = serde_json::from_str(&a.body).unwrap_or(Value::String(a.body));
+    (a.status, value)
+}
+
+/// Reads a raw HTTP/1.1 answer to `raw` sent on a fresh connection (for malformed requests).
+pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into()
+}
+
+/// A loopback port nothing listens on.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}

@@ -1,0 +1,161 @@
+//! The atomic switch: no request dropped, no connection closed, and every
+//! request started after an acknowledged switch goes to the new live target.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{site, Client, Origin, Proxy};
+
+/// Several keep-alive clients drive the proxy while blue and green are
+/// switched every ~100 ms: zero transport errors, zero non-2xx, both colours
+/// answered, and no request started after an acknowledged switch went to the old target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_storm_drops_nothing_and_routes_after_ack() {
+    let blue = Origin::start("blue").await;
+    let green = Origin::start("green").await;
+    let p = Arc::new(
+        Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+            .await,
+    );
+    p.wait_healthy("shop", &["blue", "green"]).await;
+
+    let t0 = Instant::now();
+    let run_for = Duration::from_secs(3);
+    // (sent, acked, target) of every switch.
+    type SwitchLog = Vec<(Duration, Duration, &'static str)>;
+    let switches: Arc<Mutex<SwitchLog>> = Arc::default();
+    let switcher = {
+        let (p, switches) = (p.clone(), switches.clone());
+        tokio::spawn(async move {
+            let mut to = "green";
+            while t0.elapsed() < run_for {
+                let sent = t0.elapsed();
+                p.switch("shop", to).await;
+                switches.lock().unwrap().push((sent, t0.elapsed(), to));
+                to = if to == "green" { "blue" } else { "green" };
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let addr = p.addr;
+        clients.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            let mut seen = Vec::new();
+            while t0.elapsed() < run_for + Duration::from_millis(200) {
+                let start = t0.elapsed();
+                let a = c.get("shop.test", "/").await.expect("transport error during switch storm");
+                assert_eq!(a.status, 200, "non-2xx during switch storm: {a:?}");
+                seen.push((start, a.body));
+            }
+            assert!(!c.is_closed(), "a switch closed a client connection");
+            seen
+        }));
+    }
+    switcher.await.unwrap();
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+    let switches = switches.lock().unwrap().clone();
+    assert!(switches.len() >= 10, "only {} switches happened", switches.len());
+    assert!(answers.iter().any(|(_, b)| b == "blue") && answers.iter().any(|(_, b)| b == "green"));
+    let mut checked = 0;
+    for (start, body) in &answers {
+        // The last switch acknowledged before this request started...
+        let Some(last) = switches.iter().rposition(|(_, acked, _)| acked < start) else { continue };
+        // ...unless the next one was already under way, in which case either target is right.
+        if switches.get(last + 1).is_some_and(|(sent, _, _)| sent <= start) {
+            continue;
+        }
+        assert_eq!(
+            body, switches[last].2,
+            "request at {start:?} went to the old target after the switch at {:?} was acknowledged",
+            switches[last].1
+        );
+        checked += 1;
+    }
+    assert!(checked > 100, "too few requests checked: {checked} of {}", answers.len());
+}
+
+/// A slow request started on blue finishes on blue after a switch to green,
+/// while new requests go to green at once; blue is draining meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_finishes_on_the_old_target() {
+    let blue = Origin::start("blue").await;
+    let green = Origin::start("green").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+
+    let addr = p.addr;
+    let slow = tokio::spawn(async move { support::get(addr, "shop.test", "/slow?ms=1500").await });
+    while blue.seen().iter().all(|s| s.path != "/slow") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.switch("shop", "green").await;
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "green");
+    let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(site["targets"]["blue"]["state"], "draining", "{site}");
+    assert_eq!(site["targets"]["blue"]["inflight"], 1);
+
+    let a = slow.await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "blue slow done"));
+    let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(site["targets"]["blue"]["state"], "standby", "{site}");
+    assert_eq!(site["targets"]["blue"]["inflight"], 0);
+}
+
+/// A kept-alive client connection stays open across a switch, and its next
+/// request goes to the new live target.
+#[tokio::test]
+async fn kept_alive_connection_survives_a_switch() {
+    let blue = Origin::start("blue").await;
+    let green = Origin::start("green").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+
+    let mut c = Client::connect(p.addr).await;
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "blue");
+    p.switch("shop", "green").await;
+    assert!(!c.is_closed());
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "green");
+    p.switch("shop", "blue").await;
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "blue");
+}
+
+/// Rollback returns to the previous target; with nothing to roll back to it is refused.
+#[tokio::test]
+async fn rollback_goes_to_previous_and_needs_one() {
+    let blue = Origin::start("blue").await;
+    let green = Origin::start("green").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+
+    let (status, body) = p.api("POST", "/v1/sites/shop/rollback", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "nothing_to_roll_back");
+
+    p.switch("shop", "green").await;
+    let (status, site) = p.api("POST", "/v1/sites/shop/rollback", Some(serde_json::json!({}))).await;
+    assert_eq!(status, 200, "{site}");
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("blue"), Some("green")));
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+
+    let (_, history) = p.api("GET", "/v1/sites/shop/history", None).await;
+    let kinds: Vec<_> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["kind"].as_str().unwrap(), h["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("rollback", "ok"), ("switch", "ok"), ("rollback", "refused")]);
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_rollbacks_total{reason="manual",site="shop"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"cutover_live_target{site="shop",target="blue"} 1"#));
+}
