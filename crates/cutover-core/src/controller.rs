@@ -557,3 +557,69 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError
 fn refused(code: &'static str, message: impl Into<String>, reasons: Vec<String>) -> ControlError {
     ControlError::Refused { code, message: message.into(), reasons }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let yaml = r#"
+listen: { http: 127.0.0.1:0 }
+sites:
+  - name: shop
+    hosts: [shop.test]
+    live: blue
+    targets:
+      blue: { endpoints: [127.0.0.1:1] }
+      green: { endpoints: [127.0.0.1:2] }
+"#;
+        cutover_config::parse(yaml, std::path::Path::new(".")).unwrap()
+    }
+
+    fn site_state(live: &str, previous: Option<&str>) -> SiteState {
+        SiteState { live: live.into(), previous: previous.map(Into::into), ..Default::default() }
+    }
+
+    #[test]
+    fn without_state_the_configured_live_target_is_used() {
+        let state = reconcile(&config(), None);
+        assert_eq!(state.sites["shop"].live, "blue");
+        assert_eq!(state.version, STATE_VERSION);
+    }
+
+    #[test]
+    fn state_wins_over_the_configuration() {
+        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
+        loaded.sites.insert("shop".into(), site_state("green", Some("blue")));
+        let state = reconcile(&config(), Some(loaded));
+        assert_eq!(state.sites["shop"].live, "green");
+        assert_eq!(state.sites["shop"].previous.as_deref(), Some("blue"));
+    }
+
+    #[test]
+    fn stale_sites_and_targets_are_dropped() {
+        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
+        loaded.sites.insert("gone".into(), site_state("blue", None));
+        let mut shop = site_state("purple", Some("orange"));
+        shop.weights = Some([("blue".to_string(), 50), ("mauve".to_string(), 50)].into());
+        loaded.sites.insert("shop".into(), shop);
+        let state = reconcile(&config(), Some(loaded));
+        assert!(!state.sites.contains_key("gone"));
+        let shop = &state.sites["shop"];
+        assert_eq!(shop.live, "blue");
+        assert_eq!(shop.previous, None);
+        assert_eq!(shop.weights, None);
+    }
+
+    #[test]
+    fn targets_set_through_the_api_are_kept() {
+        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
+        let mut shop = site_state("clone", Some("blue"));
+        shop.targets.insert("clone".into(), TargetSpec { endpoints: vec!["127.0.0.1:3".into()], version: None });
+        loaded.sites.insert("shop".into(), shop);
+        let state = reconcile(&config(), Some(loaded));
+        assert_eq!(state.sites["shop"].live, "clone");
+        let targets = effective_targets(&config().sites[0], &state.sites["shop"]);
+        assert_eq!(targets.keys().collect::<Vec<_>>(), ["blue", "clone", "green"]);
+    }
+}

@@ -135,6 +135,8 @@ pub async fn run(endpoint: Arc<Endpoint>, cfg: Arc<HealthConfig>, stop: Cancella
         if next != endpoint.health() {
             endpoint.set_health(next);
         }
+        // This task is also the endpoint's pool timer.
+        endpoint.pool.sweep();
         tokio::select! {
             _ = tokio::time::sleep(jitter(cfg.interval)) => {}
             _ = stop.cancelled() => return,

@@ -1,15 +1,17 @@
 //! Connections to upstream endpoints: connect with a timeout, HTTP/1.1
 //! handshake, and a small per-endpoint pool of idle keep-alive connections.
 //!
-//! The pool is LIFO (the warmest connection first), bounded by `max_idle`,
-//! and drops connections idle longer than `idle_timeout` (keep it shorter
-//! than the upstream's own keep-alive). A connection is returned only after
-//! its response body was read to the end.
+//! The pool is a lock-free bounded queue (no lock per request), holds at most
+//! `max_idle` connections, and drops connections idle longer than
+//! `idle_timeout` (keep it shorter than the upstream's own keep-alive), both
+//! at checkout and in [`Pool::sweep`], which the endpoint's health task runs
+//! every interval (the pool timer). A connection is returned only after its
+//! response body was read to the end.
 
 use std::io;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -24,8 +26,7 @@ pub type Sender = http1::SendRequest<UpstreamBody>;
 /// Idle keep-alive connections to one endpoint.
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
+    idle: ArrayQueue<Idle>,
     idle_timeout: Duration,
 }
 
@@ -35,42 +36,51 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    fn usable(&self, idle_timeout: Duration) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() <= idle_timeout
+    }
+}
+
 impl Pool {
     /// An empty pool keeping at most `max_idle` connections for `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self { idle: Mutex::new(Vec::new()), max_idle, idle_timeout }
+        Self { idle: ArrayQueue::new(max_idle.max(1)), idle_timeout }
     }
 
-    /// Takes the most recently used live idle connection, if any.
+    /// Takes a live idle connection, if any; expired or closed ones are dropped.
     pub fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
-        if idle.first().is_some_and(|c| c.since.elapsed() > self.idle_timeout) {
-            idle.remove(0);
-        }
-        while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() <= self.idle_timeout {
+        while let Some(c) = self.idle.pop() {
+            if c.usable(self.idle_timeout) {
                 return Some(c.sender);
             }
         }
         None
     }
 
-    /// Returns a connection whose exchange is complete.
+    /// Returns a connection whose exchange is complete; dropped when the pool is full.
     pub fn checkin(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
+        if !sender.is_closed() {
+            let _ = self.idle.push(Idle { sender, since: Instant::now() });
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() >= self.max_idle {
-                idle.remove(0);
+    }
+
+    /// Closes idle connections that expired or that the upstream closed.
+    pub fn sweep(&self) {
+        for _ in 0..self.idle.len() {
+            match self.idle.pop() {
+                Some(c) if c.usable(self.idle_timeout) => {
+                    let _ = self.idle.push(c);
+                }
+                Some(_) => {}
+                None => return,
             }
-            idle.push(Idle { sender, since: Instant::now() });
         }
     }
 
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+        self.idle.len()
     }
 }
 
