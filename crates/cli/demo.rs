@@ -64,7 +64,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
     };
     let (port, admin_port) = (args.port, args.admin_port);
     let banner = Box::new(move || print_banner(port, admin_port, blue, green));
-    let code = crate::serve::run(config, false, Some(banner));
+    let code = crate::serve::run(config, None, false, Some(banner));
     let _ = std::fs::remove_dir_all(&state_dir);
     drop(apps);
     code

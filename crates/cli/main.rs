@@ -78,7 +78,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            serve::run(cfg, reset_state, None)
+            serve::run(cfg, Some(config), reset_state, None)
         }
         Command::Demo(args) => {
             serve::init_logging(cli.log_format);

@@ -1,6 +1,7 @@
 //! `cutover serve`: build the runtime, start the controller, bind the
 //! listeners, serve until SIGTERM/SIGINT, then drain with a deadline.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -26,8 +27,14 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs the proxy with `config` until a signal; `ready` is called once the listeners are bound.
-pub fn run(config: Config, reset_state: bool, ready: Option<Box<dyn FnOnce() + Send>>) -> ExitCode {
+/// Runs the proxy with `config` (read from `config_path`, re-read on reload)
+/// until a signal; `ready` is called once the listeners are bound.
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    reset_state: bool,
+    ready: Option<Box<dyn FnOnce() + Send>>,
+) -> ExitCode {
     let store = FileStore::new(&config.state_path);
     if reset_state {
         match store.reset() {
@@ -48,7 +55,7 @@ pub fn run(config: Config, reset_state: bool, ready: Option<Box<dyn FnOnce() + S
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, Arc::new(store), ready)) {
+    match runtime.block_on(serve(config, config_path, Arc::new(store), ready)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cutover: {e:#}");
@@ -59,12 +66,13 @@ pub fn run(config: Config, reset_state: bool, ready: Option<Box<dyn FnOnce() + S
 
 async fn serve(
     config: Config,
+    config_path: Option<PathBuf>,
     store: Arc<dyn StateStore>,
     ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = Metrics::new();
-    let controller = Controller::start(config.clone(), store, metrics.clone())?;
+    let controller = Controller::start(config.clone(), config_path, store, metrics.clone())?;
     let http = TcpListener::bind(config.listen.http)
         .await
         .with_context(|| format!("listen.http: cannot bind {}", config.listen.http))?;
@@ -80,7 +88,7 @@ async fn serve(
     }
 
     let stop = CancellationToken::new();
-    let proxy = Arc::new(Proxy::new(controller.table(), &config));
+    let proxy = Arc::new(Proxy::new(controller.table()));
     let listener_config = ListenerConfig {
         scheme: "http",
         limits: config.limits,
@@ -96,7 +104,7 @@ async fn serve(
     let admin = Arc::new(Admin::new(controller.clone(), config.admin.token.clone()));
     let admin_plane = tokio::spawn(cutover_admin::serve(admin_listener, admin, stop.clone().cancelled_owned()));
 
-    wait_for_signal().await;
+    wait_for_signal(&controller).await;
     tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: listeners closed, finishing in-flight requests");
     stop.cancel();
     let _ = data_plane.await;
@@ -106,8 +114,8 @@ async fn serve(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP is caught so it cannot kill the process.
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT. SIGHUP reloads the configuration (as `POST /v1/reload`).
+async fn wait_for_signal(controller: &Controller) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
@@ -119,7 +127,10 @@ async fn wait_for_signal() {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not available in this build; ignored"),
+            _ = hup.recv() => match controller.reload_file().await {
+                Ok(outcome) => tracing::info!(sites = ?outcome.sites, restart_required = ?outcome.restart_required, "SIGHUP: configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload refused; nothing changed"),
+            },
         }
     }
 }

@@ -227,12 +227,14 @@ impl Proxy {
             cutover_config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
         let metrics = Metrics::new();
         let store = Arc::new(FileStore::new(&config.state_path));
-        let controller = Controller::start(config.clone(), store, metrics.clone()).expect("controller starts");
+        std::fs::write(dir.path().join("cutover.yaml"), &yaml).unwrap();
+        let path = Some(dir.path().join("cutover.yaml"));
+        let controller = Controller::start(config.clone(), path, store, metrics.clone()).expect("controller starts");
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin) = (http.local_addr().unwrap(), admin_listener.local_addr().unwrap());
         let stop = CancellationToken::new();
-        let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table(), &config));
+        let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table()));
         let lc = ListenerConfig {
             scheme: "http",
             limits: config.limits,

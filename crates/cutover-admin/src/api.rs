@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cutover_core::controller::Actor;
+use cutover_core::controller::{Actor, ReloadError};
 use cutover_core::{ControlError, Controller, SwitchRequest};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -125,6 +125,7 @@ impl Admin {
         let c = &self.controller;
         let result: Result<(StatusCode, serde_json::Value), ApiError> = match (method, segments) {
             (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
+            (&Method::POST, ["reload"]) => reload(c).await,
             (&Method::GET, ["sites", site]) => answer(c.site(site).await),
             (&Method::GET, ["sites", site, "history"]) => answer(c.history(site).await),
             (&Method::PUT, ["sites", site, "targets", target]) => match parse::<SetTargetBody>(body) {
@@ -153,7 +154,11 @@ impl Admin {
             }
             (
                 _,
-                ["sites"] | ["sites", _] | ["sites", _, "history" | "switch" | "rollback"] | ["sites", _, "targets", _],
+                ["reload"]
+                | ["sites"]
+                | ["sites", _]
+                | ["sites", _, "history" | "switch" | "rollback"]
+                | ["sites", _, "targets", _],
             ) => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -171,6 +176,27 @@ impl Admin {
             Ok((status, value)) => json_response(status, &value),
             Err(e) => e.into_response(),
         }
+    }
+}
+
+/// `POST /v1/reload`: every error of an invalid file, and nothing changed.
+async fn reload(c: &Controller) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    match c.reload_file().await {
+        Ok(outcome) => Ok((StatusCode::OK, to_json(&outcome))),
+        Err(ReloadError::Invalid(errors)) => {
+            let list: Vec<_> = errors
+                .errors
+                .iter()
+                .map(|e| json!({ "path": e.path, "value": e.value, "message": e.message }))
+                .collect();
+            let file = errors.file.clone().unwrap_or_default();
+            let message = format!("{file}: {} error(s); nothing changed", list.len());
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", &message, json!({ "errors": list })))
+        }
+        Err(e @ ReloadError::NoFile) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "no_config_file", &e.to_string(), json!({})))
+        }
+        Err(ReloadError::Persist(e)) => Err(ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, body: e.to_json() }),
     }
 }
 

@@ -8,17 +8,55 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use cutover_config::{Protocol, Site};
+use cutover_config::{Config, Protocol, Site};
 use cutover_metrics::TargetMetrics;
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{Endpoint, Health};
+
+/// Data-plane settings that a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Peers whose forwarded headers are trusted.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time to open an upstream connection.
+    pub connect_timeout: Duration,
+    /// Time for an upstream to answer with a response head.
+    pub response_timeout: Duration,
+}
+
+impl Settings {
+    /// The data-plane settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            trusted_proxies: config.trusted_proxies.clone(),
+            connect_timeout: config.limits.upstream_connect_timeout,
+            response_timeout: config.limits.upstream_response_timeout,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let limits = cutover_config::Limits::default();
+        Self {
+            trusted_proxies: Vec::new(),
+            connect_timeout: limits.upstream_connect_timeout,
+            response_timeout: limits.upstream_response_timeout,
+        }
+    }
+}
 
 /// The whole routing state of the process at one instant.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     /// Sites in configuration order.
     pub sites: Vec<Arc<SiteRoute>>,
+    /// Data-plane settings.
+    pub settings: Settings,
     /// Lower-cased host name → index into `sites`.
     hosts: HashMap<Box<str>, usize>,
     /// The site whose hosts include `*`.
@@ -27,7 +65,7 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Builds the host index over `sites`.
-    pub fn new(sites: Vec<Arc<SiteRoute>>) -> Self {
+    pub fn new(sites: Vec<Arc<SiteRoute>>, settings: Settings) -> Self {
         let mut hosts = HashMap::new();
         let mut default_site = None;
         for (i, site) in sites.iter().enumerate() {
@@ -39,7 +77,7 @@ impl RoutingTable {
                 }
             }
         }
-        Self { sites, hosts, default_site }
+        Self { sites, settings, hosts, default_site }
     }
 
     /// The site serving `host` (port already stripped; any case), or the `*` site.
@@ -50,6 +88,11 @@ impl RoutingTable {
             self.hosts.get(host)
         };
         idx.or(self.default_site.as_ref()).map(|&i| &self.sites[i])
+    }
+
+    /// Requests in flight on every target of every site.
+    pub fn total_inflight(&self) -> i64 {
+        self.sites.iter().flat_map(|s| &s.targets).map(|t| t.inflight()).sum()
     }
 
     /// The site named `name`.
@@ -96,6 +139,9 @@ pub struct TargetPool {
     pub protocol: Protocol,
     /// Metric handles for this site/target (the in-flight gauge is also the drain count).
     pub metrics: TargetMetrics,
+    /// Cancelled at this target's drain deadline: open upgrades and streams
+    /// started under this token close then. Replaced afresh after each deadline.
+    pub drain: CancellationToken,
 }
 
 impl TargetPool {
@@ -141,6 +187,7 @@ mod tests {
             read_only: false,
             protocol: Protocol::Http1,
             metrics: m.target("s", "t"),
+            drain: CancellationToken::new(),
         }
     }
 

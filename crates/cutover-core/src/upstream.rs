@@ -11,10 +11,11 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 /// The request body type sent upstream: the client's body, streamed.
@@ -23,11 +24,16 @@ pub type UpstreamBody = Incoming;
 /// A ready-to-use HTTP/1.1 connection to one endpoint.
 pub type Sender = http1::SendRequest<UpstreamBody>;
 
+/// A multiplexed HTTP/2 connection to one endpoint (`protocol: h2`).
+pub type H2Sender = http2::SendRequest<UpstreamBody>;
+
 /// Idle keep-alive connections to one endpoint.
 #[derive(Debug)]
 pub struct Pool {
     idle: ArrayQueue<Idle>,
     idle_timeout: Duration,
+    /// The shared HTTP/2 connection, for `protocol: h2` targets.
+    h2: ArcSwapOption<H2Sender>,
 }
 
 #[derive(Debug)]
@@ -45,7 +51,18 @@ impl Idle {
 impl Pool {
     /// An empty pool keeping at most `max_idle` connections for `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self { idle: ArrayQueue::new(max_idle.max(1)), idle_timeout }
+        Self { idle: ArrayQueue::new(max_idle.max(1)), idle_timeout, h2: ArcSwapOption::empty() }
+    }
+
+    /// The shared HTTP/2 connection, when open and usable.
+    pub fn h2(&self) -> Option<H2Sender> {
+        let guard = self.h2.load();
+        guard.as_deref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Shares `sender` as this endpoint's HTTP/2 connection.
+    pub fn set_h2(&self, sender: H2Sender) {
+        self.h2.store(Some(std::sync::Arc::new(sender)));
     }
 
     /// Takes a live idle connection, if any; expired or closed ones are dropped.
@@ -93,9 +110,16 @@ pub enum ConnectError {
     /// TCP connect took longer than the connect timeout.
     #[error("connect to {0} timed out")]
     Timeout(String),
-    /// The HTTP/1.1 handshake failed.
+    /// The HTTP handshake failed.
     #[error("handshake with {0} failed: {1}")]
     Handshake(String, hyper::Error),
+}
+
+impl ConnectError {
+    /// Whether the connect timed out (as opposed to being refused or failing).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ConnectError::Timeout(_))
+    }
 }
 
 /// Opens a TCP connection (`TCP_NODELAY`) within `timeout`.
@@ -119,6 +143,23 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<Sender, Connect
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection closed with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Opens a new HTTP/2 (prior knowledge) connection to `address` and spawns its driver task.
+pub async fn connect_h2(address: &str, timeout: Duration) -> Result<H2Sender, ConnectError> {
+    let stream = connect_tcp(address, timeout).await?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectError::Handshake(address.to_string(), e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream h2 connection closed with an error");
         }
     });
     Ok(sender)

@@ -129,6 +129,8 @@ impl Metrics {
             connect_errors: err("connect"),
             timeout_errors: err("timeout"),
             reset_errors: err("reset"),
+            forced_upgrade_closes: self.drain_forced_closes.with_label_values(&[site, target, "upgrade"]),
+            forced_stream_closes: self.drain_forced_closes.with_label_values(&[site, target, "stream"]),
         }
     }
 
@@ -156,6 +158,10 @@ pub struct TargetMetrics {
     connect_errors: IntCounter,
     timeout_errors: IntCounter,
     reset_errors: IntCounter,
+    /// Upgraded connections closed at a drain deadline.
+    pub forced_upgrade_closes: IntCounter,
+    /// Streaming responses cut at a drain deadline.
+    pub forced_stream_closes: IntCounter,
 }
 
 /// What went wrong talking to an upstream.

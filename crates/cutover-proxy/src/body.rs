@@ -1,9 +1,13 @@
 //! The response body sent to clients, and the in-flight guard it carries.
 //!
 //! The guard is created when a request is routed and dropped when hyper is
-//! done with the response body, so in-flight counts (the drain condition)
-//! and the access log cover the whole response, not just its head.
+//! done with the response body (or, for an upgrade, when the tunnel closes),
+//! so in-flight counts (the drain condition) and the access log cover the
+//! whole exchange, not just its head. A body still streaming when its
+//! target's drain deadline passes is cut, after a random delay within the
+//! site's `close_spread`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,13 +21,20 @@ use cutover_core::Endpoint;
 use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-/// Counts a request as in flight from routing until its response body is done,
+use crate::activity::Activity;
+
+/// Errors a response body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counts a request as in flight from routing until its response is done,
 /// then records its metrics and access-log line.
 #[derive(Debug)]
 pub struct RequestGuard {
     route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
     endpoint: Option<Arc<Endpoint>>,
+    activity: Option<Arc<Activity>>,
     start: Instant,
     method: Method,
     uri: Uri,
@@ -33,12 +44,21 @@ pub struct RequestGuard {
 }
 
 impl RequestGuard {
-    /// Starts timing a request; counts it in flight on `route`'s target when given.
-    pub fn new(route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>, method: Method, uri: Uri) -> Self {
+    /// Starts timing a request on a connection with `activity`; counts it in
+    /// flight on `route`'s target when given.
+    pub fn new(
+        route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
+        activity: Option<Arc<Activity>>,
+        method: Method,
+        uri: Uri,
+    ) -> Self {
         if let Some((_, target)) = &route {
             target.metrics.inflight.inc();
         }
-        Self { route, endpoint: None, start: Instant::now(), method, uri, request_id: None, status: 0 }
+        if let Some(a) = &activity {
+            a.request_started();
+        }
+        Self { route, endpoint: None, activity, start: Instant::now(), method, uri, request_id: None, status: 0 }
     }
 
     /// Records the request id for the access log.
@@ -53,6 +73,18 @@ impl RequestGuard {
             old.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
     }
+
+    /// The site and target the request was routed to.
+    pub fn route(&self) -> Option<&(Arc<SiteRoute>, Arc<TargetPool>)> {
+        self.route.as_ref()
+    }
+
+    /// Detaches the request from its client connection (an upgrade leaves it).
+    pub fn detach_connection(&mut self) {
+        if let Some(a) = self.activity.take() {
+            a.request_finished();
+        }
+    }
 }
 
 impl Drop for RequestGuard {
@@ -61,6 +93,7 @@ impl Drop for RequestGuard {
         if let Some(e) = &self.endpoint {
             e.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
+        self.detach_connection();
         let (site, target) = match &self.route {
             Some((site, target)) => {
                 target.metrics.inflight.dec();
@@ -69,7 +102,7 @@ impl Drop for RequestGuard {
             }
             None => ("-", "-"),
         };
-        let request_id = self.request_id.as_ref().map(|v| v.to_str().unwrap_or("-")).unwrap_or("-");
+        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
         tracing::info!(
             target: "access",
             site,
@@ -86,40 +119,95 @@ impl Drop for RequestGuard {
 /// Where the bytes of a response come from.
 #[derive(Debug)]
 enum Source {
-    /// Streamed from an upstream; the connection goes back to the pool at the end.
+    /// Streamed from an upstream; an HTTP/1.1 connection goes back to the pool at the end.
     Upstream { body: Incoming, sender: Option<Sender>, endpoint: Arc<Endpoint> },
     /// Made by cutover itself.
     Full(Option<Bytes>),
 }
 
+/// Watching for the drain deadline of a body that is still streaming.
+enum Drain {
+    /// Not watching (yet): the body has not waited on its upstream so far.
+    Idle,
+    /// Waiting for the target's drain token.
+    Armed(Pin<Box<WaitForCancellationFutureOwned>>),
+    /// The deadline passed: closing after this jitter.
+    Closing(Pin<Box<tokio::time::Sleep>>),
+}
+
 /// A response body with its request's guard.
-#[derive(Debug)]
 pub struct ProxyBody {
     source: Source,
-    _guard: Option<RequestGuard>,
+    drain: Drain,
+    guard: Option<RequestGuard>,
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyBody").field("source", &self.source).finish()
+    }
 }
 
 impl ProxyBody {
     /// A body made by cutover.
     pub fn full(bytes: impl Into<Bytes>, guard: Option<RequestGuard>) -> Self {
         let bytes = bytes.into();
-        Self { source: Source::Full((!bytes.is_empty()).then_some(bytes)), _guard: guard }
+        Self { source: Source::Full((!bytes.is_empty()).then_some(bytes)), drain: Drain::Idle, guard }
     }
 
-    /// A body streamed from an upstream over `sender`'s connection.
-    pub fn upstream(body: Incoming, sender: Sender, endpoint: Arc<Endpoint>, guard: RequestGuard) -> Self {
-        Self { source: Source::Upstream { body, sender: Some(sender), endpoint }, _guard: Some(guard) }
+    /// A body streamed from an upstream; `sender` is returned to the pool when it was read to the end.
+    pub fn upstream(body: Incoming, sender: Option<Sender>, endpoint: Arc<Endpoint>, guard: RequestGuard) -> Self {
+        Self { source: Source::Upstream { body, sender, endpoint }, drain: Drain::Idle, guard: Some(guard) }
+    }
+
+    /// Polls the drain watch; `true` when the body must be cut now.
+    fn drain_due(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            match &mut self.drain {
+                Drain::Idle => {
+                    let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) else { return false };
+                    if !target.drain.is_cancelled() {
+                        self.drain = Drain::Armed(Box::pin(target.drain.clone().cancelled_owned()));
+                        continue;
+                    }
+                    let delay = crate::upgrade::jitter(site.config.switch.close_spread);
+                    self.drain = Drain::Closing(Box::pin(tokio::time::sleep(delay)));
+                }
+                Drain::Armed(wait) => {
+                    if wait.as_mut().poll(cx).is_pending() {
+                        return false;
+                    }
+                    let spread = self.guard.as_ref().and_then(|g| g.route()).map(|(s, _)| s.config.switch.close_spread);
+                    let delay = crate::upgrade::jitter(spread.unwrap_or_default());
+                    self.drain = Drain::Closing(Box::pin(tokio::time::sleep(delay)));
+                }
+                Drain::Closing(sleep) => return sleep.as_mut().poll(cx).is_ready(),
+            }
+        }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().source {
-            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream { body, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                Poll::Pending => {
+                    if this.drain_due(cx) {
+                        if let Some((site, target)) = this.guard.as_ref().and_then(|g| g.route()) {
+                            target.metrics.forced_stream_closes.inc();
+                            tracing::info!(site = site.name(), target = %target.name, "drain deadline: response stream closed");
+                        }
+                        return Poll::Ready(Some(Err("closed at the drain deadline of its target".into())));
+                    }
+                    Poll::Pending
+                }
+            },
         }
     }
 

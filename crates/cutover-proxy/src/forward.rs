@@ -1,14 +1,17 @@
 //! The life of one request, in order:
 //!
-//! 1. `route`: find the site by `Host` (or the absolute-form authority) with
-//!    one snapshot load, and clone out the live target.
-//! 2. `prepare`: rewrite the head for the upstream (origin-form URI, `Host`,
-//!    hop-by-hop removal, forwarded headers, request id).
-//! 3. `send`: pick an endpoint (least outstanding, healthy first), take a
+//! 1. `reject_bad_request`: framing that could be read two ways, `CONNECT`,
+//!    a missing or conflicting `Host` → 4xx, never forwarded.
+//! 2. `route`: find the site by `Host` (or the absolute-form authority) with
+//!    one snapshot load, and clone out the live target and the settings.
+//! 3. `prepare`: rewrite the head for the upstream (origin-form URI, `Host`,
+//!    hop-by-hop removal, underscore names dropped, forwarded headers,
+//!    request id).
+//! 4. `send`: pick an endpoint (least outstanding, healthy first), take a
 //!    pooled connection or open one; a connection that cannot be made is
 //!    retried on another endpoint, since nothing was sent.
-//! 4. The response streams back inside a [`ProxyBody`] that keeps the
-//!    request in flight until its last byte.
+//! 5. The response streams back inside a [`ProxyBody`] that keeps the request
+//!    in flight until its last byte; an upgrade becomes a tunnel.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,17 +20,18 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use cutover_config::Config;
+use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
 use cutover_core::upstream::{self, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
-use http::uri::{Authority, PathAndQuery};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use ipnet::IpNet;
+use tokio_util::task::TaskTracker;
 
+use crate::activity::Activity;
 use crate::body::{ProxyBody, RequestGuard};
 use crate::headers;
 
@@ -39,21 +43,36 @@ const MAX_ATTEMPTS: usize = 4;
 pub struct Proxy {
     /// The routing snapshot, read once per request.
     table: Arc<ArcSwap<RoutingTable>>,
-    /// Peers whose forwarded headers are trusted.
-    trusted_proxies: Vec<IpNet>,
-    /// Time to open an upstream connection.
-    connect_timeout: Duration,
-    /// Time for an upstream to answer with a response head.
-    response_timeout: Duration,
+    /// Upgraded tunnels, so shutdown can wait for them.
+    tunnels: TaskTracker,
 }
 
 /// What the proxy knows about the client connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientConn {
     /// The peer's address.
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// The connection's activity (idle tracking).
+    pub activity: Arc<Activity>,
+}
+
+/// One request's routing decision, taken from one snapshot.
+struct Routed {
+    site: Arc<SiteRoute>,
+    target: Arc<TargetPool>,
+    trusted: bool,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// The upstream connection a response came on.
+enum Via {
+    /// A pooled HTTP/1.1 connection, returned when the body is read.
+    Http1(Sender),
+    /// The shared HTTP/2 connection of the endpoint.
+    Http2,
 }
 
 /// Why a request could not be forwarded.
@@ -68,106 +87,104 @@ enum ForwardError {
 }
 
 impl Proxy {
-    /// A data plane reading `table`, with limits and trust from `config`.
-    pub fn new(table: Arc<ArcSwap<RoutingTable>>, config: &Config) -> Self {
-        Self {
-            table,
-            trusted_proxies: config.trusted_proxies.clone(),
-            connect_timeout: config.limits.upstream_connect_timeout,
-            response_timeout: config.limits.upstream_response_timeout,
-        }
+    /// A data plane reading `table`.
+    pub fn new(table: Arc<ArcSwap<RoutingTable>>) -> Self {
+        Self { table, tunnels: TaskTracker::new() }
+    }
+
+    /// Open upgraded tunnels (for shutdown).
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
     }
 
     /// Handles one client request; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<Incoming>, conn: ClientConn) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ClientConn,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
         let uri = req.uri().clone();
         if let Some((status, message)) = reject_bad_request(&req) {
-            let mut guard = RequestGuard::new(None, method, uri);
+            let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
             guard.status = status.as_u16();
             // A request that could be read two ways leaves the connection in doubt: close it.
             let mut resp = local(status, message, guard);
             resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             return Ok(resp);
         }
-        let Some((site, target)) = self.route(&req) else {
-            let mut guard = RequestGuard::new(None, method, uri);
+        let Some(routed) = self.route(&req, conn.peer) else {
+            let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
             guard.status = 404;
             return Ok(local(StatusCode::NOT_FOUND, "no site is configured for this host\n", guard));
         };
-        let mut guard = RequestGuard::new(Some((site, target.clone())), method, uri);
-        let req = self.prepare(req, conn, &mut guard);
-        Ok(match self.send(&target, req, &mut guard).await {
-            Ok((resp, sender, endpoint)) => {
-                let (mut parts, body) = resp.into_parts();
-                headers::remove_hop_by_hop(&mut parts.headers);
-                guard.status = parts.status.as_u16();
-                Response::from_parts(parts, ProxyBody::upstream(body, sender, endpoint, guard))
+        let route = (routed.site.clone(), routed.target.clone());
+        let mut guard = RequestGuard::new(Some(route), Some(conn.activity.clone()), method, uri);
+        let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
+        let protocol = routed.target.protocol;
+        let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
+        let sent = match protocol {
+            Protocol::H2 if upgrade.is_none() => self.send_h2(&routed, req, &mut guard).await,
+            _ => self.send_h1(&routed, req, &mut guard, upgrade.is_some()).await,
+        };
+        let (mut resp, via, endpoint) = match sent {
+            Ok(x) => x,
+            Err(e) => return Ok(failure(e, &routed.target, guard)),
+        };
+        guard.status = resp.status().as_u16();
+        if let Some((_, client_side)) = upgrade {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                self.tunnels.spawn(crate::upgrade::tunnel(client_side, upstream_side, guard));
+                let (parts, _) = resp.into_parts();
+                return Ok(Response::from_parts(parts, ProxyBody::full(Bytes::new(), None)));
             }
-            Err(e) => {
-                let (status, msg) = match &e {
-                    ForwardError::NoEndpoint => (StatusCode::BAD_GATEWAY, "no upstream endpoint could be reached\n"),
-                    ForwardError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"),
-                    ForwardError::Broken(_) => (StatusCode::BAD_GATEWAY, "the upstream connection failed\n"),
-                };
-                if let ForwardError::Broken(err) = &e {
-                    tracing::warn!(target = %target.name, error = %err, "upstream exchange failed");
-                }
-                guard.status = status.as_u16();
-                local(status, msg, guard)
-            }
-        })
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let sender = match via {
+            Via::Http1(s) => Some(s),
+            Via::Http2 => None,
+        };
+        Ok(Response::from_parts(parts, ProxyBody::upstream(body, sender, endpoint, guard)))
     }
 
     /// Finds the site and target for `req` with one snapshot load.
-    fn route(&self, req: &Request<Incoming>) -> Option<(Arc<SiteRoute>, Arc<TargetPool>)> {
+    fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<Routed> {
         let host = request_host(req)?;
         let table = self.table.load();
         let site = table.site_for_host(host)?;
-        Some((site.clone(), site.live.clone()))
+        let s = &table.settings;
+        Some(Routed {
+            target: site.live.clone(),
+            site: site.clone(),
+            trusted: !s.trusted_proxies.is_empty() && s.trusted_proxies.iter().any(|n| n.contains(&peer.ip())),
+            connect_timeout: s.connect_timeout,
+            response_timeout: s.response_timeout,
+        })
     }
 
-    /// Rewrites the request head for the upstream.
-    fn prepare(&self, req: Request<Incoming>, conn: ClientConn, guard: &mut RequestGuard) -> Request<UpstreamBody> {
-        let (mut parts, body) = req.into_parts();
-        // An absolute-form target or an h2 :authority becomes the Host header.
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(HOST, v);
-            }
-        }
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-            parts.uri = Uri::from(pq);
-        }
-        parts.version = Version::HTTP_11;
-        headers::remove_hop_by_hop(&mut parts.headers);
-        let trusted = self.trusted_proxies.iter().any(|n| n.contains(&conn.peer.ip()));
-        let host = parts.headers.get(HOST).cloned();
-        headers::set_forwarded(&mut parts.headers, conn.peer.ip(), trusted, conn.scheme, host.as_ref());
-        guard.set_request_id(headers::ensure_request_id(&mut parts.headers));
-        Request::from_parts(parts, body)
-    }
-
-    /// Sends `req` to an endpoint of `target`, retrying connections that could not be made.
-    async fn send(
+    /// Sends `req` over HTTP/1.1, retrying connections that could not be made.
+    /// An upgrade always gets a fresh connection (it will leave the pool for good).
+    async fn send_h1(
         &self,
-        target: &TargetPool,
+        routed: &Routed,
         mut req: Request<UpstreamBody>,
         guard: &mut RequestGuard,
-    ) -> Result<(Response<Incoming>, Sender, Arc<Endpoint>), ForwardError> {
-        let mut failed = Vec::with_capacity(0);
+        fresh: bool,
+    ) -> Result<(Response<Incoming>, Via, Arc<Endpoint>), ForwardError> {
+        let target = &routed.target;
+        let mut failed = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let mut sender = match endpoint.pool.checkout() {
+            let pooled = if fresh { None } else { endpoint.pool.checkout() };
+            let mut sender = match pooled {
                 Some(s) => s,
-                None => match upstream::connect(&endpoint.address, self.connect_timeout).await {
+                None => match upstream::connect(&endpoint.address, routed.connect_timeout).await {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(target = %target.name, error = %e, "upstream connect failed");
-                        target.metrics.upstream_error(UpstreamErrorKind::Connect);
-                        endpoint.mark_failed();
+                        connect_failed(target, endpoint, &e);
                         failed.push(idx);
                         continue;
                     }
@@ -177,9 +194,8 @@ impl Proxy {
                 continue; // a pooled connection that closed meanwhile: nothing was sent
             }
             guard.set_endpoint(endpoint.clone());
-            let sent = tokio::time::timeout(self.response_timeout, sender.try_send_request(req)).await;
-            match sent {
-                Ok(Ok(resp)) => return Ok((resp, sender, endpoint.clone())),
+            match tokio::time::timeout(routed.response_timeout, sender.try_send_request(req)).await {
+                Ok(Ok(resp)) => return Ok((resp, Via::Http1(sender), endpoint.clone())),
                 Ok(Err(mut e)) => match e.take_message() {
                     // Not written at all: safe to try again on another connection.
                     Some(back) => req = back,
@@ -196,6 +212,140 @@ impl Proxy {
         }
         Err(ForwardError::NoEndpoint)
     }
+
+    /// Sends `req` over the endpoint's shared HTTP/2 connection (opened when needed).
+    async fn send_h2(
+        &self,
+        routed: &Routed,
+        mut req: Request<UpstreamBody>,
+        guard: &mut RequestGuard,
+    ) -> Result<(Response<Incoming>, Via, Arc<Endpoint>), ForwardError> {
+        let target = &routed.target;
+        let mut failed = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
+            let endpoint = &target.endpoints[idx];
+            let mut sender = match endpoint.pool.h2() {
+                Some(s) => s,
+                None => match upstream::connect_h2(&endpoint.address, routed.connect_timeout).await {
+                    Ok(s) => {
+                        endpoint.pool.set_h2(s.clone());
+                        s
+                    }
+                    Err(e) => {
+                        connect_failed(target, endpoint, &e);
+                        failed.push(idx);
+                        continue;
+                    }
+                },
+            };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            guard.set_endpoint(endpoint.clone());
+            match tokio::time::timeout(routed.response_timeout, sender.try_send_request(req)).await {
+                Ok(Ok(resp)) => return Ok((resp, Via::Http2, endpoint.clone())),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => {
+                        target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                        return Err(ForwardError::Broken(e.into_error()));
+                    }
+                },
+                Err(_) => {
+                    target.metrics.upstream_error(UpstreamErrorKind::Timeout);
+                    return Err(ForwardError::Timeout);
+                }
+            }
+        }
+        Err(ForwardError::NoEndpoint)
+    }
+}
+
+fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::ConnectError) {
+    tracing::warn!(target = %target.name, error = %e, "upstream connect failed");
+    let kind = if e.is_timeout() { UpstreamErrorKind::Timeout } else { UpstreamErrorKind::Connect };
+    target.metrics.upstream_error(kind);
+    endpoint.mark_failed();
+}
+
+fn failure(e: ForwardError, target: &TargetPool, mut guard: RequestGuard) -> Response<ProxyBody> {
+    let (status, msg) = match &e {
+        ForwardError::NoEndpoint => (StatusCode::BAD_GATEWAY, "no upstream endpoint could be reached\n"),
+        ForwardError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"),
+        ForwardError::Broken(_) => (StatusCode::BAD_GATEWAY, "the upstream connection failed\n"),
+    };
+    if let ForwardError::Broken(err) = &e {
+        tracing::warn!(target = %target.name, error = %err, "upstream exchange failed");
+    }
+    guard.status = status.as_u16();
+    local(status, msg, guard)
+}
+
+/// Rewrites the request head for the upstream.
+fn prepare(
+    req: Request<Incoming>,
+    conn: &ClientConn,
+    routed: &Routed,
+    guard: &mut RequestGuard,
+    upgrade: Option<&HeaderValue>,
+    protocol: Protocol,
+) -> Request<UpstreamBody> {
+    let (mut parts, body) = req.into_parts();
+    // An absolute-form target or an h2 :authority becomes the Host header.
+    if let Some(authority) = parts.uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    let wants_trailers = parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers::remove_hop_by_hop(&mut parts.headers);
+    headers::drop_underscore_names(&mut parts.headers);
+    let host = parts.headers.get(HOST).cloned();
+    headers::set_forwarded(&mut parts.headers, conn.peer.ip(), routed.trusted, conn.scheme, host.as_ref());
+    guard.set_request_id(headers::ensure_request_id(&mut parts.headers));
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        Protocol::H2 if upgrade.is_none() => {
+            // h2 carries the host in :authority; gRPC needs `te: trailers`.
+            let authority = host
+                .as_ref()
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| Authority::from_static("upstream"));
+            parts.uri =
+                Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(pq).build().unwrap_or_default();
+            parts.headers.remove(HOST);
+            parts.version = Version::HTTP_2;
+            if wants_trailers {
+                parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+            }
+        }
+        _ => {
+            parts.uri = Uri::from(pq);
+            parts.version = Version::HTTP_11;
+            if let Some(protocol) = upgrade {
+                parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(UPGRADE, protocol.clone());
+            }
+        }
+    }
+    Request::from_parts(parts, body)
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (never `h2c`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = req.headers().get(UPGRADE)?;
+    (asks && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| protocol.clone())
 }
 
 /// The host a request is for: the absolute-form/`:authority` host, else `Host`, without port.
@@ -210,7 +360,8 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     Some(&host[..len])
 }
 
-/// Requests refused before routing: framing that could be read two ways, CONNECT.
+/// Requests refused before routing: framing that could be read two ways,
+/// `CONNECT`, a missing, repeated or conflicting `Host`.
 fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     if req.method() == Method::CONNECT {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
@@ -221,11 +372,25 @@ fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)>
             return Some((StatusCode::BAD_REQUEST, "only a single Transfer-Encoding: chunked is accepted\n"));
         }
     }
-    if req.version() == Version::HTTP_11
-        && req.uri().authority().is_none()
-        && req.headers().get_all(HOST).iter().count() != 1
-    {
-        return Some((StatusCode::BAD_REQUEST, "exactly one Host header is required\n"));
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let (host, more) = (hosts.next(), hosts.next().is_some());
+    if more {
+        return Some((StatusCode::BAD_REQUEST, "more than one Host header\n"));
+    }
+    match (req.uri().authority(), host) {
+        (None, None) if req.version() == Version::HTTP_11 => {
+            return Some((StatusCode::BAD_REQUEST, "a Host header is required\n"));
+        }
+        (None, Some(h)) if h.to_str().ok().and_then(|h| h.parse::<Authority>().ok()).is_none() => {
+            return Some((StatusCode::BAD_REQUEST, "the Host header is not a valid host\n"));
+        }
+        // h2: :authority and host must agree (RFC 9113 §8.3.1).
+        (Some(a), Some(h))
+            if req.version() == Version::HTTP_2 && !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) =>
+        {
+            return Some((StatusCode::BAD_REQUEST, ":authority and Host disagree\n"));
+        }
+        _ => {}
     }
     None
 }

@@ -57,6 +57,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(UPGRADE);
 }
 
+/// Drops header fields whose names contain `_`: upstreams that treat `_` as
+/// `-` could otherwise be fed a value that bypasses a dash-named check.
+pub fn drop_underscore_names(headers: &mut HeaderMap) {
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+        for name in names {
+            tracing::debug!(header = %name.as_str().escape_debug(), "dropped a header name with an underscore");
+            headers.remove(name);
+        }
+    }
+}
+
 /// Sets `X-Forwarded-For/-Proto/-Host`. Incoming values are kept (and the
 /// peer appended to `X-Forwarded-For`) only when the peer is trusted.
 pub fn set_forwarded(

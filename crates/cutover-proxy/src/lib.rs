@@ -7,13 +7,17 @@
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
 //! - [`body`]: the response body type, which carries the in-flight guard
 //!   until the last byte is sent and returns the upstream connection to its pool.
+//! - `upgrade`: WebSocket and other upgrades as tunnels closed at the drain deadline.
+//! - [`activity`]: per-connection idle tracking.
 //!
 //! The data plane only reads the routing snapshot; it never changes state.
 
+pub mod activity;
 pub mod body;
 pub mod forward;
 pub mod headers;
 pub mod server;
+mod upgrade;
 
 pub use forward::Proxy;
 pub use server::{serve, ListenerConfig};

@@ -2,9 +2,12 @@
 //!
 //! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1,
 //! or h2c with prior knowledge) with a timer set, so `header_read_timeout`
-//! really cuts slow clients. Beyond `max_connections` new connections are
-//! closed at once. On shutdown the listener closes, every connection is asked
-//! to finish gracefully, and the caller's deadline bounds the wait.
+//! really cuts slow clients. A watchdog closes connections idle for
+//! `idle_timeout` (no open request, no bytes moving). Beyond
+//! `max_connections` new connections are closed at once. On shutdown the
+//! listener closes, every connection is asked to finish gracefully (h1 ends
+//! after its in-flight response, h2 gets GOAWAY), and the caller's deadline
+//! bounds the wait, upgraded tunnels included.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,16 +18,20 @@ use cutover_metrics::IntGauge;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::activity::{Activity, Tracked};
 use crate::forward::{ClientConn, Proxy};
 
 /// h2 streams one client connection may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// h2 reset streams a client may leave pending (rapid-reset guard).
 const H2_MAX_PENDING_RESETS: usize = 20;
+/// h2 resets cutover itself may send for a client's errors before GOAWAY.
+const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -38,7 +45,7 @@ pub struct ListenerConfig {
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains open connections
-/// for at most `drain_deadline`. Returns when all are closed or the deadline passed.
+/// and tunnels for at most `drain_deadline`. Returns when all are closed or the deadline passed.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -48,7 +55,8 @@ pub async fn serve(
 ) {
     let builder = Arc::new(builder(&config.limits));
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let stop = CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -68,31 +76,78 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let client = ClientConn { peer, scheme: config.scheme };
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req, client).await }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
-        let gauge = config.connections.clone();
-        gauge.inc();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-            gauge.dec();
-            drop(permit);
-        });
+        let conn = Connection {
+            builder: builder.clone(),
+            proxy: proxy.clone(),
+            client: ClientConn { peer, scheme: config.scheme, activity: Activity::new() },
+            idle_timeout: config.limits.idle_timeout,
+            stop: stop.clone(),
+            gauge: config.connections.clone(),
+            _permit: permit,
+        };
+        connections.spawn(conn.run(stream));
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain_deadline) => {
-            tracing::warn!(?drain_deadline, "shutdown deadline reached with connections still open");
+    stop.cancel();
+    connections.close();
+    proxy.tunnels().close();
+    let all_done = async {
+        connections.wait().await;
+        proxy.tunnels().wait().await;
+    };
+    if tokio::time::timeout(drain_deadline, all_done).await.is_err() {
+        tracing::warn!(?drain_deadline, "shutdown deadline reached with work still in flight");
+    }
+}
+
+/// One client connection and what it needs.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    proxy: Arc<Proxy>,
+    client: ClientConn,
+    idle_timeout: Duration,
+    stop: CancellationToken,
+    gauge: IntGauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn run(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        self.gauge.inc();
+        let peer = self.client.peer;
+        let activity = self.client.activity.clone();
+        let (proxy, client) = (self.proxy.clone(), self.client.clone());
+        let service = service_fn(move |req| {
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { proxy.handle(req, client).await }
+        });
+        let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let check_every = (self.idle_timeout / 4).max(Duration::from_millis(50));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    break;
+                }
+                _ = self.stop.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep(check_every), if !closing => {
+                    if activity.idle_for() >= self.idle_timeout {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
         }
+        self.gauge.dec();
     }
 }
 
@@ -108,7 +163,8 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .keep_alive_interval(Some(limits.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024);
     b
 }

@@ -6,29 +6,33 @@
 //! state is saved durably, the new routing snapshot is published with one
 //! `store`, and only then is the command acknowledged. A refusal is recorded
 //! in history and changes nothing else.
+//!
+//! After a switch the old target drains: it is `draining` while it has work in
+//! flight, until `drain_timeout`; at that deadline its drain token is
+//! cancelled, which closes the upgrades and streams still open on it.
+
+mod reconcile;
+mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use cutover_config::{Config, Health as HealthConfig, Require, Site, Target};
+use cutover_config::{Config, ConfigErrors, Require, Site};
 use cutover_metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoint::{Endpoint, Health};
+use self::reconcile::reconcile;
+use self::snapshot::{Registry, TargetKey};
+use crate::endpoint::Health;
 use crate::error::ControlError;
 use crate::history::{self, HistoryEntry};
-use crate::routing::{RoutingTable, SiteRoute, TargetPool};
-use crate::state::{SiteState, State, StateError, StateStore, TargetSpec, STATE_VERSION};
-use crate::upstream::Pool;
+use crate::routing::{RoutingTable, Settings, TargetPool};
+use crate::smoke;
+use crate::state::{State, StateError, StateStore, TargetSpec};
 use crate::view::{EndpointView, ModeView, SiteView, TargetView};
-use crate::{health, smoke};
-
-/// Idle upstream connections kept per endpoint.
-const POOL_MAX_IDLE: usize = 256;
-/// How long an idle upstream connection is kept (shorter than common upstream keep-alives).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who asked for an action (recorded in history).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,56 +71,94 @@ pub struct SwitchRequest {
     pub expect_version: Option<String>,
 }
 
+/// Why a reload did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid; nothing changed.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// No configuration file is known (the process was started without one).
+    #[error("this process was not started from a configuration file")]
+    NoFile,
+    /// The reconciled state could not be saved; nothing changed.
+    #[error("{0}")]
+    Persist(ControlError),
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadOutcome {
+    /// Sites now configured.
+    pub sites: Vec<String>,
+    /// Settings that changed in the file but only apply after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// A running drain of a target that was live.
+struct DrainTimer {
+    deadline: Instant,
+    task: tokio::task::AbortHandle,
+}
+
 /// The mutable state behind the command lock.
 struct Inner {
     state: State,
-    /// (site, target) → drain deadline of a target that was live.
-    drains: HashMap<(String, String), Instant>,
+    config: Arc<Config>,
+    sites: BTreeMap<String, Arc<Site>>,
+    drains: HashMap<TargetKey, DrainTimer>,
 }
-
-type EndpointKey = (String, String, String);
 
 /// The control plane of one running cutover.
 pub struct Controller {
-    config: Arc<Config>,
-    sites: BTreeMap<String, Arc<Site>>,
-    health: BTreeMap<String, Arc<HealthConfig>>,
+    me: Weak<Controller>,
     table: Arc<ArcSwap<RoutingTable>>,
     metrics: Metrics,
     store: Arc<dyn StateStore>,
+    config_path: Option<PathBuf>,
     inner: tokio::sync::Mutex<Inner>,
-    site_locks: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
-    endpoints: Mutex<HashMap<EndpointKey, (Arc<Endpoint>, CancellationToken)>>,
+    site_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    registry: Mutex<Registry>,
     shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller").field("sites", &self.sites.keys()).finish()
+        f.debug_struct("Controller").field("config_path", &self.config_path).finish()
     }
+}
+
+fn sites_of(config: &Config) -> BTreeMap<String, Arc<Site>> {
+    config.sites.iter().map(|s| (s.name.clone(), Arc::new(s.clone()))).collect()
 }
 
 impl Controller {
     /// Loads state from `store`, reconciles it with `config`, publishes the
-    /// first snapshot and starts the health checks. Must run inside a tokio runtime.
-    pub fn start(config: Config, store: Arc<dyn StateStore>, metrics: Metrics) -> Result<Arc<Self>, StateError> {
-        let loaded = store.load()?;
-        let state = reconcile(&config, loaded);
-        let sites: BTreeMap<_, _> = config.sites.iter().map(|s| (s.name.clone(), Arc::new(s.clone()))).collect();
-        let controller = Arc::new(Self {
-            health: sites.iter().map(|(n, s)| (n.clone(), Arc::new(s.health.clone()))).collect(),
-            site_locks: sites.keys().map(|n| (n.clone(), Arc::default())).collect(),
-            sites,
-            config: Arc::new(config),
+    /// first snapshot and starts the health checks. `config_path` is re-read
+    /// by [`Controller::reload_file`]. Must run inside a tokio runtime.
+    pub fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        store: Arc<dyn StateStore>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, StateError> {
+        let state = reconcile(&config, store.load()?);
+        let shutdown = CancellationToken::new();
+        let inner = Inner { state, sites: sites_of(&config), config: Arc::new(config), drains: HashMap::new() };
+        let controller = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             table: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
+            registry: Mutex::new(Registry::new(metrics.clone(), shutdown.clone())),
             metrics,
             store,
-            endpoints: Mutex::new(HashMap::new()),
-            shutdown: CancellationToken::new(),
-            inner: tokio::sync::Mutex::new(Inner { state: State::default(), drains: HashMap::new() }),
+            config_path,
+            site_locks: Mutex::new(HashMap::new()),
+            shutdown,
+            inner: tokio::sync::Mutex::new(inner),
         });
-        controller.publish(&state);
-        controller.inner.try_lock().expect("fresh controller is unlocked").state = state;
+        {
+            let inner = controller.inner.try_lock().expect("fresh controller is unlocked");
+            controller.publish(&inner);
+        }
         Ok(controller)
     }
 
@@ -126,8 +168,8 @@ impl Controller {
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    pub async fn config(&self) -> Arc<Config> {
+        self.inner.lock().await.config.clone()
     }
 
     /// The metrics of this process.
@@ -135,13 +177,19 @@ impl Controller {
         &self.metrics
     }
 
-    /// Stops every health check.
+    /// Stops every health check and drain timer.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+        if let Ok(inner) = self.inner.try_lock() {
+            for d in inner.drains.values() {
+                d.task.abort();
+            }
+        }
     }
 
-    fn site_lock(&self, site: &str) -> Result<Arc<tokio::sync::Mutex<()>>, ControlError> {
-        self.site_locks.get(site).cloned().ok_or_else(|| not_found("site", site))
+    fn site_lock(&self, site: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.site_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(site.to_string()).or_default().clone()
     }
 
     /// Every site, in configuration order.
@@ -166,18 +214,18 @@ impl Controller {
 
     /// Makes `req.to` the live target of `site`, after its gates pass.
     pub async fn switch(&self, site: &str, req: SwitchRequest, actor: Actor) -> Result<SiteView, ControlError> {
-        let lock = self.site_lock(site)?;
+        let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         self.switch_locked(site, req, "switch", actor).await
     }
 
     /// Switches `site` back to its previous target.
     pub async fn rollback(&self, site: &str, force: bool, actor: Actor) -> Result<SiteView, ControlError> {
-        let lock = self.site_lock(site)?;
+        let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         let previous = {
             let inner = self.inner.lock().await;
-            inner.state.sites.get(site).and_then(|s| s.previous.clone())
+            inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.previous.clone()
         };
         let Some(to) = previous else {
             let err = refused("nothing_to_roll_back", format!("site {site:?} has no previous target"), vec![]);
@@ -201,7 +249,7 @@ impl Controller {
         version: Option<String>,
         actor: Actor,
     ) -> Result<SiteView, ControlError> {
-        let lock = self.site_lock(site)?;
+        let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         cutover_config::validate_site_name(target).map_err(|m| invalid("target", format!("{target:?} {m}")))?;
         if endpoints.is_empty() {
@@ -228,13 +276,62 @@ impl Controller {
             endpoints.join(", "),
             version.map(|v| format!(", version {v}")).unwrap_or_default()
         );
-        history::push(
-            &mut s.history,
-            HistoryEntry::now("set_target", None, Some(target), actor.as_str(), "ok").reason(reason),
-        );
+        let entry = HistoryEntry::now("set_target", None, Some(target), actor.as_str(), "ok").reason(reason);
+        history::push(&mut s.history, entry);
         self.commit(&mut inner, next).await?;
-        // A replaced target that was draining keeps its count; its deadline no longer matters.
         self.view(&inner, site)
+    }
+
+    /// Re-reads the configuration file this process started from.
+    pub async fn reload_file(&self) -> Result<ReloadOutcome, ReloadError> {
+        let Some(path) = &self.config_path else {
+            return Err(ReloadError::NoFile);
+        };
+        let config = match cutover_config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::warn!(errors = %e, "reload refused: the configuration is invalid; nothing changed");
+                return Err(ReloadError::Invalid(e));
+            }
+        };
+        self.reload(config).await
+    }
+
+    /// Applies a new, valid configuration as one new snapshot: sites, targets,
+    /// health and smoke settings, trusted proxies and upstream timeouts.
+    /// Listeners are not re-bound; settings that need it are reported.
+    pub async fn reload(&self, config: Config) -> Result<ReloadOutcome, ReloadError> {
+        // Hold every site's lock so no command is half-way through across the change.
+        let names: Vec<String> = {
+            let inner = self.inner.lock().await;
+            inner.sites.keys().chain(config.sites.iter().map(|s| &s.name)).cloned().collect()
+        };
+        let mut names = names;
+        names.sort();
+        names.dedup();
+        let locks: Vec<_> = names.iter().map(|n| self.site_lock(n)).collect();
+        let mut guards = Vec::with_capacity(locks.len());
+        for l in &locks {
+            guards.push(l.lock().await);
+        }
+        let mut inner = self.inner.lock().await;
+        let restart_required = restart_required(&inner.config, &config);
+        let next = reconcile(&config, Some(inner.state.clone()));
+        let old = (inner.config.clone(), std::mem::take(&mut inner.sites));
+        inner.sites = sites_of(&config);
+        inner.config = Arc::new(config);
+        if let Err(e) = self.commit(&mut inner, next).await {
+            (inner.config, inner.sites) = old;
+            self.metrics.config_reloads.with_label_values(&["error"]).inc();
+            return Err(ReloadError::Persist(e));
+        }
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        if !restart_required.is_empty() {
+            tracing::warn!(settings = ?restart_required, "reloaded; these changed settings apply only after a restart");
+        }
+        tracing::info!(sites = inner.sites.len(), "configuration reloaded");
+        Ok(ReloadOutcome { sites: inner.sites.keys().cloned().collect(), restart_required })
     }
 
     async fn switch_locked(
@@ -244,10 +341,11 @@ impl Controller {
         kind: &str,
         actor: Actor,
     ) -> Result<SiteView, ControlError> {
-        let config = self.sites.get(site).ok_or_else(|| not_found("site", site))?.clone();
-        let from = {
+        let (config, from) = {
             let inner = self.inner.lock().await;
-            inner.state.sites.get(site).map(|s| s.live.clone()).ok_or_else(|| not_found("site", site))?
+            let config = inner.sites.get(site).ok_or_else(|| not_found("site", site))?.clone();
+            let from = inner.state.sites.get(site).map(|s| s.live.clone()).ok_or_else(|| not_found("site", site))?;
+            (config, from)
         };
         let route = self.table.load().site(site).cloned().ok_or_else(|| not_found("site", site))?;
         let Some(target) = route.target(&req.to).cloned() else {
@@ -263,7 +361,7 @@ impl Controller {
         }
         let mut inner = self.inner.lock().await;
         let mut next = inner.state.clone();
-        let s = next.sites.get_mut(site).expect("site exists in state");
+        let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
         s.previous = Some(from.clone());
         s.live = req.to.clone();
         let mut entry = HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok");
@@ -272,12 +370,50 @@ impl Controller {
         }
         history::push(&mut s.history, entry);
         self.commit(&mut inner, next).await?;
+        // Switching back to a draining target cancels its drain.
+        if let Some(d) = inner.drains.remove(&(site.to_string(), req.to.clone())) {
+            d.task.abort();
+        }
         let drain = req.drain_timeout.unwrap_or(config.switch.drain_timeout);
-        inner.drains.remove(&(site.to_string(), req.to.clone()));
-        inner.drains.insert((site.to_string(), from.clone()), Instant::now() + drain);
+        self.start_drain(&mut inner, (site.to_string(), from.clone()), drain);
         self.metrics.switches.with_label_values(&[site, "ok"]).inc();
         tracing::info!(site, from = %from, to = %req.to, kind, actor = actor.as_str(), "switched");
         self.view(&inner, site)
+    }
+
+    /// Starts the drain of `key`: at the deadline, whatever still runs on it is closed.
+    fn start_drain(&self, inner: &mut Inner, key: TargetKey, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let me = self.me.clone();
+        let task_key = key.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            if let Some(c) = me.upgrade() {
+                c.drain_deadline(task_key, deadline).await;
+            }
+        });
+        if let Some(old) = inner.drains.insert(key, DrainTimer { deadline, task: task.abort_handle() }) {
+            old.task.abort();
+        }
+    }
+
+    /// The drain deadline of `key` passed: close what is left on it.
+    async fn drain_deadline(&self, key: TargetKey, deadline: Instant) {
+        let mut inner = self.inner.lock().await;
+        if inner.drains.get(&key).is_none_or(|d| d.deadline != deadline) {
+            return; // cancelled or superseded
+        }
+        inner.drains.remove(&key);
+        let live = inner.state.sites.get(&key.0).map(|s| s.live.as_str());
+        if live == Some(key.1.as_str()) {
+            return;
+        }
+        let left = self.table.load().site(&key.0).and_then(|s| s.target(&key.1)).map_or(0, |t| t.inflight());
+        if left > 0 {
+            tracing::info!(site = %key.0, target = %key.1, inflight = left, "drain deadline: closing what is left");
+        }
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).rotate_drain(&key);
+        self.publish(&inner);
     }
 
     /// Checks health, version and smoke gates of `target`; `Err` lists every failure.
@@ -334,7 +470,7 @@ impl Controller {
                     &e.address,
                     host,
                     check,
-                    self.config.limits.upstream_response_timeout.min(Duration::from_secs(10)),
+                    self.table.load().settings.response_timeout.min(Duration::from_secs(10)),
                 )
                 .await
                 {
@@ -384,71 +520,16 @@ impl Controller {
             .await
             .map_err(|e| ControlError::Persist(e.to_string()))?
             .map_err(|e| ControlError::Persist(e.to_string()))?;
-        self.publish(&next);
         inner.state = next;
+        self.publish(inner);
         Ok(())
     }
 
-    /// Builds the routing snapshot of `state` and publishes it with one store.
-    fn publish(&self, state: &State) {
-        let mut registry = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let mut used = Vec::new();
-        let mut routes = Vec::new();
-        for (name, site) in &self.sites {
-            let Some(s) = state.sites.get(name) else { continue };
-            let mut pools = Vec::new();
-            for (tname, target) in effective_targets(site, s) {
-                let endpoints = target
-                    .endpoints
-                    .iter()
-                    .map(|addr| {
-                        let key = (name.clone(), tname.clone(), addr.clone());
-                        used.push(key.clone());
-                        self.endpoint(&mut registry, key)
-                    })
-                    .collect();
-                self.metrics.live_target.with_label_values(&[name, &tname]).set(i64::from(tname == s.live));
-                pools.push(Arc::new(TargetPool {
-                    metrics: self.metrics.target(name, &tname),
-                    name: tname,
-                    version: target.version.clone(),
-                    endpoints,
-                    read_only: target.read_only,
-                    protocol: target.protocol,
-                }));
-            }
-            let Some(live) = pools.iter().find(|p| p.name == s.live).cloned() else {
-                tracing::error!(site = %name, live = %s.live, "live target missing; site not routed");
-                continue;
-            };
-            routes.push(Arc::new(SiteRoute { config: site.clone(), live, targets: pools }));
-        }
-        registry.retain(|key, (_, stop)| {
-            let keep = used.contains(key);
-            if !keep {
-                stop.cancel();
-                let _ = self.metrics.endpoint_healthy.remove_label_values(&[&key.0, &key.1, &key.2]);
-            }
-            keep
-        });
-        self.table.store(Arc::new(RoutingTable::new(routes)));
-    }
-
-    fn endpoint(
-        &self,
-        registry: &mut HashMap<EndpointKey, (Arc<Endpoint>, CancellationToken)>,
-        key: EndpointKey,
-    ) -> Arc<Endpoint> {
-        if let Some((e, _)) = registry.get(&key) {
-            return e.clone();
-        }
-        let gauge = self.metrics.endpoint_healthy.with_label_values(&[&key.0, &key.1, &key.2]);
-        let endpoint = Arc::new(Endpoint::new(key.2.clone(), gauge, Pool::new(POOL_MAX_IDLE, POOL_IDLE_TIMEOUT)));
-        let stop = self.shutdown.child_token();
-        let cfg = self.health.get(&key.0).cloned().unwrap_or_default();
-        tokio::spawn(health::run(endpoint.clone(), cfg, stop.clone()));
-        registry.insert(key, (endpoint.clone(), stop));
-        endpoint
+    /// Builds the routing snapshot of `inner` and publishes it with one store.
+    fn publish(&self, inner: &Inner) {
+        let settings = Settings::from_config(&inner.config);
+        let table = self.registry.lock().unwrap_or_else(|e| e.into_inner()).build(&inner.sites, &inner.state, settings);
+        self.table.store(Arc::new(table));
     }
 
     fn view(&self, inner: &Inner, site: &str) -> Result<SiteView, ControlError> {
@@ -461,8 +542,8 @@ impl Controller {
             .iter()
             .map(|t| {
                 let inflight = t.inflight();
-                let draining =
-                    inner.drains.get(&(site.to_string(), t.name.clone())).is_some_and(|d| *d > now) && inflight > 0;
+                let draining = inner.drains.get(&(site.to_string(), t.name.clone())).is_some_and(|d| d.deadline > now)
+                    && inflight > 0;
                 let state = if t.name == s.live {
                     "live"
                 } else if draining {
@@ -499,51 +580,25 @@ impl Controller {
     }
 }
 
-/// The targets of a site: those of the configuration, with API-set ones laid over.
-fn effective_targets(site: &Site, state: &SiteState) -> BTreeMap<String, Target> {
-    let mut targets = site.targets.clone();
-    for (name, spec) in &state.targets {
-        let t = targets.entry(name.clone()).or_default();
-        t.endpoints = spec.endpoints.clone();
-        t.version = spec.version.clone();
-    }
-    targets
-}
-
-/// Merges loaded state with the configuration: stale entries are dropped with a warning.
-fn reconcile(config: &Config, loaded: Option<State>) -> State {
-    let mut loaded = loaded.unwrap_or_default();
-    let mut state = State { version: STATE_VERSION, sites: BTreeMap::new() };
-    for name in loaded.sites.keys() {
-        if !config.sites.iter().any(|s| &s.name == name) {
-            tracing::warn!(site = %name, "state has a site the configuration no longer has; dropped");
+/// Settings that differ between `old` and `new` but need a restart to apply.
+fn restart_required(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |name: &str, changed: bool| {
+        if changed {
+            out.push(name.to_string());
         }
-    }
-    for site in &config.sites {
-        let mut s = loaded
-            .sites
-            .remove(&site.name)
-            .unwrap_or_else(|| SiteState { live: site.live.clone(), ..Default::default() });
-        let known = |t: &str, s: &SiteState| site.targets.contains_key(t) || s.targets.contains_key(t);
-        if !known(&s.live, &s) {
-            tracing::warn!(site = %site.name, target = %s.live, "state's live target no longer exists; using the configured live target");
-            s.live = site.live.clone();
-        }
-        if let Some(p) = s.previous.clone() {
-            if !known(&p, &s) || p == s.live {
-                tracing::warn!(site = %site.name, target = %p, "state's previous target no longer exists; dropped");
-                s.previous = None;
-            }
-        }
-        if let Some(w) = &s.weights {
-            if w.keys().any(|t| !known(t, &s)) {
-                tracing::warn!(site = %site.name, "state's weights name a target that no longer exists; dropped");
-                s.weights = None;
-            }
-        }
-        state.sites.insert(site.name.clone(), s);
-    }
-    state
+    };
+    check("listen", old.listen != new.listen);
+    check("tls", old.tls != new.tls);
+    check("admin", old.admin != new.admin);
+    check("state.path", old.state_path != new.state_path);
+    check("shutdown_timeout", old.shutdown_timeout != new.shutdown_timeout);
+    let (a, b) = (&old.limits, &new.limits);
+    check("limits.header_read_timeout", a.header_read_timeout != b.header_read_timeout);
+    check("limits.idle_timeout", a.idle_timeout != b.idle_timeout);
+    check("limits.max_header_bytes", a.max_header_bytes != b.max_header_bytes);
+    check("limits.max_connections", a.max_connections != b.max_connections);
+    out
 }
 
 fn not_found(kind: &'static str, name: &str) -> ControlError {
@@ -556,70 +611,4 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError
 
 fn refused(code: &'static str, message: impl Into<String>, reasons: Vec<String>) -> ControlError {
     ControlError::Refused { code, message: message.into(), reasons }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> Config {
-        let yaml = r#"
-listen: { http: 127.0.0.1:0 }
-sites:
-  - name: shop
-    hosts: [shop.test]
-    live: blue
-    targets:
-      blue: { endpoints: [127.0.0.1:1] }
-      green: { endpoints: [127.0.0.1:2] }
-"#;
-        cutover_config::parse(yaml, std::path::Path::new(".")).unwrap()
-    }
-
-    fn site_state(live: &str, previous: Option<&str>) -> SiteState {
-        SiteState { live: live.into(), previous: previous.map(Into::into), ..Default::default() }
-    }
-
-    #[test]
-    fn without_state_the_configured_live_target_is_used() {
-        let state = reconcile(&config(), None);
-        assert_eq!(state.sites["shop"].live, "blue");
-        assert_eq!(state.version, STATE_VERSION);
-    }
-
-    #[test]
-    fn state_wins_over_the_configuration() {
-        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
-        loaded.sites.insert("shop".into(), site_state("green", Some("blue")));
-        let state = reconcile(&config(), Some(loaded));
-        assert_eq!(state.sites["shop"].live, "green");
-        assert_eq!(state.sites["shop"].previous.as_deref(), Some("blue"));
-    }
-
-    #[test]
-    fn stale_sites_and_targets_are_dropped() {
-        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
-        loaded.sites.insert("gone".into(), site_state("blue", None));
-        let mut shop = site_state("purple", Some("orange"));
-        shop.weights = Some([("blue".to_string(), 50), ("mauve".to_string(), 50)].into());
-        loaded.sites.insert("shop".into(), shop);
-        let state = reconcile(&config(), Some(loaded));
-        assert!(!state.sites.contains_key("gone"));
-        let shop = &state.sites["shop"];
-        assert_eq!(shop.live, "blue");
-        assert_eq!(shop.previous, None);
-        assert_eq!(shop.weights, None);
-    }
-
-    #[test]
-    fn targets_set_through_the_api_are_kept() {
-        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
-        let mut shop = site_state("clone", Some("blue"));
-        shop.targets.insert("clone".into(), TargetSpec { endpoints: vec!["127.0.0.1:3".into()], version: None });
-        loaded.sites.insert("shop".into(), shop);
-        let state = reconcile(&config(), Some(loaded));
-        assert_eq!(state.sites["shop"].live, "clone");
-        let targets = effective_targets(&config().sites[0], &state.sites["shop"]);
-        assert_eq!(targets.keys().collect::<Vec<_>>(), ["blue", "clone", "green"]);
-    }
 }

@@ -1,0 +1,142 @@
+//! Building routing snapshots from configuration and state.
+//!
+//! The [`Registry`] keeps what must outlive any one snapshot: one
+//! [`Endpoint`] per (site, target, address) with its health probe, and the
+//! current drain token of each target. A snapshot is rebuilt on every
+//! change, reusing those objects, so counts and health survive it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_config::{Health as HealthConfig, Site};
+use cutover_metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::effective_targets;
+use crate::endpoint::Endpoint;
+use crate::health;
+use crate::routing::{RoutingTable, Settings, SiteRoute, TargetPool};
+use crate::state::State;
+use crate::upstream::Pool;
+
+/// Idle upstream connections kept per endpoint.
+const POOL_MAX_IDLE: usize = 256;
+/// How long an idle upstream connection is kept (shorter than common upstream keep-alives).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// (site, target, address)
+type EndpointKey = (String, String, String);
+/// (site, target)
+pub(crate) type TargetKey = (String, String);
+
+struct EndpointEntry {
+    endpoint: Arc<Endpoint>,
+    probe: CancellationToken,
+    health: Arc<HealthConfig>,
+}
+
+/// Objects that outlive snapshots.
+pub(crate) struct Registry {
+    endpoints: HashMap<EndpointKey, EndpointEntry>,
+    drains: HashMap<TargetKey, CancellationToken>,
+    metrics: Metrics,
+    /// Parent of every probe's stop token.
+    shutdown: CancellationToken,
+}
+
+impl Registry {
+    pub(crate) fn new(metrics: Metrics, shutdown: CancellationToken) -> Self {
+        Self { endpoints: HashMap::new(), drains: HashMap::new(), metrics, shutdown }
+    }
+
+    /// Cancels the drain token of `key` (closing what started under it) and starts a fresh one.
+    pub(crate) fn rotate_drain(&mut self, key: &TargetKey) {
+        if let Some(old) = self.drains.insert(key.clone(), CancellationToken::new()) {
+            old.cancel();
+        }
+    }
+
+    /// Builds the snapshot of `state` over `sites`. Endpoints no longer used stop being probed.
+    pub(crate) fn build(
+        &mut self,
+        sites: &BTreeMap<String, Arc<Site>>,
+        state: &State,
+        settings: Settings,
+    ) -> RoutingTable {
+        let mut used_endpoints = HashSet::new();
+        let mut used_targets = HashSet::new();
+        let mut routes = Vec::new();
+        for (name, site) in sites {
+            let Some(s) = state.sites.get(name) else { continue };
+            let health = Arc::new(site.health.clone());
+            let mut pools = Vec::new();
+            for (tname, target) in effective_targets(site, s) {
+                let endpoints = target
+                    .endpoints
+                    .iter()
+                    .map(|addr| {
+                        let key = (name.clone(), tname.clone(), addr.clone());
+                        used_endpoints.insert(key.clone());
+                        self.endpoint(key, &health)
+                    })
+                    .collect();
+                let tkey = (name.clone(), tname.clone());
+                let drain = self.drains.entry(tkey.clone()).or_default().clone();
+                used_targets.insert(tkey);
+                self.metrics.live_target.with_label_values(&[name, &tname]).set(i64::from(tname == s.live));
+                pools.push(Arc::new(TargetPool {
+                    metrics: self.metrics.target(name, &tname),
+                    name: tname,
+                    version: target.version.clone(),
+                    endpoints,
+                    read_only: target.read_only,
+                    protocol: target.protocol,
+                    drain,
+                }));
+            }
+            let Some(live) = pools.iter().find(|p| p.name == s.live).cloned() else {
+                tracing::error!(site = %name, live = %s.live, "live target missing; site not routed");
+                continue;
+            };
+            routes.push(Arc::new(SiteRoute { config: site.clone(), live, targets: pools }));
+        }
+        let metrics = &self.metrics;
+        self.endpoints.retain(|key, entry| {
+            let keep = used_endpoints.contains(key);
+            if !keep {
+                entry.probe.cancel();
+                let _ = metrics.endpoint_healthy.remove_label_values(&[&key.0, &key.1, &key.2]);
+            }
+            keep
+        });
+        self.drains.retain(|key, _| {
+            let keep = used_targets.contains(key);
+            if !keep {
+                metrics.forget_target(&key.0, &key.1);
+            }
+            keep
+        });
+        RoutingTable::new(routes, settings)
+    }
+
+    /// The endpoint for `key`, created (and probed) when new; its probe is
+    /// restarted when the site's health settings changed.
+    fn endpoint(&mut self, key: EndpointKey, health: &Arc<HealthConfig>) -> Arc<Endpoint> {
+        if let Some(entry) = self.endpoints.get_mut(&key) {
+            if *entry.health != **health {
+                entry.probe.cancel();
+                entry.probe = self.shutdown.child_token();
+                entry.health = health.clone();
+                tokio::spawn(health::run(entry.endpoint.clone(), health.clone(), entry.probe.clone()));
+            }
+            return entry.endpoint.clone();
+        }
+        let gauge = self.metrics.endpoint_healthy.with_label_values(&[&key.0, &key.1, &key.2]);
+        let endpoint = Arc::new(Endpoint::new(key.2.clone(), gauge, Pool::new(POOL_MAX_IDLE, POOL_IDLE_TIMEOUT)));
+        let probe = self.shutdown.child_token();
+        tokio::spawn(health::run(endpoint.clone(), health.clone(), probe.clone()));
+        self.endpoints.insert(key, EndpointEntry { endpoint: endpoint.clone(), probe, health: health.clone() });
+        endpoint
+    }
+}
