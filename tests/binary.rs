@@ -252,3 +252,58 @@ fn version_and_help() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
 }
+
+fn signal(child: &Child, sig: &str) {
+    Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+}
+
+/// SIGTERM with a slow request in flight: the listener closes at once (new
+/// connections are refused), the request completes, the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_then_exits_0() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let slow = tokio::spawn(async move { support::get(http, "shop", "/slow?ms=1500").await });
+    while blue.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "new connections still accepted after SIGTERM");
+    let a = slow.await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "blue slow done"));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// SIGHUP re-reads the configuration file, like `POST /v1/reload`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let file = dir.path().join("cutover.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // "*" is replaced by a named host: an unknown host then gets 404.
+    std::fs::write(&file, text.replace(r#"hosts: ["*"]"#, "hosts: [shop.test]")).unwrap();
+    assert_eq!(support::get(http, "other.test", "/").await.status, 200);
+    signal(&child, "-HUP");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = support::get(http, "other.test", "/").await.status;
+        if status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 404, "SIGHUP did not reload");
+    assert_eq!(support::get(http, "shop.test", "/").await.body, "blue");
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the process");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

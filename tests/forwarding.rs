@@ -28,7 +28,7 @@ async fn hop_by_hop_removed_and_forwarded_headers_set() {
         .header("x-drop-me", "1")
         .header("keep-alive", "timeout=5")
         .header("proxy-connection", "keep-alive")
-        .header("te", "trailers")
+        .header("te", "gzip")
         .header("upgrade", "h2c")
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-proto", "https")

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 /// What an origin saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub version: http::Version,
     pub method: Method,
     pub path: String,
     pub headers: HeaderMap,
@@ -133,10 +134,11 @@ async fn origin_answer(
     let q = query(&req);
     let probe = path == "/up";
     let method = req.method().clone();
+    let version = req.version();
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     if !probe {
-        seen.lock().unwrap().push(Seen { method, path: path.clone(), headers, body_len: body.len() });
+        seen.lock().unwrap().push(Seen { version, method, path: path.clone(), headers, body_len: body.len() });
     }
     let full = |b: Bytes| Full::new(b).boxed();
     let resp = if probe {
@@ -152,6 +154,15 @@ async fn origin_answer(
         let name = name.clone();
         let stream = futures_stream(chunks, ms, name);
         Response::new(StreamBody::new(stream).boxed())
+    } else if path == "/trailers" {
+        // A gRPC-style answer: data, then trailers.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-origin-trailer", name.parse().unwrap());
+        let frames = vec![Ok(Frame::data(Bytes::from(format!("{name} with trailers")))), Ok(Frame::trailers(trailers))];
+        let mut r = Response::new(StreamBody::new(tokio_stream::iter(frames)).boxed());
+        r.headers_mut().insert("trailer", "grpc-status, x-origin-trailer".parse().unwrap());
+        r
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(Bytes::from(format!("{name} status"))));
         *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();

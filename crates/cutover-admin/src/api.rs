@@ -56,6 +56,29 @@ struct RollbackBody {
     force: bool,
 }
 
+/// Which admin request body [`decode_body`] decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `POST /v1/sites/{site}/switch`
+    Switch,
+    /// `POST /v1/sites/{site}/rollback` (an empty or all-whitespace body is allowed)
+    Rollback,
+    /// `PUT /v1/sites/{site}/targets/{target}`
+    SetTarget,
+}
+
+/// Decodes `body` as the admin API does for `path_kind` (for fuzzing and
+/// tests); `Err` holds the message a 400 answer would carry.
+pub fn decode_body(path_kind: BodyKind, body: &[u8]) -> Result<(), String> {
+    let decoded = match path_kind {
+        BodyKind::Switch => parse::<SwitchBody>(body).map(drop),
+        BodyKind::SetTarget => parse::<SetTargetBody>(body).map(drop),
+        BodyKind::Rollback if body.iter().all(u8::is_ascii_whitespace) => Ok(()),
+        BodyKind::Rollback => parse::<RollbackBody>(body).map(drop),
+    };
+    decoded.map_err(|e| e.body["error"]["message"].as_str().unwrap_or_default().to_string())
+}
+
 type Answer = Response<Full<Bytes>>;
 
 /// An error answer: its status and JSON body.

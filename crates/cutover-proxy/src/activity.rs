@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -18,12 +18,19 @@ pub struct Activity {
     last_ms: AtomicU64,
     /// Requests whose response is not finished.
     open_requests: AtomicUsize,
+    /// Whether any request was read yet.
+    started: AtomicBool,
 }
 
 impl Activity {
     /// A connection opened now.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { opened: Instant::now(), last_ms: AtomicU64::new(0), open_requests: AtomicUsize::new(0) })
+        Arc::new(Self {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            open_requests: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+        })
     }
 
     fn touch(&self) {
@@ -33,6 +40,19 @@ impl Activity {
     /// A request was read from this connection.
     pub fn request_started(&self) {
         self.open_requests.fetch_add(1, Ordering::Relaxed);
+        if !self.started.load(Ordering::Relaxed) {
+            self.started.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the connection has been open without sending a whole request
+    /// head (zero once one arrived): bounded by `header_read_timeout`.
+    pub fn waiting_for_first_request(&self) -> Duration {
+        if self.started.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.opened.elapsed()
+        }
     }
 
     /// A request's response finished (or it left the connection).

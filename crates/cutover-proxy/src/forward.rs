@@ -141,7 +141,7 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::remove_hop_by_hop_response(&mut parts.headers);
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
@@ -316,9 +316,6 @@ fn prepare(
                 Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(pq).build().unwrap_or_default();
             parts.headers.remove(HOST);
             parts.version = Version::HTTP_2;
-            if wants_trailers {
-                parts.headers.insert(TE, HeaderValue::from_static("trailers"));
-            }
         }
         _ => {
             parts.uri = Uri::from(pq);
@@ -328,6 +325,10 @@ fn prepare(
                 parts.headers.insert(UPGRADE, protocol.clone());
             }
         }
+    }
+    // cutover relays trailers, so it may ask for them on the client's behalf (gRPC needs it).
+    if wants_trailers {
+        parts.headers.insert(TE, HeaderValue::from_static("trailers"));
     }
     Request::from_parts(parts, body)
 }
@@ -362,7 +363,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 
 /// Requests refused before routing: framing that could be read two ways,
 /// `CONNECT`, a missing, repeated or conflicting `Host`.
-fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     if req.method() == Method::CONNECT {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
     }
@@ -381,8 +382,11 @@ fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)>
         (None, None) if req.version() == Version::HTTP_11 => {
             return Some((StatusCode::BAD_REQUEST, "a Host header is required\n"));
         }
-        (None, Some(h)) if h.to_str().ok().and_then(|h| h.parse::<Authority>().ok()).is_none() => {
+        (_, Some(h)) if !valid_host(h.as_bytes()) => {
             return Some((StatusCode::BAD_REQUEST, "the Host header is not a valid host\n"));
+        }
+        (Some(a), _) if !valid_host(a.as_str().as_bytes()) => {
+            return Some((StatusCode::BAD_REQUEST, "the request target's authority is not a valid host\n"));
         }
         // h2: :authority and host must agree (RFC 9113 §8.3.1).
         (Some(a), Some(h))
@@ -393,6 +397,20 @@ fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)>
         _ => {}
     }
     None
+}
+
+/// `uri-host [ ":" port ]` (RFC 9112 §3.2): `Authority` alone also accepts
+/// userinfo (`shop.test@evil.test`, which would be routed by the wrong part)
+/// and a non-numeric port.
+fn valid_host(h: &[u8]) -> bool {
+    let Some(a) = std::str::from_utf8(h).ok().and_then(|h| h.parse::<Authority>().ok()) else {
+        return false;
+    };
+    if a.as_str().contains('@') {
+        return false;
+    }
+    let port = &a.as_str()[a.host().len()..];
+    port.is_empty() || (port.starts_with(':') && port[1..].bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A response made by cutover itself.

@@ -57,6 +57,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(UPGRADE);
 }
 
+/// The same for a response, but `Trailer` is kept: hyper sends HTTP/1.1
+/// trailers only when the response declares them there.
+pub fn remove_hop_by_hop_response(headers: &mut HeaderMap) {
+    let declared: Vec<HeaderValue> = headers.get_all(TRAILER).iter().cloned().collect();
+    remove_hop_by_hop(headers);
+    for v in declared {
+        headers.append(TRAILER, v);
+    }
+}
+
 /// Drops header fields whose names contain `_`: upstreams that treat `_` as
 /// `-` could otherwise be fed a value that bypasses a dash-named check.
 pub fn drop_underscore_names(headers: &mut HeaderMap) {

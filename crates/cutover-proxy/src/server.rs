@@ -3,7 +3,8 @@
 //! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1,
 //! or h2c with prior knowledge) with a timer set, so `header_read_timeout`
 //! really cuts slow clients. A watchdog closes connections idle for
-//! `idle_timeout` (no open request, no bytes moving). Beyond
+//! `idle_timeout` (no open request, no bytes moving), and connections that
+//! sent no whole request within `header_read_timeout` of opening. Beyond
 //! `max_connections` new connections are closed at once. On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
 //! after its in-flight response, h2 gets GOAWAY), and the caller's deadline
@@ -81,6 +82,7 @@ pub async fn serve(
             proxy: proxy.clone(),
             client: ClientConn { peer, scheme: config.scheme, activity: Activity::new() },
             idle_timeout: config.limits.idle_timeout,
+            header_read_timeout: config.limits.header_read_timeout,
             stop: stop.clone(),
             gauge: config.connections.clone(),
             _permit: permit,
@@ -106,6 +108,7 @@ struct Connection {
     proxy: Arc<Proxy>,
     client: ClientConn,
     idle_timeout: Duration,
+    header_read_timeout: Duration,
     stop: CancellationToken,
     gauge: IntGauge,
     _permit: OwnedSemaphorePermit,
@@ -125,7 +128,7 @@ impl Connection {
         let io = TokioIo::new(Tracked::new(stream, activity.clone()));
         let conn = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
-        let check_every = (self.idle_timeout / 4).max(Duration::from_millis(50));
+        let check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
         let mut closing = false;
         loop {
             tokio::select! {
@@ -140,7 +143,11 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = tokio::time::sleep(check_every), if !closing => {
-                    if activity.idle_for() >= self.idle_timeout {
+                    // Idle too long, or no request head at all in time (a silent
+                    // client, a stalled h2 preface: hyper's own timer is not armed yet).
+                    if activity.idle_for() >= self.idle_timeout
+                        || activity.waiting_for_first_request() >= self.header_read_timeout
+                    {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Memory (RSS) of cutover with N idle kept-alive client connections, and
+# whether live traffic stays error-free meanwhile. Loopback only.
+#   bash benches/idle-rss.sh            # N=10000
+#   N=2000 bash benches/idle-rss.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-10000}
+ulimit -n "$(ulimit -Hn)"  # the proxy and the client each need N + a few descriptors
+cargo build --release --quiet
+tmp=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+# Origin: a tiny keep-alive HTTP/1.1 server.
+python3 - 18701 <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"ok\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+pids+=($!)
+cat > "$tmp/cutover.yaml" <<YAML
+listen: { http: 127.0.0.1:18700 }
+admin: { listen: 127.0.0.1:18702 }
+state: { path: state.json }
+limits: { header_read_timeout: 300s, idle_timeout: 300s, max_connections: $((N + 100)) }
+sites:
+  - name: bench
+    hosts: ["*"]
+    live: blue
+    targets:
+      blue: { endpoints: [127.0.0.1:18701] }
+YAML
+RUST_LOG=warn target/release/cutover serve --config "$tmp/cutover.yaml" &
+pids+=($!)
+sleep 1
+python3 benches/idle_clients.py 18700 "${pids[1]}" "$N"

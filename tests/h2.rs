@@ -1,0 +1,107 @@
+//! HTTP/2: h2c with prior knowledge from clients, `protocol: h2` to
+//! upstreams, trailers passed through.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{site, Origin, Proxy};
+
+type H2 = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+async fn h2c(addr: std::net::SocketAddr) -> H2 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(authority: &str, path: &str) -> Request<Empty<Bytes>> {
+    Request::get(format!("http://{authority}{path}")).body(Empty::new()).unwrap()
+}
+
+/// Many concurrent streams on one h2c connection across a switch all succeed,
+/// and both colours answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_streams_across_a_switch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let sender = h2c(p.addr).await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let mut s = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i)).await;
+            let path = if i % 10 == 0 { "/slow?ms=200" } else { "/" };
+            let resp = s.send_request(get("shop.test", path)).await.expect("h2 stream failed");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("h2 body failed").to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.switch("shop", "green").await;
+    let mut colours = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        colours.insert(body.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(colours.len(), 2, "{colours:?}");
+    // The h2 client's requests reached the origins over HTTP/1.1, with the :authority as Host.
+    let seen = green.seen();
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    assert_eq!(seen[0].headers["host"], "shop.test");
+}
+
+/// A `protocol: h2` target is spoken to over HTTP/2, and response trailers
+/// (gRPC status) reach an h2 client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_with_trailers() {
+    let grpc = Origin::start("grpc").await;
+    let sites = format!(
+        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{}\"], protocol: h2 }}\n",
+        grpc.addr
+    );
+    let p = Proxy::start(&sites).await;
+    let mut sender = h2c(p.addr).await;
+    for _ in 0..5 {
+        let mut req = get("api.test", "/trailers");
+        req.headers_mut().insert("te", "trailers".parse().unwrap());
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers were dropped");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "grpc with trailers");
+    }
+    let seen = grpc.seen();
+    assert_eq!(seen.len(), 5);
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
+    assert_eq!(seen[0].headers.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    // One multiplexed upstream connection (plus health probes, which are TCP checks here).
+    assert!(grpc.connections.load(std::sync::atomic::Ordering::Relaxed) <= 3);
+}
+
+/// An HTTP/1.1 client gets trailers from an HTTP/1.1 upstream when it asks for them.
+#[tokio::test]
+async fn h1_trailers_pass_through() {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/trailers")
+        .header("host", "shop.test")
+        .header("te", "trailers")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let collected = sender.send_request(req).await.unwrap().into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some("0".parse().unwrap()));
+}

@@ -1,0 +1,82 @@
+//! Configuration reload (`POST /v1/reload`, SIGHUP): an invalid file changes
+//! nothing; a valid one applies as one new snapshot, without re-binding the
+//! listeners or closing a client connection.
+
+mod support;
+
+use serde_json::json;
+use support::{site, Client, Origin, Proxy};
+
+/// A broken file is refused with every error and changes nothing; a good one
+/// is visible at once and the kept-alive client connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_broken_and_applies_good_config() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.switch("shop", "green").await;
+    let before = p.api("GET", "/v1/sites/shop", None).await.1;
+    let file = p.dir.path().join("cutover.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let mut c = Client::connect(p.addr).await;
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "green");
+
+    // Broken: two errors, both reported; nothing changes; traffic flows.
+    std::fs::write(
+        &file,
+        good.replace("live: blue", "live: purple").replace("shutdown_timeout: 5s", "shutdown_timeout: 5s\nbogus: 1"),
+    )
+    .unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_config");
+    let paths: Vec<&str> =
+        body["error"]["details"]["errors"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"bogus") && paths.contains(&"sites[0].live"), "{paths:?}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1, before);
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "green");
+
+    // Good: a new host and a third target appear; live (green, from state) is kept.
+    let extra = Origin::start("extra").await;
+    let changed = good
+        .replace("hosts: [shop.test]", "hosts: [shop.test, new.test]")
+        .replace("    health:", &format!("      extra: {{ endpoints: [\"{}\"] }}\n    health:", extra.addr));
+    std::fs::write(&file, changed).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sites"], json!(["shop"]));
+    assert_eq!(body["restart_required"], json!([]));
+    assert_eq!(c.get("new.test", "/").await.unwrap().body, "green");
+    assert!(!c.is_closed(), "reload closed a client connection");
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["live"], "green");
+    assert_eq!(site["targets"]["extra"]["state"], "standby");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_config_reloads_total{result="error"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"cutover_config_reloads_total{result="ok"} 1"#));
+}
+
+/// A reload that removes the live target falls back to the configured live
+/// target (stale state dropped) and reports settings that need a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_drops_stale_state_and_reports_restart_settings() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.switch("shop", "green").await;
+    let file = p.dir.path().join("cutover.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let green_line = format!("      green: {{ endpoints: [\"{}\"], version: green-v1 }}\n", green.addr);
+    assert!(good.contains(&green_line));
+    let changed = good.replace(&green_line, "").replace("shutdown_timeout: 5s", "shutdown_timeout: 9s");
+    std::fs::write(&file, changed).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], json!(["shutdown_timeout"]));
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("blue"), None));
+    assert!(site["targets"].get("green").is_none());
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+}
