@@ -14,22 +14,13 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 # Origin: a tiny keep-alive HTTP/1.1 server.
-python3 - 18701 <<'PY' &
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = b"ok\n"
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
+python3 benches/idle_clients.py origin 18701 &
 pids+=($!)
 cat > "$tmp/cutover.yaml" <<YAML
 listen: { http: 127.0.0.1:18700 }
 admin: { listen: 127.0.0.1:18702 }
 state: { path: state.json }
-limits: { header_read_timeout: 300s, idle_timeout: 300s, max_connections: $((N + 100)) }
+limits: { header_read_timeout: 3600s, idle_timeout: 3600s, max_connections: $((N + 100)) }
 sites:
   - name: bench
     hosts: ["*"]
@@ -40,4 +31,4 @@ YAML
 RUST_LOG=warn target/release/cutover serve --config "$tmp/cutover.yaml" &
 pids+=($!)
 sleep 1
-python3 benches/idle_clients.py 18700 "${pids[1]}" "$N"
+python3 benches/idle_clients.py clients 18700 "${pids[1]}" "$N"

@@ -1,12 +1,35 @@
 #!/usr/bin/env python3
-"""Opens N kept-alive client connections to a proxy on 127.0.0.1, makes one
-request on each, keeps them idle, and meanwhile checks that live traffic on
-other connections stays error-free. Prints the proxy's RSS before and after.
+"""Memory of a proxy holding N idle kept-alive client connections, and
+whether live traffic on other connections stays error-free meanwhile.
 
-usage: idle_clients.py PROXY_PORT PROXY_PID N
+Runs its own keep-alive origin (asyncio) on ORIGIN_PORT, opens N client
+connections to the proxy on PROXY_PORT, makes one request on each, keeps them
+idle, measures the proxy's RSS, sends live traffic, then reuses every idle
+connection once more. Loopback only.
+
+usage: idle_clients.py origin ORIGIN_PORT          (run the origin)
+       idle_clients.py clients PROXY_PORT PROXY_PID N
 """
 import asyncio
 import sys
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+
+
+async def origin(port):
+    async def serve(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(RESPONSE)
+                await writer.drain()
+        except Exception:  # noqa: BLE001 - a closed connection ends the loop
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
 
 
 def rss_kib(pid):
@@ -17,13 +40,10 @@ def rss_kib(pid):
     return 0
 
 
-REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
-
-
 async def one_request(reader, writer):
     writer.write(REQUEST)
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     status = int(head.split(b" ", 2)[1])
     length = 0
     for line in head.split(b"\r\n"):
@@ -33,15 +53,9 @@ async def one_request(reader, writer):
     return status
 
 
-async def idle_client(port, opened, hold):
+async def open_idle(port):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    status = await one_request(reader, writer)
-    opened.append(status)
-    await hold.wait()
-    # Still open? One more request on the same connection proves it.
-    status = await one_request(reader, writer)
-    writer.close()
-    return status
+    return reader, writer, await one_request(reader, writer)
 
 
 async def live_traffic(port, requests, errors):
@@ -49,36 +63,34 @@ async def live_traffic(port, requests, errors):
     for _ in range(requests):
         try:
             if await one_request(reader, writer) != 200:
-                errors.append("status")
+                errors.append("non-200")
         except Exception as e:  # noqa: BLE001 - any failure counts
             errors.append(repr(e))
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.close()
 
 
-async def main():
-    port, pid, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+async def clients(port, pid, n):
     before = rss_kib(pid)
-    opened, hold = [], asyncio.Event()
-    clients = []
-    for i in range(n):
-        clients.append(asyncio.create_task(idle_client(port, opened, hold)))
-        if i % 500 == 499:
-            await asyncio.sleep(0.05)
-    while len(opened) < n:
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(1)
+    conns, failures = [], []
+    for start in range(0, n, 500):
+        batch = await asyncio.gather(*(open_idle(port) for _ in range(min(500, n - start))), return_exceptions=True)
+        for r in batch:
+            (failures if isinstance(r, BaseException) else conns).append(r)
+    await asyncio.sleep(2)
     during = rss_kib(pid)
     errors = []
     await asyncio.gather(*(live_traffic(port, 500, errors) for _ in range(8)))
-    hold.set()
-    statuses = await asyncio.gather(*clients, return_exceptions=True)
-    reused_ok = sum(1 for s in statuses if s == 200)
-    print(f"idle connections: {n}, all answered 200 on open: {all(s == 200 for s in opened)}")
-    print(f"proxy RSS before: {before} KiB, with {n} idle: {during} KiB")
-    print(f"per idle connection: {(during - before) / n:.1f} KiB")
+    reused = await asyncio.gather(*(one_request(r, w) for r, w, _ in conns), return_exceptions=True)
+    ok = sum(1 for s in reused if s == 200)
+    print(f"idle connections opened: {len(conns)} of {n} (failures: {len(failures)} {failures[:2]})")
+    print(f"proxy RSS before: {before} KiB, with {len(conns)} idle: {during} KiB")
+    print(f"per idle connection: {(during - before) / max(1, len(conns)):.1f} KiB")
     print(f"live traffic meanwhile: 4000 requests on 8 connections, errors: {len(errors)} {errors[:3]}")
-    print(f"idle connections still usable afterwards: {reused_ok}/{n}")
+    print(f"idle connections still usable afterwards: {ok}/{len(conns)}")
 
 
-asyncio.run(main())
+if sys.argv[1] == "origin":
+    asyncio.run(origin(int(sys.argv[2])))
+else:
+    asyncio.run(clients(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))

@@ -307,3 +307,34 @@ async fn sighup_reloads_the_configuration() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `ctl deploy` follows the steps as they happen and exits 0 on success, 1 on
+/// failure with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_deploy_shows_steps_and_exit_codes() {
+    let (blue, green, next) = (Origin::start("blue").await, Origin::start("green").await, Origin::start("next").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+
+    let next_addr = next.addr.to_string();
+    let out =
+        ctl(admin, &["deploy", "shop", "green", "--endpoint", &next_addr, "--version", "v2", "--watch", "300ms"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for step in ["set_target", "wait_healthy", "smoke", "switch", "drain", "watch", "succeeded"] {
+        assert!(stdout.contains(step), "missing {step} in:\n{stdout}");
+    }
+    assert_eq!(support::get(http, "shop", "/").await.body, "next");
+
+    let dead = support::dead_addr().await.to_string();
+    let out = ctl(admin, &["deploy", "shop", "blue", "--endpoint", &dead, "--healthy-timeout", "500ms"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("failed") && stderr.contains(&dead), "{stdout}\n{stderr}");
+    assert_eq!(support::get(http, "shop", "/").await.body, "next");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

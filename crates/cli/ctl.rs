@@ -78,6 +78,27 @@ enum CtlCommand {
         /// Site name.
         site: String,
     },
+    /// Deploy a release: set TARGET, wait healthy, smoke, switch, drain, watch.
+    Deploy {
+        /// Site name.
+        site: String,
+        /// Target to deploy to (not the live one).
+        target: String,
+        /// Endpoint address host:port (repeat for several).
+        #[arg(long = "endpoint", required = true, num_args = 1..)]
+        endpoints: Vec<String>,
+        /// Version the endpoints run.
+        #[arg(long)]
+        version: Option<String>,
+        /// How long to watch after the switch, e.g. 60s (default: the site's switch.watch).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        watch: Option<Duration>,
+        /// How long to wait for the target to be healthy, e.g. 60s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        healthy_timeout: Option<Duration>,
+    },
+    /// Re-read the configuration file of the running proxy.
+    Reload,
 }
 
 /// Runs one `ctl` command and maps the outcome to the exit code.
@@ -103,6 +124,10 @@ pub fn run(args: CtlArgs) -> ExitCode {
             }
             ExitCode::from(1)
         }
+        Ok((_, value)) if matches!(args.command, CtlCommand::Deploy { .. }) => {
+            let id = value["id"].as_str().unwrap_or_default().to_string();
+            runtime.block_on(follow_deploy(&args.admin, args.token.as_deref(), &id, args.json))
+        }
         Ok((_, value)) => {
             if args.json {
                 println!("{}", pretty(&value));
@@ -111,6 +136,81 @@ pub fn run(args: CtlArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Follows deployment `id` until it ends, showing each step as it happens:
+/// a live spinner line on a terminal, one plain line per change otherwise.
+async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let tty = !json && std::io::stdout().is_terminal();
+    const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
+    let mut printed: Vec<String> = Vec::new();
+    let mut frame = 0usize;
+    if !json {
+        println!("deployment {id}");
+    }
+    loop {
+        let d = match call(admin, token, Method::GET, &format!("/v1/deployments/{id}"), None).await {
+            Ok((200, d)) => d,
+            Ok((status, v)) => {
+                print_error(status, &v);
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("cutover ctl: lost the admin API while following {id}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let steps = d["steps"].as_array().cloned().unwrap_or_default();
+        if !json {
+            for (i, step) in steps.iter().enumerate() {
+                let state = text(&step["state"]);
+                if state == "pending" {
+                    break;
+                }
+                let line = format!(
+                    "{:<12} {:<9} {}",
+                    text(&step["name"]),
+                    state,
+                    step["message"].as_str().unwrap_or_default()
+                );
+                if state == "running" {
+                    if tty {
+                        print!("\r{} {:<12} running\x1b[K", SPINNER[frame % 4], text(&step["name"]));
+                        let _ = std::io::stdout().flush();
+                    }
+                    break;
+                }
+                if printed.get(i) != Some(&line) {
+                    if tty {
+                        print!("\r\x1b[K");
+                    }
+                    let mark = match state.as_str() {
+                        "succeeded" => "ok",
+                        "skipped" => "--",
+                        _ => "!!",
+                    };
+                    println!("{mark} {line}");
+                    printed.resize(i + 1, String::new());
+                    printed[i] = line;
+                }
+            }
+        }
+        let state = text(&d["state"]);
+        if state != "running" {
+            if json {
+                println!("{}", pretty(&d));
+            } else {
+                println!("deployment {id}: {state}");
+                if let Some(e) = d["error"].as_str() {
+                    eprintln!("  {e}");
+                }
+            }
+            return if state == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        }
+        frame += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
 
@@ -136,6 +236,16 @@ fn request_for(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
             (Method::PUT, format!("/v1/sites/{site}/targets/{target}"), Some(body))
         }
         CtlCommand::History { site } => (Method::GET, format!("/v1/sites/{site}/history"), None),
+        CtlCommand::Deploy { site, target, endpoints, version, watch, healthy_timeout } => {
+            let mut body = json!({ "target": target, "endpoints": endpoints, "version": version });
+            for (key, d) in [("watch", watch), ("healthy_timeout", healthy_timeout)] {
+                if let Some(d) = d {
+                    body[key] = json!(humantime::format_duration(*d).to_string());
+                }
+            }
+            (Method::POST, format!("/v1/sites/{site}/deploy"), Some(body))
+        }
+        CtlCommand::Reload => (Method::POST, "/v1/reload".into(), None),
     }
 }
 
@@ -229,6 +339,13 @@ fn print_human(cmd: &CtlCommand, v: &Value) {
                 ]));
             }
             print_table(&rows);
+        }
+        CtlCommand::Reload => {
+            println!("reloaded: sites {}", join(&v["sites"]));
+            let restart = join(&v["restart_required"]);
+            if !restart.is_empty() {
+                println!("changed but applied only after a restart: {restart}");
+            }
         }
         _ => print_site(v),
     }

@@ -47,7 +47,37 @@ pub struct Origin {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// How it misbehaves (switchable at any time).
+    pub faults: Arc<Faults>,
     stop: CancellationToken,
+}
+
+/// Switchable misbehaviour of an [`Origin`].
+#[derive(Default)]
+pub struct Faults {
+    /// Every request (health probes aside) gets 500.
+    pub fail: std::sync::atomic::AtomicBool,
+    /// Every Nth request gets 500 (0: never).
+    pub fail_every: AtomicUsize,
+    /// `/up` answers 503.
+    pub health_fail: std::sync::atomic::AtomicBool,
+    /// `/up` alternates between 200 and 503.
+    pub flap: std::sync::atomic::AtomicBool,
+    served: AtomicUsize,
+    probes: AtomicUsize,
+}
+
+impl Faults {
+    fn request_fails(&self) -> bool {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let every = self.fail_every.load(Ordering::Relaxed);
+        self.fail.load(Ordering::Relaxed) || (every > 0 && n % every == 0)
+    }
+
+    fn probe_fails(&self) -> bool {
+        let n = self.probes.fetch_add(1, Ordering::Relaxed);
+        self.health_fail.load(Ordering::Relaxed) || (self.flap.load(Ordering::Relaxed) && n % 2 == 1)
+    }
 }
 
 impl Origin {
@@ -61,12 +91,14 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let faults = Arc::new(Faults::default());
         let stop = CancellationToken::new();
         let origin = Origin {
             addr,
             name: name.to_string(),
             seen: seen.clone(),
             connections: connections.clone(),
+            faults: faults.clone(),
             stop: stop.clone(),
         };
         let name: Arc<str> = name.into();
@@ -77,9 +109,9 @@ impl Origin {
                     _ = stop.cancelled() => return,
                 };
                 connections.fetch_add(1, Ordering::Relaxed);
-                let (name, seen, stop) = (name.clone(), seen.clone(), stop.clone());
+                let (name, seen, stop, faults) = (name.clone(), seen.clone(), stop.clone(), faults.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| origin_answer(req, name.clone(), seen.clone()));
+                    let service = service_fn(move |req| origin_answer(req, name.clone(), seen.clone(), faults.clone()));
                     let builder = auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::select! {
@@ -129,6 +161,7 @@ async fn origin_answer(
     req: Request<Incoming>,
     name: Arc<str>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    faults: Arc<Faults>,
 ) -> Result<Response<BoxBody>, Infallible> {
     let path = req.uri().path().to_string();
     let q = query(&req);
@@ -142,7 +175,16 @@ async fn origin_answer(
     }
     let full = |b: Bytes| Full::new(b).boxed();
     let resp = if probe {
-        Response::new(full(Bytes::from_static(b"ok\n")))
+        let mut r = Response::new(full(Bytes::from_static(b"ok\n")));
+        if faults.probe_fails() {
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        r.headers_mut().insert("x-app-version", name.parse().unwrap());
+        r
+    } else if faults.request_fails() {
+        let mut r = Response::new(full(Bytes::from(format!("{name} failed"))));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
     } else if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000))).await;
         Response::new(full(Bytes::from(format!("{name} slow done"))))

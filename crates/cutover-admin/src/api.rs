@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cutover_core::controller::{Actor, ReloadError};
+use cutover_core::controller::{Actor, DeployRequest, ReloadError};
 use cutover_core::{ControlError, Controller, SwitchRequest};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -46,6 +46,22 @@ struct SwitchBody {
     drain_timeout: Option<Duration>,
     #[serde(default)]
     expect_version: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Body of `POST /v1/sites/{site}/deploy`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    target: String,
+    endpoints: Vec<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    watch: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    healthy_timeout: Option<Duration>,
 }
 
 /// Body of `POST /v1/sites/{site}/rollback`.
@@ -149,6 +165,23 @@ impl Admin {
         let result: Result<(StatusCode, serde_json::Value), ApiError> = match (method, segments) {
             (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
             (&Method::POST, ["reload"]) => reload(c).await,
+            (&Method::GET, ["deployments", id]) => answer(c.deployment(id)),
+            (&Method::POST, ["sites", site, "deploy"]) => match parse::<DeployBody>(body) {
+                Ok(b) => {
+                    let req = DeployRequest {
+                        target: b.target,
+                        endpoints: b.endpoints,
+                        version: b.version,
+                        watch: b.watch,
+                        healthy_timeout: b.healthy_timeout,
+                    };
+                    match c.deploy(site, req).await {
+                        Ok(id) => Ok((StatusCode::ACCEPTED, json!({ "id": id }))),
+                        Err(e) => answer::<()>(Err(e)),
+                    }
+                }
+                Err(r) => Err(r),
+            },
             (&Method::GET, ["sites", site]) => answer(c.site(site).await),
             (&Method::GET, ["sites", site, "history"]) => answer(c.history(site).await),
             (&Method::PUT, ["sites", site, "targets", target]) => match parse::<SetTargetBody>(body) {
@@ -162,6 +195,8 @@ impl Admin {
                         force: b.force,
                         drain_timeout: b.drain_timeout,
                         expect_version: b.expect_version,
+                        reason: b.reason,
+                        watch: None,
                     };
                     answer(c.switch(site, req, Actor::Api).await)
                 }
@@ -178,6 +213,8 @@ impl Admin {
             (
                 _,
                 ["reload"]
+                | ["deployments", _]
+                | ["sites", _, "deploy"]
                 | ["sites"]
                 | ["sites", _]
                 | ["sites", _, "history" | "switch" | "rollback"]

@@ -51,6 +51,7 @@ impl ControlError {
     pub fn code(&self) -> &'static str {
         match self {
             ControlError::NotFound { kind: "site", .. } => "site_not_found",
+            ControlError::NotFound { kind: "deployment", .. } => "deployment_not_found",
             ControlError::NotFound { .. } => "target_not_found",
             ControlError::Invalid { .. } => "invalid_request",
             ControlError::Refused { code, .. } => code,

@@ -11,8 +11,13 @@
 //! flight, until `drain_timeout`; at that deadline its drain token is
 //! cancelled, which closes the upgrades and streams still open on it.
 
+mod deploy;
 mod reconcile;
 mod snapshot;
+mod watch;
+
+pub use deploy::{DeployRequest, Deployment, Step};
+pub use watch::{WatchOutcome, WatchView};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -24,8 +29,10 @@ use cutover_config::{Config, ConfigErrors, Require, Site};
 use cutover_metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
+use self::deploy::Deployments;
 use self::reconcile::reconcile;
 use self::snapshot::{Registry, TargetKey};
+use self::watch::{Sampler, WatchHandle};
 use crate::endpoint::Health;
 use crate::error::ControlError;
 use crate::history::{self, HistoryEntry};
@@ -69,6 +76,10 @@ pub struct SwitchRequest {
     pub drain_timeout: Option<Duration>,
     /// Refuse unless every endpoint runs this version.
     pub expect_version: Option<String>,
+    /// Why, recorded in history.
+    pub reason: Option<String>,
+    /// Watch duration after the switch, instead of the site's `switch.watch.duration`.
+    pub watch: Option<Duration>,
 }
 
 /// Why a reload did not apply.
@@ -94,6 +105,9 @@ pub struct ReloadOutcome {
     pub restart_required: Vec<String>,
 }
 
+/// Reports how a post-switch watch ended.
+type WatchReceiver = tokio::sync::watch::Receiver<Option<WatchOutcome>>;
+
 /// A running drain of a target that was live.
 struct DrainTimer {
     deadline: Instant,
@@ -106,6 +120,10 @@ struct Inner {
     config: Arc<Config>,
     sites: BTreeMap<String, Arc<Site>>,
     drains: HashMap<TargetKey, DrainTimer>,
+    /// The running post-switch watch of each site.
+    watches: HashMap<String, WatchHandle>,
+    /// site → id of the deployment running there.
+    deploying: HashMap<String, String>,
 }
 
 /// The control plane of one running cutover.
@@ -118,6 +136,8 @@ pub struct Controller {
     inner: tokio::sync::Mutex<Inner>,
     site_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     registry: Mutex<Registry>,
+    sampler: Sampler,
+    deployments: Deployments,
     shutdown: CancellationToken,
 }
 
@@ -143,7 +163,14 @@ impl Controller {
     ) -> Result<Arc<Self>, StateError> {
         let state = reconcile(&config, store.load()?);
         let shutdown = CancellationToken::new();
-        let inner = Inner { state, sites: sites_of(&config), config: Arc::new(config), drains: HashMap::new() };
+        let inner = Inner {
+            state,
+            sites: sites_of(&config),
+            config: Arc::new(config),
+            drains: HashMap::new(),
+            watches: HashMap::new(),
+            deploying: HashMap::new(),
+        };
         let controller = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             table: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
@@ -152,6 +179,8 @@ impl Controller {
             store,
             config_path,
             site_locks: Mutex::new(HashMap::new()),
+            sampler: Sampler::default(),
+            deployments: Deployments::default(),
             shutdown,
             inner: tokio::sync::Mutex::new(inner),
         });
@@ -159,6 +188,19 @@ impl Controller {
             let inner = controller.inner.try_lock().expect("fresh controller is unlocked");
             controller.publish(&inner);
         }
+        // Samples every target's counters: the baseline of post-switch watches.
+        let (me, stop) = (Arc::downgrade(&controller), controller.shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(watch::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let Some(c) = me.upgrade() else { return };
+                c.sampler.record(&c.table.load());
+            }
+        });
         Ok(controller)
     }
 
@@ -183,6 +225,9 @@ impl Controller {
         if let Ok(inner) = self.inner.try_lock() {
             for d in inner.drains.values() {
                 d.task.abort();
+            }
+            for w in inner.watches.values() {
+                w.cancel();
             }
         }
     }
@@ -214,9 +259,47 @@ impl Controller {
 
     /// Makes `req.to` the live target of `site`, after its gates pass.
     pub async fn switch(&self, site: &str, req: SwitchRequest, actor: Actor) -> Result<SiteView, ControlError> {
+        self.switch_as(site, req, actor).await.map(|(view, _)| view)
+    }
+
+    /// A switch, also returning the outcome of the watch it started, if any.
+    async fn switch_as(
+        &self,
+        site: &str,
+        req: SwitchRequest,
+        actor: Actor,
+    ) -> Result<(SiteView, Option<WatchReceiver>), ControlError> {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
+        self.refuse_during_deploy(site, "switch", Some(&req.to), req.force, actor).await?;
         self.switch_locked(site, req, "switch", actor).await
+    }
+
+    /// While a deploy runs on `site`, other switches and rollbacks need `force`.
+    async fn refuse_during_deploy(
+        &self,
+        site: &str,
+        kind: &str,
+        to: Option<&str>,
+        force: bool,
+        actor: Actor,
+    ) -> Result<(), ControlError> {
+        if force || actor == Actor::Deploy || actor == Actor::Watch {
+            return Ok(());
+        }
+        let (running, live) = {
+            let inner = self.inner.lock().await;
+            let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
+            (inner.deploying.get(site).cloned(), live)
+        };
+        let Some(id) = running else { return Ok(()) };
+        let err = refused(
+            "deploy_in_progress",
+            format!("deployment {id} is running on {site:?}; use force to override"),
+            vec![],
+        );
+        self.record_refusal(site, kind, to.map(|t| (live.as_str(), t)), actor, &err).await;
+        Err(err)
     }
 
     /// Switches `site` back to its previous target.
@@ -227,17 +310,45 @@ impl Controller {
             let inner = self.inner.lock().await;
             inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.previous.clone()
         };
+        self.refuse_during_deploy(site, "rollback", previous.as_deref(), force, actor).await?;
         let Some(to) = previous else {
             let err = refused("nothing_to_roll_back", format!("site {site:?} has no previous target"), vec![]);
             self.record_refusal(site, "rollback", None, actor, &err).await;
             return Err(err);
         };
-        let kind = if actor == Actor::Watch { "automatic_rollback" } else { "rollback" };
         let req = SwitchRequest { to, force, ..Default::default() };
-        let view = self.switch_locked(site, req, kind, actor).await?;
-        let reason = if actor == Actor::Watch { "automatic" } else { "manual" };
-        self.metrics.rollbacks.with_label_values(&[site, reason]).inc();
+        let (view, _) = self.switch_locked(site, req, "rollback", actor).await?;
+        self.metrics.rollbacks.with_label_values(&[site, "manual"]).inc();
         Ok(view)
+    }
+
+    /// The watch of `target` on `site` found it failing: switch back, unless a
+    /// later switch already ended the watch.
+    async fn watch_rollback(&self, site: &str, target: &str, stop: &CancellationToken, reason: String) -> bool {
+        let lock = self.site_lock(site);
+        let _guard = lock.lock().await;
+        let previous = {
+            let inner = self.inner.lock().await;
+            let Some(s) = inner.state.sites.get(site) else { return false };
+            if stop.is_cancelled() || s.live != target {
+                return false;
+            }
+            s.previous.clone()
+        };
+        let Some(to) = previous else { return false };
+        // Undo at once: the old target is the known-good one, so no gates.
+        let req = SwitchRequest { to, force: true, reason: Some(reason.clone()), ..Default::default() };
+        match self.switch_locked(site, req, "automatic_rollback", Actor::Watch).await {
+            Ok(_) => {
+                self.metrics.rollbacks.with_label_values(&[site, "automatic"]).inc();
+                tracing::warn!(site, target, %reason, "automatic rollback");
+                true
+            }
+            Err(e) => {
+                tracing::error!(site, target, error = %e, "automatic rollback failed");
+                false
+            }
+        }
     }
 
     /// Creates or replaces the non-live target `target` of `site`.
@@ -340,7 +451,7 @@ impl Controller {
         req: SwitchRequest,
         kind: &str,
         actor: Actor,
-    ) -> Result<SiteView, ControlError> {
+    ) -> Result<(SiteView, Option<WatchReceiver>), ControlError> {
         let (config, from) = {
             let inner = self.inner.lock().await;
             let config = inner.sites.get(site).ok_or_else(|| not_found("site", site))?.clone();
@@ -353,7 +464,7 @@ impl Controller {
         };
         if req.to == from {
             let inner = self.inner.lock().await;
-            return self.view(&inner, site);
+            return Ok((self.view(&inner, site)?, None));
         }
         if let Err(err) = self.gate(&config, &target, &req).await {
             self.record_refusal(site, kind, Some((&from, &req.to)), actor, &err).await;
@@ -365,8 +476,11 @@ impl Controller {
         s.previous = Some(from.clone());
         s.live = req.to.clone();
         let mut entry = HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok");
-        if req.force {
-            entry = entry.reason("forced");
+        match (&req.reason, req.force) {
+            (Some(r), true) => entry = entry.reason(format!("{r} (forced)")),
+            (Some(r), false) => entry = entry.reason(r.clone()),
+            (None, true) => entry = entry.reason("forced"),
+            (None, false) => {}
         }
         history::push(&mut s.history, entry);
         self.commit(&mut inner, next).await?;
@@ -378,7 +492,92 @@ impl Controller {
         self.start_drain(&mut inner, (site.to_string(), from.clone()), drain);
         self.metrics.switches.with_label_values(&[site, "ok"]).inc();
         tracing::info!(site, from = %from, to = %req.to, kind, actor = actor.as_str(), "switched");
-        self.view(&inner, site)
+        // A switch ends the site's running watch; a forward switch starts a new one.
+        if let Some(w) = inner.watches.remove(site) {
+            w.cancel();
+        }
+        let outcome =
+            if kind == "switch" { self.start_watch(&mut inner, &config, &target, &from, req.watch) } else { None };
+        Ok((self.view(&inner, site)?, outcome))
+    }
+
+    /// Starts watching `target` (just made live) for `duration` or the site's
+    /// `switch.watch`; `None` when neither is set.
+    fn start_watch(
+        &self,
+        inner: &mut Inner,
+        config: &Site,
+        target: &Arc<TargetPool>,
+        from: &str,
+        duration: Option<Duration>,
+    ) -> Option<WatchReceiver> {
+        let mut cfg = config.switch.watch.clone().unwrap_or(cutover_config::Watch {
+            duration: Duration::ZERO,
+            max_error_rate: 0.05,
+            min_requests: 20,
+        });
+        if let Some(d) = duration {
+            cfg.duration = d;
+        }
+        if cfg.duration.is_zero() {
+            return None;
+        }
+        let site = config.name.clone();
+        let baseline_key = (site.clone(), from.to_string());
+        let old_totals = self.table.load().site(&site).and_then(|s| s.target(from)).map(|t| t.metrics.totals());
+        let baseline = old_totals.and_then(|now| self.sampler.over_last(&baseline_key, cfg.duration, now));
+        let rate = |(e, n): (u64, u64)| (n > 0).then(|| e as f64 / n as f64);
+        let view = Arc::new(Mutex::new(WatchView {
+            target: target.name.clone(),
+            previous: from.to_string(),
+            started_at: watch::now_rfc3339(),
+            duration: humantime::format_duration(cfg.duration).to_string(),
+            requests: 0,
+            errors: 0,
+            error_rate: None,
+            baseline_error_rate: baseline.filter(|b| b.1 >= cfg.min_requests).and_then(rate),
+            max_error_rate: cfg.max_error_rate,
+            min_requests: cfg.min_requests,
+        }));
+        let (outcome, receiver) = tokio::sync::watch::channel(None);
+        let stop = self.shutdown.child_token();
+        let handle = WatchHandle { stop: stop.clone(), view: view.clone(), outcome: outcome.clone() };
+        inner.watches.insert(site.clone(), handle);
+        let (me, target) = (self.me.clone(), target.clone());
+        let start_totals = target.metrics.totals();
+        tokio::spawn(async move {
+            let until = Instant::now() + cfg.duration;
+            let mut tick = tokio::time::interval(watch::CHECK_EVERY);
+            let result = loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let now = target.metrics.totals();
+                let seen = (now.0 - start_totals.0, now.1 - start_totals.1);
+                if let Ok(mut v) = view.lock() {
+                    (v.errors, v.requests, v.error_rate) = (seen.0, seen.1, rate(seen));
+                }
+                if let Some(reason) = watch::verdict(&cfg, seen, baseline) {
+                    let Some(c) = me.upgrade() else { return };
+                    if c.watch_rollback(&site, &target.name, &stop, reason.clone()).await {
+                        break WatchOutcome::RolledBack(reason);
+                    }
+                    return;
+                }
+                if Instant::now() >= until {
+                    break WatchOutcome::Passed;
+                }
+            };
+            outcome.send_replace(Some(result));
+            if let Some(c) = me.upgrade() {
+                let mut inner = c.inner.lock().await;
+                if inner.watches.get(&site).is_some_and(|w| w.stop == stop) {
+                    inner.watches.remove(&site);
+                }
+            }
+        });
+        Some(receiver)
     }
 
     /// Starts the drain of `key`: at the deadline, whatever still runs on it is closed.
@@ -414,6 +613,21 @@ impl Controller {
         }
         self.registry.lock().unwrap_or_else(|e| e.into_inner()).rotate_drain(&key);
         self.publish(&inner);
+    }
+
+    /// Every smoke check of `site` on every endpoint of `target`; the failures.
+    async fn smoke_reasons(&self, site: &Site, target: &TargetPool) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let host = site.health.host.as_deref();
+        let timeout = self.table.load().settings.response_timeout.min(Duration::from_secs(10));
+        for e in &target.endpoints {
+            for check in &site.switch.smoke {
+                if let Err(why) = smoke::run(&e.address, host, check, timeout).await {
+                    reasons.push(format!("{} {}: {why}", target.name, e.address));
+                }
+            }
+        }
+        reasons
     }
 
     /// Checks health, version and smoke gates of `target`; `Err` lists every failure.
@@ -462,22 +676,7 @@ impl Controller {
         if !passes {
             return Err(refused("target_unhealthy", format!("target {:?} is not healthy", target.name), unhealthy));
         }
-        let mut reasons = Vec::new();
-        let host = site.health.host.as_deref();
-        for e in &target.endpoints {
-            for check in &site.switch.smoke {
-                if let Err(why) = smoke::run(
-                    &e.address,
-                    host,
-                    check,
-                    self.table.load().settings.response_timeout.min(Duration::from_secs(10)),
-                )
-                .await
-                {
-                    reasons.push(format!("{} {}: {why}", target.name, e.address));
-                }
-            }
-        }
+        let reasons = self.smoke_reasons(site, target).await;
         if reasons.is_empty() {
             Ok(())
         } else {
@@ -575,7 +774,10 @@ impl Controller {
             mode: ModeView { read_only: s.mode.read_only, maintenance: s.mode.maintenance, paused: false },
             weights: s.weights.clone(),
             targets,
-            watch: None,
+            watch: inner
+                .watches
+                .get(site)
+                .and_then(|w| w.view.lock().ok().and_then(|v| serde_json::to_value(&*v).ok())),
         })
     }
 }

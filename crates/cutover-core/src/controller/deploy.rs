@@ -1,0 +1,344 @@
+//! Deploys: set target → wait healthy → smoke → switch → drain → watch, as
+//! one tracked deployment with steps and timestamps (SPEC §4 deploy). Only
+//! one deploy runs per site; meanwhile a switch or rollback there is refused
+//! (`409 deploy_in_progress`) unless forced. Deployments are kept in memory
+//! (the newest 200), not in the state file.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cutover_config::Require;
+use serde::Serialize;
+
+use super::watch::{now_rfc3339, WatchOutcome};
+use super::{not_found, refused, Actor, Controller, SwitchRequest};
+use crate::endpoint::Health;
+use crate::error::ControlError;
+
+/// Deployments remembered.
+const KEEP: usize = 200;
+/// Default wait for the new target to become healthy.
+const DEFAULT_HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A deploy as asked for.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    /// The (non-live) target to deploy to.
+    pub target: String,
+    /// Its new endpoints.
+    pub endpoints: Vec<String>,
+    /// The version they run.
+    pub version: Option<String>,
+    /// Watch duration after the switch (default: the site's `switch.watch`).
+    pub watch: Option<Duration>,
+    /// How long to wait for the target to be healthy.
+    pub healthy_timeout: Option<Duration>,
+}
+
+/// One step of a deployment.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Step {
+    /// `set_target`, `wait_healthy`, `smoke`, `switch`, `drain`, `watch`.
+    pub name: &'static str,
+    /// `pending`, `running`, `succeeded`, `failed`, `skipped`.
+    pub state: &'static str,
+    /// When it started (RFC 3339).
+    pub started_at: Option<String>,
+    /// When it finished.
+    pub finished_at: Option<String>,
+    /// What happened.
+    pub message: Option<String>,
+}
+
+/// A deployment as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Deployment {
+    /// Its id.
+    pub id: String,
+    /// The site.
+    pub site: String,
+    /// The target deployed to.
+    pub target: String,
+    /// The version deployed.
+    pub version: Option<String>,
+    /// `running`, `succeeded`, `failed` (never went live) or `rolled_back`.
+    pub state: &'static str,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// Why it failed or was rolled back.
+    pub error: Option<String>,
+}
+
+/// Every deployment this process ran (the newest [`KEEP`]).
+#[derive(Default)]
+pub(crate) struct Deployments {
+    list: Mutex<VecDeque<Arc<Mutex<Deployment>>>>,
+}
+
+impl Deployments {
+    fn add(&self, d: Deployment) -> Arc<Mutex<Deployment>> {
+        let d = Arc::new(Mutex::new(d));
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.push_back(d.clone());
+        if list.len() > KEEP {
+            list.pop_front();
+        }
+        d
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Deployment> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).clone()).find(|d| d.id == id)
+    }
+}
+
+/// Writes the progress of one deployment.
+struct Tracker {
+    d: Arc<Mutex<Deployment>>,
+}
+
+impl Tracker {
+    fn with<R>(&self, f: impl FnOnce(&mut Deployment) -> R) -> R {
+        f(&mut self.d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn start(&self, i: usize) {
+        self.with(|d| {
+            d.steps[i].state = "running";
+            d.steps[i].started_at = Some(now_rfc3339());
+        });
+    }
+
+    fn finish(&self, i: usize, state: &'static str, message: impl Into<String>) {
+        self.with(|d| {
+            let s = &mut d.steps[i];
+            if s.started_at.is_none() {
+                s.started_at = Some(now_rfc3339());
+            }
+            s.state = state;
+            s.finished_at = Some(now_rfc3339());
+            s.message = Some(message.into());
+        });
+    }
+
+    fn end(&self, state: &'static str, error: Option<String>) {
+        self.with(|d| {
+            d.state = state;
+            d.error = error;
+        });
+    }
+}
+
+fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("d{ms:x}{:04x}", COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff)
+}
+
+const STEPS: [&str; 6] = ["set_target", "wait_healthy", "smoke", "switch", "drain", "watch"];
+
+impl Controller {
+    /// Starts a deploy on `site`; returns its id at once (`202`). Refuses what
+    /// would fail at its first step: unknown site, bad endpoints, the live target,
+    /// another deploy running.
+    pub async fn deploy(&self, site: &str, req: DeployRequest) -> Result<String, ControlError> {
+        cutover_config::validate_site_name(&req.target)
+            .map_err(|m| super::invalid("target", format!("{:?} {m}", req.target)))?;
+        if req.endpoints.is_empty() {
+            return Err(super::invalid("endpoints", "at least one endpoint is required"));
+        }
+        for (i, e) in req.endpoints.iter().enumerate() {
+            cutover_config::validate_endpoint(e)
+                .map_err(|m| super::invalid(format!("endpoints[{i}]"), format!("{e:?}: {m}")))?;
+        }
+        let id = new_id();
+        {
+            let mut inner = self.inner.lock().await;
+            let s = inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?;
+            if s.live == req.target {
+                return Err(refused("target_is_live", format!("target {:?} is live on {site:?}", req.target), vec![]));
+            }
+            if let Some(running) = inner.deploying.get(site) {
+                return Err(refused(
+                    "deploy_in_progress",
+                    format!("deployment {running} is running on {site:?}"),
+                    vec![],
+                ));
+            }
+            inner.deploying.insert(site.to_string(), id.clone());
+        }
+        let steps = STEPS
+            .iter()
+            .map(|name| Step { name, state: "pending", started_at: None, finished_at: None, message: None })
+            .collect();
+        let d = self.deployments.add(Deployment {
+            id: id.clone(),
+            site: site.to_string(),
+            target: req.target.clone(),
+            version: req.version.clone(),
+            state: "running",
+            steps,
+            error: None,
+        });
+        let me = self.me.clone();
+        let site = site.to_string();
+        tokio::spawn(async move {
+            let Some(c) = me.upgrade() else { return };
+            let tracker = Tracker { d };
+            let state = c.run_deploy(&site, req, &tracker).await;
+            c.inner.lock().await.deploying.remove(&site);
+            c.metrics.deployments.with_label_values(&[&site, state]).inc();
+        });
+        Ok(id)
+    }
+
+    /// A deployment by id.
+    pub fn deployment(&self, id: &str) -> Result<Deployment, ControlError> {
+        self.deployments.get(id).ok_or_else(|| not_found("deployment", id))
+    }
+
+    /// Runs the steps; returns the final state.
+    async fn run_deploy(&self, site: &str, req: DeployRequest, t: &Tracker) -> &'static str {
+        let fail = |i: usize, why: String| {
+            t.finish(i, "failed", why.clone());
+            for j in i + 1..STEPS.len() {
+                t.finish(j, "skipped", "an earlier step failed");
+            }
+            t.end("failed", Some(why));
+            "failed"
+        };
+        // 1. set_target
+        t.start(0);
+        let set = self.set_target(site, &req.target, req.endpoints.clone(), req.version.clone(), Actor::Deploy).await;
+        if let Err(e) = set {
+            return fail(0, e.to_string());
+        }
+        t.finish(0, "succeeded", format!("{} → {}", req.target, req.endpoints.join(", ")));
+        // 2. wait_healthy
+        t.start(1);
+        let timeout = req.healthy_timeout.unwrap_or(DEFAULT_HEALTHY_TIMEOUT);
+        let started = Instant::now();
+        match self.wait_healthy(site, &req.target, timeout).await {
+            Ok(()) => t.finish(1, "succeeded", format!("healthy after {:.1}s", started.elapsed().as_secs_f64())),
+            Err(reasons) => return fail(1, format!("not healthy within {timeout:?}: {}", reasons.join("; "))),
+        }
+        // 3. smoke
+        t.start(2);
+        let Some(route) = self.table.load().site(site).cloned() else {
+            return fail(2, format!("site {site:?} is gone"));
+        };
+        let Some(target) = route.target(&req.target).cloned() else {
+            return fail(2, format!("target {:?} is gone", req.target));
+        };
+        if route.config.switch.smoke.is_empty() {
+            t.finish(2, "skipped", "no smoke checks configured");
+        } else {
+            let reasons = self.smoke_reasons(&route.config, &target).await;
+            if !reasons.is_empty() {
+                return fail(2, format!("smoke checks failed: {}", reasons.join("; ")));
+            }
+            t.finish(2, "succeeded", format!("{} check(s) passed on every endpoint", route.config.switch.smoke.len()));
+        }
+        // 4. switch
+        t.start(3);
+        let switch = SwitchRequest {
+            to: req.target.clone(),
+            reason: Some(format!("deployment {}", t.with(|d| d.id.clone()))),
+            watch: req.watch,
+            ..Default::default()
+        };
+        let (from, outcome) = match self.switch_as(site, switch, Actor::Deploy).await {
+            Ok((view, outcome)) => (view.previous.unwrap_or_default(), outcome),
+            Err(e) => return fail(3, e.to_string()),
+        };
+        t.finish(3, "succeeded", format!("{from} → {}", req.target));
+        // 5. drain
+        t.start(4);
+        let drained = self.wait_drained(site, &from).await;
+        t.finish(4, "succeeded", drained);
+        // 6. watch
+        let Some(mut outcome) = outcome else {
+            t.finish(5, "skipped", "no watch configured");
+            t.end("succeeded", None);
+            return "succeeded";
+        };
+        t.start(5);
+        let result = loop {
+            if let Some(o) = outcome.borrow_and_update().clone() {
+                break o;
+            }
+            if outcome.changed().await.is_err() {
+                break WatchOutcome::Cancelled;
+            }
+        };
+        match result {
+            WatchOutcome::Passed => {
+                t.finish(5, "succeeded", "no rollback needed");
+                t.end("succeeded", None);
+                "succeeded"
+            }
+            WatchOutcome::RolledBack(why) => {
+                t.finish(5, "failed", format!("rolled back: {why}"));
+                t.end("rolled_back", Some(why));
+                "rolled_back"
+            }
+            WatchOutcome::Cancelled => {
+                t.finish(5, "skipped", "the watch was ended by a later switch");
+                t.end("succeeded", None);
+                "succeeded"
+            }
+        }
+    }
+
+    /// Waits until `target` passes the site's health requirement; `Err` lists what is not healthy.
+    async fn wait_healthy(&self, site: &str, target: &str, timeout: Duration) -> Result<(), Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let table = self.table.load();
+            let Some(route) = table.site(site) else { return Err(vec![format!("site {site:?} is gone")]) };
+            let Some(t) = route.target(target) else { return Err(vec![format!("target {target:?} is gone")]) };
+            let not_healthy: Vec<String> = t
+                .endpoints
+                .iter()
+                .filter(|e| e.health() != Health::Healthy)
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        e.address,
+                        if e.health() == Health::Unknown { "not checked yet" } else { "unhealthy" }
+                    )
+                })
+                .collect();
+            let ok = match route.config.switch.require {
+                Require::AllHealthy => not_healthy.is_empty(),
+                Require::AnyHealthy => not_healthy.len() < t.endpoints.len(),
+            };
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(not_healthy);
+            }
+            drop(table);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `target` of `site` has nothing in flight or its drain ended.
+    async fn wait_drained(&self, site: &str, target: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let inflight = self.table.load().site(site).and_then(|s| s.target(target)).map_or(0, |t| t.inflight());
+            let draining = self.inner.lock().await.drains.contains_key(&(site.to_string(), target.to_string()));
+            if inflight == 0 {
+                return format!("{target} drained in {:.1}s", started.elapsed().as_secs_f64());
+            }
+            if !draining {
+                return format!("{target} reached its drain deadline with {inflight} in flight (closed)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

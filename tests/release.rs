@@ -1,0 +1,324 @@
+//! Health-gated releases (SPEC §2 health/switch, §4 switch/deploy): rise/fall
+//! health, smoke and version gates, passive ejection, the post-switch watch
+//! with automatic rollback, and deploys.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{dead_addr, Client, Origin, Proxy};
+
+/// A site `shop` with `targets`, health on `/up` (version in `x-app-version`), and `extra` YAML lines.
+fn shop(targets: &[(&str, Vec<SocketAddr>)], health: &str, extra: &str) -> String {
+    let mut s = "  - name: shop\n    hosts: [shop.test]\n    live: blue\n    targets:\n".to_string();
+    for (t, eps) in targets {
+        let eps: Vec<String> = eps.iter().map(|a| format!("\"{a}\"")).collect();
+        s.push_str(&format!("      {t}: {{ endpoints: [{}], version: {t}-v1 }}\n", eps.join(", ")));
+    }
+    s.push_str(&format!("    health: {{ path: /up, version_header: x-app-version, {health} }}\n"));
+    s.push_str(extra);
+    s
+}
+
+const FAST: &str = "interval: 30ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1";
+
+async fn endpoint_health(p: &Proxy, target: &str, i: usize) -> Value {
+    p.api("GET", "/v1/sites/shop", None).await.1["targets"][target]["endpoints"][i]["healthy"].clone()
+}
+
+/// Rise/fall hysteresis: an endpoint whose probes alternate pass/fail never
+/// changes state with thresholds of 3; three failures in a row take it out,
+/// three passes bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_endpoint_changes_state_at_most_once_per_threshold() {
+    let blue = Origin::start("blue").await;
+    let health = "interval: 20ms, timeout: 500ms, healthy_threshold: 3, unhealthy_threshold: 3";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr])], health, "")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    blue.faults.flap.store(true, Ordering::Relaxed);
+    let mut transitions = 0;
+    let mut last = Value::Bool(true);
+    for _ in 0..60 {
+        let h = endpoint_health(&p, "blue", 0).await;
+        if h != last {
+            transitions += 1;
+            last = h;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(transitions, 0, "a flapping endpoint changed state");
+    blue.faults.flap.store(false, Ordering::Relaxed);
+    blue.faults.health_fail.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    while endpoint_health(&p, "blue", 0).await != json!(false) {
+        assert!(start.elapsed() < Duration::from_secs(3), "never fell");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(40), "fell after fewer than 3 failures: {:?}", start.elapsed());
+    blue.faults.health_fail.store(false, Ordering::Relaxed);
+    p.wait_healthy("shop", &["blue"]).await;
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(
+        metrics
+            .contains(&format!(r#"cutover_endpoint_healthy{{endpoint="{}",site="shop",target="blue"}} 1"#, blue.addr)),
+        "{metrics}"
+    );
+}
+
+/// A failing smoke check refuses the switch with the endpoint and the check
+/// named; `force` skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_failure_refuses_the_switch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let extra =
+        "    switch: { smoke: [{ path: /check, expect_status: 200 }, { path: /, expect_body_contains: green }] }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    green.faults.fail.store(true, Ordering::Relaxed);
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "smoke_failed");
+    let reasons = body["error"]["details"]["reasons"].to_string();
+    assert!(
+        reasons.contains(&green.addr.to_string()) && reasons.contains("/check") && reasons.contains("500"),
+        "{reasons}"
+    );
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+    green.faults.fail.store(false, Ordering::Relaxed);
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!(status, 200, "{body}");
+    // Smoke requests reached green itself, never through the live target.
+    assert!(green.seen().iter().any(|s| s.path == "/check"));
+    assert!(blue.seen().iter().all(|s| s.path != "/check"));
+}
+
+/// `expect_version` is compared with what the endpoints report through
+/// `health.version_header`; the API shows both declared and reported versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_version_mismatch_is_refused() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("v42").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["targets"]["green"]["version"], "green-v1");
+    assert_eq!(site["targets"]["green"]["endpoints"][0]["version"], "v42");
+    // Declared green-v1, but the endpoint reports v42: the report wins.
+    let (status, body) =
+        p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "expect_version": "green-v1"}))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "version_mismatch");
+    assert!(body["error"]["details"]["reasons"][0].as_str().unwrap().contains("runs v42"), "{body}");
+    let (status, _) =
+        p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "expect_version": "v42"}))).await;
+    assert_eq!(status, 200);
+}
+
+/// Passive health: a killed endpoint is taken out of rotation by the data
+/// plane itself (probes are slow here) with zero client errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_endpoint_is_ejected_passively_without_client_errors() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let slow_probes = "interval: 30s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1";
+    let p = Proxy::start(&shop(&[("blue", vec![a.addr, b.addr])], slow_probes, "")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    a.kill();
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..30 {
+        let r = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "b"));
+    }
+    assert_eq!(endpoint_health(&p, "blue", 0).await, json!(false));
+    assert_eq!(endpoint_health(&p, "blue", 1).await, json!(true));
+}
+
+/// Green starts failing after the switch: the watch rolls back by itself
+/// (kind `automatic_rollback`, actor `watch`, the rate in the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_green_is_rolled_back_automatically() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let extra = "    switch: { watch: { duration: 20s, max_error_rate: 0.2, min_requests: 10 } }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.switch("shop", "green").await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["watch"]["target"], "green", "{site}");
+    assert_eq!(site["watch"]["min_requests"], 10);
+
+    let failing_since = Instant::now();
+    green.faults.fail.store(true, Ordering::Relaxed);
+    let mut c = Client::connect(p.addr).await;
+    let rolled_back_after = loop {
+        let r = c.get("shop.test", "/").await.unwrap();
+        if r.body == "blue" {
+            break failing_since.elapsed();
+        }
+        assert!(failing_since.elapsed() < Duration::from_secs(5), "no automatic rollback");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!("automatic rollback {rolled_back_after:?} after green started failing");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    let h = &history[0];
+    assert_eq!(
+        (h["kind"].as_str(), h["actor"].as_str(), h["to"].as_str()),
+        (Some("automatic_rollback"), Some("watch"), Some("blue")),
+        "{h}"
+    );
+    assert!(h["reason"].as_str().unwrap().contains("error rate 100.0%"), "{h}");
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), site["watch"].clone()), (Some("blue"), Value::Null));
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_rollbacks_total{reason="automatic",site="shop"} 1"#), "{metrics}");
+}
+
+/// Below the absolute limit but clearly worse than blue was before the
+/// switch: rolled back by the relative rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearly_worse_than_blue_is_rolled_back() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let extra = "    switch: { watch: { duration: 20s, max_error_rate: 0.10, min_requests: 40 } }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let mut c = Client::connect(p.addr).await;
+    // Blue's baseline: clean traffic over more than one sampling period.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2200) {
+        assert_eq!(c.get("shop.test", "/").await.unwrap().status, 200);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    green.faults.fail_every.store(12, Ordering::Relaxed); // ≈ 8 %: under the 10 % limit
+    p.switch("shop", "green").await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["watch"]["baseline_error_rate"], json!(0.0), "{site}");
+    let start = Instant::now();
+    loop {
+        if c.get("shop.test", "/").await.unwrap().headers["x-origin"] == "blue" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "not rolled back");
+    }
+    let reason = p.api("GET", "/v1/sites/shop/history", None).await.1[0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("clearly worse"), "{reason}");
+}
+
+async fn wait_deployment(p: &Proxy, id: &str) -> Value {
+    for _ in 0..400 {
+        let (status, d) = p.api("GET", &format!("/v1/deployments/{id}"), None).await;
+        assert_eq!(status, 200, "{d}");
+        if d["state"] != "running" {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("deployment {id} never ended");
+}
+
+/// A full deploy of a healthy target: every step in order, live switched, the
+/// old target drained, the watch passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_of_a_healthy_target_succeeds() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let next = Origin::start("next").await;
+    let extra = "    switch: { smoke: [{ path: /, expect_status: 200 }] }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let started = Instant::now();
+    let body = json!({"target": "green", "endpoints": [next.addr.to_string()], "version": "v2", "watch": "500ms"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let d = wait_deployment(&p, answer["id"].as_str().unwrap()).await;
+    println!("deploy of a healthy target took {:?} end to end (500 ms of it the watch)", started.elapsed());
+    assert_eq!(d["state"], "succeeded", "{d}");
+    let steps: Vec<(&str, &str)> = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("set_target", "succeeded"),
+            ("wait_healthy", "succeeded"),
+            ("smoke", "succeeded"),
+            ("switch", "succeeded"),
+            ("drain", "succeeded"),
+            ("watch", "succeeded")
+        ]
+    );
+    assert!(d["steps"].as_array().unwrap().iter().all(|s| s["started_at"].is_string() && s["finished_at"].is_string()));
+    assert_eq!(
+        (d["site"].as_str(), d["target"].as_str(), d["version"].as_str()),
+        (Some("shop"), Some("green"), Some("v2"))
+    );
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "next");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert_eq!((history[0]["kind"].as_str(), history[0]["actor"].as_str()), (Some("switch"), Some("deploy")));
+    assert_eq!(history[1]["kind"], "set_target");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="succeeded"} 1"#), "{metrics}");
+}
+
+/// A deploy whose target never becomes healthy fails at `wait_healthy`; live
+/// is unchanged and the later steps are skipped. Meanwhile a switch on the site
+/// is refused with `deploy_in_progress` unless forced, and so is a second deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let dead = dead_addr().await;
+    let body = json!({"target": "green", "endpoints": [dead.to_string()], "healthy_timeout": "1s"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body.clone())).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+
+    let (status, again) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!((status, again["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{again}");
+    let (status, refused) = p.api("POST", "/v1/sites/shop/rollback", Some(json!({}))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{refused}");
+    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
+    assert_eq!((status, sw["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{sw}");
+    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue", "force": true}))).await;
+    assert_eq!(status, 200, "forced: {sw}");
+
+    let d = wait_deployment(&p, &id).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(d["error"].as_str().unwrap().contains(&dead.to_string()), "{d}");
+    let states: Vec<&str> = d["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded", "failed", "skipped", "skipped", "skipped", "skipped"]);
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+    let (status, _) = p.api("GET", "/v1/deployments/nope", None).await;
+    assert_eq!(status, 404);
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="failed"} 1"#), "{metrics}");
+}
+
+/// A deploy that goes live and then fails its watch ends `rolled_back`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_rolled_back_by_its_watch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    green.faults.fail.store(true, Ordering::Relaxed);
+    let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "watch": "10s"});
+    let (_, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    let id = answer["id"].as_str().unwrap().to_string();
+    // Traffic that the watch can judge (20 answers at the default min_requests).
+    let addr = p.addr;
+    let traffic = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        for _ in 0..400 {
+            let _ = c.get("shop.test", "/").await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let d = wait_deployment(&p, &id).await;
+    traffic.abort();
+    assert_eq!(d["state"], "rolled_back", "{d}");
+    assert!(d["error"].as_str().unwrap().contains("error rate"), "{d}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+}
