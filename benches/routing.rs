@@ -34,6 +34,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use cutover_config::Site;
+use cutover_core::pause::PauseGate;
 use cutover_core::routing::Settings;
 use cutover_core::upstream::Pool;
 use cutover_core::{Endpoint, Health, RoutingTable, SiteRoute, TargetPool};
@@ -120,7 +121,16 @@ impl Fixture {
                     })
                     .collect();
                 let live = targets.iter().find(|t| t.name == live).cloned().expect("live target exists");
-                Arc::new(SiteRoute { config: site.clone(), live, targets })
+                Arc::new(SiteRoute {
+                    config: site.clone(),
+                    live,
+                    targets,
+                    read_only: false,
+                    maintenance: false,
+                    maintenance_page: bytes::Bytes::new(),
+                    canary: None,
+                    pause: Arc::new(PauseGate::new(self.metrics.held_requests.with_label_values(&[&site.name]))),
+                })
             })
             .collect()
     }
@@ -130,7 +140,7 @@ impl Fixture {
 #[inline]
 fn route(swap: &ArcSwap<RoutingTable>, host: &str) -> Option<usize> {
     let table = swap.load();
-    let site = table.site_for_host(host)?;
+    let (site, _) = table.site_for_host(host)?;
     let pool = site.live.clone();
     pool.pick(&[])
 }
@@ -138,9 +148,9 @@ fn route(swap: &ArcSwap<RoutingTable>, host: &str) -> Option<usize> {
 fn lookup(c: &mut Criterion) {
     let fx = Fixture::new();
     let table = RoutingTable::new(fx.routes("blue"), Settings::default());
-    assert_eq!(table.site_for_host(EXACT_HOST).map(|s| s.name()), Some("site-25"));
-    assert_eq!(table.site_for_host(UPPER_HOST).map(|s| s.name()), Some("site-25"));
-    assert_eq!(table.site_for_host(UNKNOWN_HOST).map(|s| s.name()), Some("site-49"));
+    assert_eq!(table.site_for_host(EXACT_HOST).map(|(s, _)| s.name()), Some("site-25"));
+    assert_eq!(table.site_for_host(UPPER_HOST).map(|(s, _)| s.name()), Some("site-25"));
+    assert_eq!(table.site_for_host(UNKNOWN_HOST).map(|(s, _)| s.name()), Some("site-49"));
 
     let mut g = c.benchmark_group("lookup");
     g.bench_function("exact_host", |b| b.iter(|| black_box(&table).site_for_host(black_box(EXACT_HOST)).is_some()));

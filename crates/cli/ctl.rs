@@ -99,6 +99,59 @@ enum CtlCommand {
     },
     /// Re-read the configuration file of the running proxy.
     Reload,
+    /// Refuse (on) or accept (off) writes on SITE.
+    ReadOnly {
+        /// Site name.
+        site: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
+    /// Serve the maintenance page for every request on SITE (on), or stop (off).
+    Maintenance {
+        /// Site name.
+        site: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
+    /// Hold new requests to SITE until `resume` (each for at most --timeout).
+    Pause {
+        /// Site name.
+        site: String,
+        /// How long each request may be held, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Release the requests held on SITE, to the live target of this moment.
+    Resume {
+        /// Site name.
+        site: String,
+    },
+    /// Split SITE's traffic by sticky weights (NAME=PCT…, summing to 100), or --clear.
+    Weights {
+        /// Site name.
+        site: String,
+        /// Target weights, e.g. blue=90 green=10.
+        #[arg(value_parser = parse_weight, required_unless_present = "clear")]
+        weights: Vec<(String, u8)>,
+        /// Back to 100 % live.
+        #[arg(long, conflicts_with = "weights")]
+        clear: bool,
+    },
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// Turn the mode on.
+    On,
+    /// Turn the mode off.
+    Off,
+}
+
+fn parse_weight(s: &str) -> Result<(String, u8), String> {
+    let (name, pct) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=PERCENT"))?;
+    let pct = pct.parse::<u8>().map_err(|_| format!("{s:?}: {pct:?} is not a percentage"))?;
+    Ok((name.to_string(), pct))
 }
 
 /// Runs one `ctl` command and maps the outcome to the exit code.
@@ -246,6 +299,25 @@ fn request_for(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
             (Method::POST, format!("/v1/sites/{site}/deploy"), Some(body))
         }
         CtlCommand::Reload => (Method::POST, "/v1/reload".into(), None),
+        CtlCommand::ReadOnly { site, state } => {
+            (Method::PUT, format!("/v1/sites/{site}/mode"), Some(json!({ "read_only": *state == OnOff::On })))
+        }
+        CtlCommand::Maintenance { site, state } => {
+            (Method::PUT, format!("/v1/sites/{site}/mode"), Some(json!({ "maintenance": *state == OnOff::On })))
+        }
+        CtlCommand::Pause { site, timeout } => {
+            let body = match timeout {
+                Some(d) => json!({ "timeout": humantime::format_duration(*d).to_string() }),
+                None => json!({}),
+            };
+            (Method::POST, format!("/v1/sites/{site}/pause"), Some(body))
+        }
+        CtlCommand::Resume { site } => (Method::POST, format!("/v1/sites/{site}/resume"), None),
+        CtlCommand::Weights { site, clear: true, .. } => (Method::DELETE, format!("/v1/sites/{site}/weights"), None),
+        CtlCommand::Weights { site, weights, .. } => {
+            let body: serde_json::Map<String, Value> = weights.iter().map(|(t, p)| (t.clone(), json!(p))).collect();
+            (Method::PUT, format!("/v1/sites/{site}/weights"), Some(Value::Object(body)))
+        }
     }
 }
 
@@ -354,6 +426,24 @@ fn print_human(cmd: &CtlCommand, v: &Value) {
 fn print_site(s: &Value) {
     println!("site {}  hosts: {}", text(&s["name"]), join(&s["hosts"]));
     println!("live: {}   previous: {}   mode: {}", text(&s["live"]), text(&s["previous"]), mode(&s["mode"]));
+    if let Some(w) = s["weights"].as_object() {
+        let split: Vec<String> = w.iter().map(|(t, p)| format!("{t} {p}%")).collect();
+        println!("weights: {}", split.join(", "));
+    }
+    if s["mode"]["paused"].as_bool() == Some(true) || s["held"].as_u64().unwrap_or(0) > 0 {
+        println!("held requests: {}", text(&s["held"]));
+    }
+    if s["watch"].is_object() {
+        let w = &s["watch"];
+        println!(
+            "watch: {} for {} — {} answers, {} errors (max rate {})",
+            text(&w["target"]),
+            text(&w["duration"]),
+            text(&w["requests"]),
+            text(&w["errors"]),
+            text(&w["max_error_rate"])
+        );
+    }
     let mut rows = vec![row(["TARGET", "STATE", "VERSION", "INFLIGHT", "ENDPOINT", "HEALTH", "REPORTS"])];
     if let Some(targets) = s["targets"].as_object() {
         for (name, t) in targets {

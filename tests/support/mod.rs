@@ -74,6 +74,11 @@ impl Faults {
         self.fail.load(Ordering::Relaxed) || (every > 0 && n % every == 0)
     }
 
+    /// Health probes answered so far.
+    pub fn probes(&self) -> usize {
+        self.probes.load(Ordering::Relaxed)
+    }
+
     fn probe_fails(&self) -> bool {
         let n = self.probes.fetch_add(1, Ordering::Relaxed);
         self.health_fail.load(Ordering::Relaxed) || (self.flap.load(Ordering::Relaxed) && n % 2 == 1)

@@ -1,5 +1,6 @@
 //! Routing admin requests to controller commands, and the JSON they answer with.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,27 @@ struct SwitchBody {
     #[serde(default)]
     reason: Option<String>,
 }
+
+/// Body of `PUT /v1/sites/{site}/mode`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeBody {
+    #[serde(default)]
+    read_only: Option<bool>,
+    #[serde(default)]
+    maintenance: Option<bool>,
+}
+
+/// Body of `POST /v1/sites/{site}/pause`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+}
+
+/// How long a paused site holds each request when the pause names no timeout.
+const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Body of `POST /v1/sites/{site}/deploy`.
 #[derive(Debug, Deserialize)]
@@ -166,6 +188,20 @@ impl Admin {
             (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
             (&Method::POST, ["reload"]) => reload(c).await,
             (&Method::GET, ["deployments", id]) => answer(c.deployment(id)),
+            (&Method::PUT, ["sites", site, "mode"]) => match parse::<ModeBody>(body) {
+                Ok(b) => answer(c.set_mode(site, b.read_only, b.maintenance, Actor::Api).await),
+                Err(r) => Err(r),
+            },
+            (&Method::POST, ["sites", site, "pause"]) => match parse_optional::<PauseBody>(body) {
+                Ok(b) => answer(c.pause(site, b.timeout.unwrap_or(DEFAULT_PAUSE_TIMEOUT), Actor::Api).await),
+                Err(r) => Err(r),
+            },
+            (&Method::POST, ["sites", site, "resume"]) => answer(c.resume(site, Actor::Api).await),
+            (&Method::PUT, ["sites", site, "weights"]) => match parse::<BTreeMap<String, u8>>(body) {
+                Ok(w) => answer(c.set_weights(site, w, Actor::Api).await),
+                Err(r) => Err(r),
+            },
+            (&Method::DELETE, ["sites", site, "weights"]) => answer(c.clear_weights(site, Actor::Api).await),
             (&Method::POST, ["sites", site, "deploy"]) => match parse::<DeployBody>(body) {
                 Ok(b) => {
                     let req = DeployRequest {
@@ -214,7 +250,7 @@ impl Admin {
                 _,
                 ["reload"]
                 | ["deployments", _]
-                | ["sites", _, "deploy"]
+                | ["sites", _, "deploy" | "mode" | "pause" | "resume" | "weights"]
                 | ["sites"]
                 | ["sites", _]
                 | ["sites", _, "history" | "switch" | "rollback"]
@@ -279,6 +315,15 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         let code = if e.to_string().starts_with("unknown field") { "unknown_field" } else { "invalid_json" };
         ApiError::new(StatusCode::BAD_REQUEST, code, &format!("request body: {e}"), json!({}))
     })
+}
+
+/// Like [`parse`], but an empty body means the defaults.
+fn parse_optional<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse(body)
+    }
 }
 
 async fn read_body<B>(body: B) -> Result<Bytes, ApiError>

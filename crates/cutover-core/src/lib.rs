@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod error;
 pub mod health;
 pub mod history;
+pub mod pause;
 pub mod routing;
 pub mod smoke;
 pub mod state;

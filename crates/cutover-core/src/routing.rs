@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{Endpoint, Health};
+use crate::pause::PauseGate;
 
 /// Data-plane settings that a reload may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +58,8 @@ pub struct RoutingTable {
     pub sites: Vec<Arc<SiteRoute>>,
     /// Data-plane settings.
     pub settings: Settings,
-    /// Lower-cased host name → index into `sites`.
-    hosts: HashMap<Box<str>, usize>,
+    /// Lower-cased host name → index into `sites`, and the target a preview host names.
+    hosts: HashMap<Box<str>, (usize, Option<Box<str>>)>,
     /// The site whose hosts include `*`.
     default_site: Option<usize>,
 }
@@ -73,21 +74,28 @@ impl RoutingTable {
                 if h == "*" {
                     default_site = Some(i);
                 } else {
-                    hosts.insert(h.as_str().into(), i);
+                    hosts.insert(h.as_str().into(), (i, None));
                 }
+            }
+            for (h, target) in &site.config.preview.hosts {
+                hosts.insert(h.as_str().into(), (i, Some(target.as_str().into())));
             }
         }
         Self { sites, settings, hosts, default_site }
     }
 
-    /// The site serving `host` (port already stripped; any case), or the `*` site.
-    pub fn site_for_host(&self, host: &str) -> Option<&Arc<SiteRoute>> {
-        let idx = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    /// The site serving `host` (port already stripped; any case), or the `*`
+    /// site, with the target named when `host` is one of its preview hosts.
+    pub fn site_for_host(&self, host: &str) -> Option<(&Arc<SiteRoute>, Option<&str>)> {
+        let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             self.hosts.get(host.to_ascii_lowercase().as_str())
         } else {
             self.hosts.get(host)
         };
-        idx.or(self.default_site.as_ref()).map(|&i| &self.sites[i])
+        match found {
+            Some((i, preview)) => Some((&self.sites[*i], preview.as_deref())),
+            None => self.default_site.map(|i| (&self.sites[i], None)),
+        }
     }
 
     /// Requests in flight on every target of every site.
@@ -110,6 +118,40 @@ pub struct SiteRoute {
     pub live: Arc<TargetPool>,
     /// Every target, live included.
     pub targets: Vec<Arc<TargetPool>>,
+    /// Writes refused (site mode).
+    pub read_only: bool,
+    /// Everything answered with the maintenance page.
+    pub maintenance: bool,
+    /// The maintenance page (the configured file, or the built-in page).
+    pub maintenance_page: bytes::Bytes,
+    /// Sticky canary split, when weights are set.
+    pub canary: Option<Canary>,
+    /// Holds requests while the site is paused (outlives snapshots).
+    pub pause: Arc<PauseGate>,
+}
+
+/// A weighted split: each of 100 buckets maps to one target.
+#[derive(Debug)]
+pub struct Canary {
+    /// Bucket (0–99) → target.
+    pub buckets: Vec<Arc<TargetPool>>,
+}
+
+impl Canary {
+    /// The split of `weights` (percent by target, summing to 100) over `targets`.
+    pub fn new(weights: &std::collections::BTreeMap<String, u8>, targets: &[Arc<TargetPool>]) -> Option<Self> {
+        let mut buckets = Vec::with_capacity(100);
+        for (name, pct) in weights {
+            let t = targets.iter().find(|t| &t.name == name)?;
+            buckets.extend(std::iter::repeat_n(t.clone(), usize::from(*pct)));
+        }
+        (buckets.len() == 100).then_some(Self { buckets })
+    }
+
+    /// The target of `bucket` (0–99).
+    pub fn target(&self, bucket: u8) -> &Arc<TargetPool> {
+        &self.buckets[usize::from(bucket) % self.buckets.len()]
+    }
 }
 
 impl SiteRoute {
@@ -121,6 +163,21 @@ impl SiteRoute {
     /// The target named `name`.
     pub fn target(&self, name: &str) -> Option<&Arc<TargetPool>> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Whether `path` is in `read_only.allow_paths` (exact, or a prefix with a trailing `*`).
+    pub fn allowed_path(&self, path: &str) -> bool {
+        self.config.read_only.allow_paths.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => path == p,
+        })
+    }
+}
+
+impl TargetPool {
+    /// Whether any endpoint is healthy now.
+    pub fn has_healthy_endpoint(&self) -> bool {
+        self.endpoints.iter().any(|e| e.health() == Health::Healthy)
     }
 }
 

@@ -20,6 +20,8 @@ pub struct SiteView {
     pub mode: ModeView,
     /// Canary weights, or null.
     pub weights: Option<BTreeMap<String, u8>>,
+    /// Requests held by a pause right now.
+    pub held: usize,
     /// Targets by name.
     pub targets: BTreeMap<String, TargetView>,
     /// The running post-switch watch, or null.

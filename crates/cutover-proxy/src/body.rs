@@ -33,6 +33,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct RequestGuard {
     route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
+    /// The site of an answer cutover gave itself (logged, counted on no target).
+    site_only: Option<Arc<SiteRoute>>,
     endpoint: Option<Arc<Endpoint>>,
     activity: Option<Arc<Activity>>,
     start: Instant,
@@ -58,7 +60,25 @@ impl RequestGuard {
         if let Some(a) = &activity {
             a.request_started();
         }
-        Self { route, endpoint: None, activity, start: Instant::now(), method, uri, request_id: None, status: 0 }
+        Self {
+            route,
+            site_only: None,
+            endpoint: None,
+            activity,
+            start: Instant::now(),
+            method,
+            uri,
+            request_id: None,
+            status: 0,
+        }
+    }
+
+    /// A guard for an answer cutover gives itself on `site` (a mode refusal):
+    /// logged under the site, but not counted against any target's error rate.
+    pub fn site_only(site: Arc<SiteRoute>, activity: Option<Arc<Activity>>, method: Method, uri: Uri) -> Self {
+        let mut g = Self::new(None, activity, method, uri);
+        g.site_only = Some(site);
+        g
     }
 
     /// Records the request id for the access log.
@@ -100,7 +120,7 @@ impl Drop for RequestGuard {
                 target.metrics.observe(self.status, elapsed.as_secs_f64());
                 (site.name(), target.name.as_str())
             }
-            None => ("-", "-"),
+            None => (self.site_only.as_ref().map_or("-", |s| s.name()), "-"),
         };
         let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
         tracing::info!(

@@ -25,7 +25,9 @@ use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
 use cutover_core::upstream::{self, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_TYPE, HOST, RETRY_AFTER, SET_COOKIE, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -34,6 +36,8 @@ use tokio_util::task::TaskTracker;
 use crate::activity::Activity;
 use crate::body::{ProxyBody, RequestGuard};
 use crate::headers;
+use crate::modes;
+use cutover_core::pause::HoldError;
 
 /// Attempts at getting a connection for one request (endpoints and stale pooled connections).
 const MAX_ATTEMPTS: usize = 4;
@@ -113,10 +117,40 @@ impl Proxy {
             resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             return Ok(resp);
         }
-        let Some(routed) = self.route(&req, conn.peer) else {
-            let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
-            guard.status = 404;
-            return Ok(local(StatusCode::NOT_FOUND, "no site is configured for this host\n", guard));
+        // Route; a paused site holds the request, then routes it afresh to the
+        // live target of that moment.
+        let (routed, pick) = loop {
+            let Some((mut routed, preview_host)) = self.route(&req, conn.peer) else {
+                let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
+                guard.status = 404;
+                return Ok(local(StatusCode::NOT_FOUND, "no site is configured for this host\n", guard));
+            };
+            let pick = match modes::pick(&routed.site, preview_host.as_deref(), &req) {
+                Ok(p) => p,
+                Err(r) => return Ok(refused(r, routed.site, conn.activity, method, uri)),
+            };
+            if let Some(r) = modes::refusal(&routed.site, &pick.target, &req) {
+                return Ok(refused(r, routed.site, conn.activity, method, uri));
+            }
+            let gate = &routed.site.pause;
+            if !pick.preview && gate.is_paused() {
+                if let Err(why) = gate.hold(routed.site.config.pause.max_held).await {
+                    let body = match why {
+                        HoldError::Full => "the site is paused and its queue is full\n",
+                        HoldError::Timeout => "the site stayed paused past the pause timeout\n",
+                    };
+                    let mut r = modes::Refusal {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        headers: vec![(RETRY_AFTER, modes::retry_after(&routed.site))],
+                        body: Bytes::from_static(body.as_bytes()),
+                    };
+                    r.headers.push((CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")));
+                    return Ok(refused(r, routed.site, conn.activity, method, uri));
+                }
+                continue;
+            }
+            routed.target = pick.target.clone();
+            break (routed, pick);
         };
         let route = (routed.site.clone(), routed.target.clone());
         let mut guard = RequestGuard::new(Some(route), Some(conn.activity.clone()), method, uri);
@@ -142,6 +176,16 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop_response(&mut parts.headers);
+        if pick.preview {
+            if let Some(v) = modes::served_by(&pick.target) {
+                parts.headers.insert(modes::SERVED_BY.clone(), v);
+            }
+        }
+        if let Some(bucket) = pick.new_bucket {
+            if let Some(v) = modes::bucket_set_cookie(&routed.site.config.canary_cookie, bucket) {
+                parts.headers.append(SET_COOKIE, v);
+            }
+        }
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
@@ -149,19 +193,21 @@ impl Proxy {
         Ok(Response::from_parts(parts, ProxyBody::upstream(body, sender, endpoint, guard)))
     }
 
-    /// Finds the site and target for `req` with one snapshot load.
-    fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<Routed> {
+    /// Finds the site for `req` with one snapshot load (the live target for
+    /// now; [`modes::pick`] may choose another), and the target a preview host names.
+    fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<(Routed, Option<Box<str>>)> {
         let host = request_host(req)?;
         let table = self.table.load();
-        let site = table.site_for_host(host)?;
+        let (site, preview) = table.site_for_host(host)?;
         let s = &table.settings;
-        Some(Routed {
+        let routed = Routed {
             target: site.live.clone(),
             site: site.clone(),
             trusted: !s.trusted_proxies.is_empty() && s.trusted_proxies.iter().any(|n| n.contains(&peer.ip())),
             connect_timeout: s.connect_timeout,
             response_timeout: s.response_timeout,
-        })
+        };
+        Some((routed, preview.map(Into::into)))
     }
 
     /// Sends `req` over HTTP/1.1, retrying connections that could not be made.
@@ -262,6 +308,24 @@ impl Proxy {
     }
 }
 
+/// An answer cutover gives itself on behalf of a site mode.
+fn refused(
+    r: modes::Refusal,
+    site: Arc<SiteRoute>,
+    activity: Arc<Activity>,
+    method: Method,
+    uri: Uri,
+) -> Response<ProxyBody> {
+    let mut guard = RequestGuard::site_only(site, Some(activity), method, uri);
+    guard.status = r.status.as_u16();
+    let mut resp = Response::new(ProxyBody::full(r.body, Some(guard)));
+    *resp.status_mut() = r.status;
+    for (k, v) in r.headers {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
+}
+
 fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::ConnectError) {
     tracing::warn!(target = %target.name, error = %e, "upstream connect failed");
     let kind = if e.is_timeout() { UpstreamErrorKind::Timeout } else { UpstreamErrorKind::Connect };
@@ -301,6 +365,9 @@ fn prepare(
     let wants_trailers = parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::drop_underscore_names(&mut parts.headers);
+    // Preview routing is cutover's business, and the token a secret.
+    parts.headers.remove(routed.site.config.preview.header.as_str());
+    parts.headers.remove(&modes::PREVIEW_TOKEN);
     let host = parts.headers.get(HOST).cloned();
     headers::set_forwarded(&mut parts.headers, conn.peer.ip(), routed.trusted, conn.scheme, host.as_ref());
     guard.set_request_id(headers::ensure_request_id(&mut parts.headers));

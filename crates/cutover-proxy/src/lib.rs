@@ -7,6 +7,7 @@
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
 //! - [`body`]: the response body type, which carries the in-flight guard
 //!   until the last byte is sent and returns the upstream connection to its pool.
+//! - [`modes`]: preview, sticky canary, maintenance and read-only answers.
 //! - `upgrade`: WebSocket and other upgrades as tunnels closed at the drain deadline.
 //! - [`activity`]: per-connection idle tracking.
 //!
@@ -16,6 +17,7 @@ pub mod activity;
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod modes;
 pub mod server;
 mod upgrade;
 

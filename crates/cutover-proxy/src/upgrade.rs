@@ -13,13 +13,17 @@ use tokio::io::AsyncWriteExt;
 
 use crate::body::RequestGuard;
 
+/// A random number (std's per-instance random hasher keys; no extra dependency).
+pub(crate) fn random_u64() -> u64 {
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
 /// A random duration in `[0, spread)`.
 pub(crate) fn jitter(spread: Duration) -> Duration {
     if spread.is_zero() {
         return spread;
     }
-    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    Duration::from_nanos(random % spread.as_nanos().max(1) as u64)
+    Duration::from_nanos(random_u64() % spread.as_nanos().max(1) as u64)
 }
 
 /// Joins the client and upstream sides of an upgrade until either closes or

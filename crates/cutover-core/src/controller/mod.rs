@@ -393,6 +393,127 @@ impl Controller {
         self.view(&inner, site)
     }
 
+    /// Turns site modes on or off (`None` leaves one as it is).
+    pub async fn set_mode(
+        &self,
+        site: &str,
+        read_only: Option<bool>,
+        maintenance: Option<bool>,
+        actor: Actor,
+    ) -> Result<SiteView, ControlError> {
+        if read_only.is_none() && maintenance.is_none() {
+            return Err(invalid("mode", "give read_only and/or maintenance"));
+        }
+        let lock = self.site_lock(site);
+        let _guard = lock.lock().await;
+        let mut inner = self.inner.lock().await;
+        let mut next = inner.state.clone();
+        let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
+        let mut changes = Vec::new();
+        for (name, wanted, slot) in
+            [("read_only", read_only, &mut s.mode.read_only), ("maintenance", maintenance, &mut s.mode.maintenance)]
+        {
+            if let Some(on) = wanted {
+                *slot = on;
+                changes.push(format!("{name} {}", if on { "on" } else { "off" }));
+            }
+        }
+        let entry = HistoryEntry::now("mode", None, None, actor.as_str(), "ok").reason(changes.join(", "));
+        history::push(&mut s.history, entry);
+        self.commit(&mut inner, next).await?;
+        tracing::info!(site, change = %changes.join(", "), "mode changed");
+        self.view(&inner, site)
+    }
+
+    /// Holds new requests to `site` (each for at most `timeout`) until [`Controller::resume`].
+    pub async fn pause(&self, site: &str, timeout: Duration, actor: Actor) -> Result<SiteView, ControlError> {
+        if timeout.is_zero() {
+            return Err(invalid("timeout", "must be greater than zero"));
+        }
+        self.pause_change(site, actor, "pause", format!("timeout {}", humantime::format_duration(timeout)), |g, _| {
+            g.pause(timeout)
+        })
+        .await
+    }
+
+    /// Releases the requests held on `site`, spread over `pause.resume_spread`.
+    pub async fn resume(&self, site: &str, actor: Actor) -> Result<SiteView, ControlError> {
+        self.pause_change(site, actor, "resume", String::new(), |g, cfg| g.resume(cfg.pause.resume_spread)).await
+    }
+
+    async fn pause_change(
+        &self,
+        site: &str,
+        actor: Actor,
+        kind: &str,
+        reason: String,
+        apply: impl FnOnce(&crate::pause::PauseGate, &Site),
+    ) -> Result<SiteView, ControlError> {
+        let lock = self.site_lock(site);
+        let _guard = lock.lock().await;
+        let mut inner = self.inner.lock().await;
+        let config = inner.sites.get(site).ok_or_else(|| not_found("site", site))?.clone();
+        let gate = self.registry.lock().unwrap_or_else(|e| e.into_inner()).pause_gate(site);
+        let held = gate.held();
+        // Recorded first: the pause itself is not durable (held requests die with the process).
+        let mut next = inner.state.clone();
+        let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
+        let reason = if kind == "resume" { format!("{held} held request(s) released") } else { reason };
+        history::push(&mut s.history, HistoryEntry::now(kind, None, None, actor.as_str(), "ok").reason(reason));
+        self.commit(&mut inner, next).await?;
+        apply(&gate, &config);
+        self.metrics.site_mode.with_label_values(&[site, "paused"]).set(i64::from(gate.is_paused()));
+        tracing::info!(site, kind, held, "pause changed");
+        self.view(&inner, site)
+    }
+
+    /// Sets a sticky canary split (percent by target, summing to 100).
+    pub async fn set_weights(
+        &self,
+        site: &str,
+        weights: BTreeMap<String, u8>,
+        actor: Actor,
+    ) -> Result<SiteView, ControlError> {
+        let sum: u32 = weights.values().map(|&w| u32::from(w)).sum();
+        if sum != 100 {
+            return Err(invalid("weights", format!("must sum to 100, not {sum}")));
+        }
+        let lock = self.site_lock(site);
+        let _guard = lock.lock().await;
+        let route = self.table.load().site(site).cloned().ok_or_else(|| not_found("site", site))?;
+        if let Some(unknown) = weights.keys().find(|t| route.target(t).is_none()) {
+            return Err(not_found("target", unknown));
+        }
+        let weights: BTreeMap<String, u8> = weights.into_iter().filter(|(_, w)| *w > 0).collect();
+        self.change_weights(site, Some(weights), actor).await
+    }
+
+    /// Ends the canary split: 100 % to the live target.
+    pub async fn clear_weights(&self, site: &str, actor: Actor) -> Result<SiteView, ControlError> {
+        let lock = self.site_lock(site);
+        let _guard = lock.lock().await;
+        self.change_weights(site, None, actor).await
+    }
+
+    async fn change_weights(
+        &self,
+        site: &str,
+        weights: Option<BTreeMap<String, u8>>,
+        actor: Actor,
+    ) -> Result<SiteView, ControlError> {
+        let mut inner = self.inner.lock().await;
+        let mut next = inner.state.clone();
+        let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
+        let reason = match &weights {
+            Some(w) => w.iter().map(|(t, p)| format!("{t}={p}")).collect::<Vec<_>>().join(", "),
+            None => format!("cleared: 100 % {}", s.live),
+        };
+        s.weights = weights;
+        history::push(&mut s.history, HistoryEntry::now("weights", None, None, actor.as_str(), "ok").reason(reason));
+        self.commit(&mut inner, next).await?;
+        self.view(&inner, site)
+    }
+
     /// Re-reads the configuration file this process started from.
     pub async fn reload_file(&self) -> Result<ReloadOutcome, ReloadError> {
         let Some(path) = &self.config_path else {
@@ -475,6 +596,8 @@ impl Controller {
         let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
         s.previous = Some(from.clone());
         s.live = req.to.clone();
+        // A switch ends any canary split: 100 % to the new live target.
+        s.weights = None;
         let mut entry = HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok");
         match (&req.reason, req.force) {
             (Some(r), true) => entry = entry.reason(format!("{r} (forced)")),
@@ -743,8 +866,11 @@ impl Controller {
                 let inflight = t.inflight();
                 let draining = inner.drains.get(&(site.to_string(), t.name.clone())).is_some_and(|d| d.deadline > now)
                     && inflight > 0;
+                let weighted = s.weights.as_ref().is_some_and(|w| w.get(&t.name).is_some_and(|&p| p > 0));
                 let state = if t.name == s.live {
                     "live"
+                } else if weighted {
+                    "canary"
                 } else if draining {
                     "draining"
                 } else {
@@ -771,8 +897,13 @@ impl Controller {
             hosts: route.config.hosts.clone(),
             live: s.live.clone(),
             previous: s.previous.clone(),
-            mode: ModeView { read_only: s.mode.read_only, maintenance: s.mode.maintenance, paused: false },
+            mode: ModeView {
+                read_only: s.mode.read_only,
+                maintenance: s.mode.maintenance,
+                paused: route.pause.is_paused(),
+            },
             weights: s.weights.clone(),
+            held: route.pause.held(),
             targets,
             watch: inner
                 .watches

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::reconcile::effective_targets;
 use crate::endpoint::Endpoint;
 use crate::health;
-use crate::routing::{RoutingTable, Settings, SiteRoute, TargetPool};
+use crate::pause::PauseGate;
+use crate::routing::{Canary, RoutingTable, Settings, SiteRoute, TargetPool};
 use crate::state::State;
 use crate::upstream::Pool;
 
@@ -40,6 +41,7 @@ struct EndpointEntry {
 pub(crate) struct Registry {
     endpoints: HashMap<EndpointKey, EndpointEntry>,
     drains: HashMap<TargetKey, CancellationToken>,
+    pauses: HashMap<String, Arc<PauseGate>>,
     metrics: Metrics,
     /// Parent of every probe's stop token.
     shutdown: CancellationToken,
@@ -47,7 +49,16 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new(metrics: Metrics, shutdown: CancellationToken) -> Self {
-        Self { endpoints: HashMap::new(), drains: HashMap::new(), metrics, shutdown }
+        Self { endpoints: HashMap::new(), drains: HashMap::new(), pauses: HashMap::new(), metrics, shutdown }
+    }
+
+    /// The pause gate of `site` (created on first use; it outlives snapshots).
+    pub(crate) fn pause_gate(&mut self, site: &str) -> Arc<PauseGate> {
+        let metrics = &self.metrics;
+        self.pauses
+            .entry(site.to_string())
+            .or_insert_with(|| Arc::new(PauseGate::new(metrics.held_requests.with_label_values(&[site]))))
+            .clone()
     }
 
     /// Cancels the drain token of `key` (closing what started under it) and starts a fresh one.
@@ -99,7 +110,27 @@ impl Registry {
                 tracing::error!(site = %name, live = %s.live, "live target missing; site not routed");
                 continue;
             };
-            routes.push(Arc::new(SiteRoute { config: site.clone(), live, targets: pools }));
+            let canary = s.weights.as_ref().and_then(|w| Canary::new(w, &pools));
+            for p in &pools {
+                let weight = match &s.weights {
+                    Some(w) => w.get(&p.name).copied().unwrap_or(0),
+                    None if p.name == s.live => 100,
+                    None => 0,
+                };
+                self.metrics.target_weight.with_label_values(&[name, &p.name]).set(i64::from(weight));
+            }
+            self.metrics.site_mode.with_label_values(&[name, "read_only"]).set(i64::from(s.mode.read_only));
+            self.metrics.site_mode.with_label_values(&[name, "maintenance"]).set(i64::from(s.mode.maintenance));
+            routes.push(Arc::new(SiteRoute {
+                config: site.clone(),
+                live,
+                targets: pools,
+                read_only: s.mode.read_only,
+                maintenance: s.mode.maintenance,
+                maintenance_page: maintenance_page(site),
+                canary,
+                pause: self.pause_gate(name),
+            }));
         }
         let metrics = &self.metrics;
         self.endpoints.retain(|key, entry| {
@@ -138,5 +169,23 @@ impl Registry {
         tokio::spawn(health::run(endpoint.clone(), health.clone(), probe.clone()));
         self.endpoints.insert(key, EndpointEntry { endpoint: endpoint.clone(), probe, health: health.clone() });
         endpoint
+    }
+}
+
+/// The built-in maintenance page.
+const MAINTENANCE_PAGE: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body style=\"font-family:system-ui,sans-serif;text-align:center;padding-top:20vh\">\n<h1>Down for maintenance</h1><p>We will be back shortly. Please try again in a few minutes.</p>\n</body></html>\n";
+
+/// The site's maintenance page: its configured file, or the built-in page
+/// when none is set or the file cannot be read (logged).
+fn maintenance_page(site: &Site) -> bytes::Bytes {
+    match &site.maintenance_page {
+        Some(path) => match std::fs::read(path) {
+            Ok(page) => page.into(),
+            Err(e) => {
+                tracing::warn!(site = %site.name, file = %path.display(), error = %e, "maintenance page unreadable; using the built-in page");
+                bytes::Bytes::from_static(MAINTENANCE_PAGE.as_bytes())
+            }
+        },
+        None => bytes::Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
     }
 }
