@@ -33,27 +33,28 @@ async fn h2c_streams_across_a_switch() {
         .await;
     p.wait_healthy("shop", &["blue", "green"]).await;
     let sender = h2c(p.addr).await;
-    let mut tasks = Vec::new();
-    for i in 0..300 {
+    let send = |path: &'static str| {
         let mut s = sender.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(i)).await;
-            let path = if i % 10 == 0 { "/slow?ms=200" } else { "/" };
+        tokio::spawn(async move {
             let resp = s.send_request(get("shop.test", path)).await.expect("h2 stream failed");
             let status = resp.status().as_u16();
             let body = resp.into_body().collect().await.expect("h2 body failed").to_bytes();
             (status, String::from_utf8_lossy(&body).into_owned())
-        }));
+        })
+    };
+    // 100 slow streams in flight on blue, then the switch, then 200 more on the same connection.
+    let slow: Vec<_> = (0..100).map(|_| send("/slow?ms=400")).collect();
+    while blue.seen().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
     p.switch("shop", "green").await;
-    let mut colours = std::collections::HashSet::new();
-    for t in tasks {
-        let (status, body) = t.await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        colours.insert(body.split_whitespace().next().unwrap().to_string());
+    let fast: Vec<_> = (0..200).map(|_| send("/")).collect();
+    for t in slow {
+        assert_eq!(t.await.unwrap(), (200, "blue slow done".to_string()));
     }
-    assert_eq!(colours.len(), 2, "{colours:?}");
+    for t in fast {
+        assert_eq!(t.await.unwrap(), (200, "green".to_string()));
+    }
     // The h2 client's requests reached the origins over HTTP/1.1, with the :authority as Host.
     let seen = green.seen();
     assert_eq!(seen[0].version, http::Version::HTTP_11);

@@ -10,6 +10,7 @@ use cutover_config::Config;
 use cutover_core::state::{FileStore, StateStore};
 use cutover_core::Controller;
 use cutover_metrics::Metrics;
+use cutover_proxy::tls::TlsStore;
 use cutover_proxy::{ListenerConfig, Proxy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -72,42 +73,77 @@ async fn serve(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = Metrics::new();
-    let controller = Controller::start(config.clone(), config_path, store, metrics.clone())?;
     let http = TcpListener::bind(config.listen.http)
         .await
         .with_context(|| format!("listen.http: cannot bind {}", config.listen.http))?;
+    let https = match config.listen.https {
+        Some(addr) => {
+            let store = Arc::new(TlsStore::new(&config.tls).map_err(|e| anyhow::anyhow!("tls: {e}"))?);
+            let listener =
+                TcpListener::bind(addr).await.with_context(|| format!("listen.https: cannot bind {addr}"))?;
+            Some((listener, store))
+        }
+        None => None,
+    };
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
-    if config.listen.https.is_some() {
-        tracing::warn!("listen.https is configured but TLS termination is not available in this build; ignoring it");
+    let mut config = config;
+    if let Some((listener, _)) = &https {
+        // The port really bound (the file may say 0), for redirects to HTTPS.
+        config.listen.https = listener.local_addr().ok();
     }
-    tracing::info!(http = %config.listen.http, admin = %config.admin.listen, sites = config.sites.len(), "cutover serving");
+    let controller = Controller::start(config.clone(), config_path, store, metrics.clone())?;
+    // Certificates are re-read with the configuration; a bad one refuses the reload.
+    let tls_store = https.as_ref().map(|(_, store)| store.clone());
+    controller.on_reload(Box::new(move |new| match &tls_store {
+        Some(store) if !new.tls.is_empty() => store.reload(&new.tls),
+        _ => Ok(()),
+    }));
+    tracing::info!(
+        http = %config.listen.http,
+        https = ?config.listen.https,
+        admin = %config.admin.listen,
+        sites = config.sites.len(),
+        "cutover serving"
+    );
     if let Some(ready) = ready {
         ready();
     }
 
     let stop = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(controller.table()));
-    let listener_config = ListenerConfig {
-        scheme: "http",
+    let listener_config = |scheme: &'static str, tls: Option<Arc<TlsStore>>| ListenerConfig {
+        scheme,
         limits: config.limits,
-        connections: metrics.client_connections.with_label_values(&["http"]),
+        connections: metrics.client_connections.with_label_values(&[scheme]),
+        tls,
     };
-    let data_plane = tokio::spawn(cutover_proxy::serve(
+    let mut data_plane = vec![tokio::spawn(cutover_proxy::serve(
         http,
-        proxy,
-        listener_config,
+        proxy.clone(),
+        listener_config("http", None),
         stop.clone().cancelled_owned(),
         config.shutdown_timeout,
-    ));
+    ))];
+    if let Some((listener, store)) = https {
+        data_plane.push(tokio::spawn(cutover_proxy::serve(
+            listener,
+            proxy,
+            listener_config("https", Some(store)),
+            stop.clone().cancelled_owned(),
+            config.shutdown_timeout,
+        )));
+    }
     let admin = Arc::new(Admin::new(controller.clone(), config.admin.token.clone()));
     let admin_plane = tokio::spawn(cutover_admin::serve(admin_listener, admin, stop.clone().cancelled_owned()));
 
     wait_for_signal(&controller).await;
     tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: listeners closed, finishing in-flight requests");
     stop.cancel();
-    let _ = data_plane.await;
+    for plane in data_plane {
+        let _ = plane.await;
+    }
     let _ = admin_plane.await;
     controller.shutdown();
     tracing::info!("stopped");

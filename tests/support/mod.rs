@@ -244,6 +244,8 @@ fn futures_stream(
 /// A running proxy (data plane + admin API) in this process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when [`Options::https`] was set.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub controller: Arc<Controller>,
     pub dir: tempfile::TempDir,
@@ -260,6 +262,8 @@ pub struct Options {
     pub extra: String,
     /// Reuse this directory (and its state file).
     pub dir: Option<tempfile::TempDir>,
+    /// Also serve HTTPS (the `extra` YAML must then hold a `tls:` section).
+    pub https: bool,
 }
 
 impl Proxy {
@@ -277,12 +281,19 @@ impl Proxy {
             }
             None => "admin: { listen: 127.0.0.1:0 }".to_string(),
         };
+        let listen = if opts.https { "{ http: 127.0.0.1:0, https: 127.0.0.1:0 }" } else { "{ http: 127.0.0.1:0 }" };
         let yaml = format!(
-            "listen: {{ http: 127.0.0.1:0 }}\n{admin_cfg}\nstate: {{ path: state.json }}\nshutdown_timeout: 5s\n{}\nsites:\n{sites_yaml}",
+            "listen: {listen}\n{admin_cfg}\nstate: {{ path: state.json }}\nshutdown_timeout: 5s\n{}\nsites:\n{sites_yaml}",
             opts.extra
         );
-        let config =
+        let mut config =
             cutover_config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+        let https_listener = match opts.https {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        // The real port, for redirects to HTTPS.
+        config.listen.https = https_listener.as_ref().map(|l| l.local_addr().unwrap());
         let metrics = Metrics::new();
         let store = Arc::new(FileStore::new(&config.state_path));
         std::fs::write(dir.path().join("cutover.yaml"), &yaml).unwrap();
@@ -293,16 +304,34 @@ impl Proxy {
         let (addr, admin) = (http.local_addr().unwrap(), admin_listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table()));
-        let lc = ListenerConfig {
-            scheme: "http",
+        let lc = |scheme: &'static str, tls| ListenerConfig {
+            scheme,
             limits: config.limits,
-            connections: metrics.client_connections.with_label_values(&["http"]),
+            connections: metrics.client_connections.with_label_values(&[scheme]),
+            tls,
         };
-        let t1 =
-            tokio::spawn(cutover_proxy::serve(http, proxy, lc, stop.clone().cancelled_owned(), Duration::from_secs(5)));
+        let mut tasks = Vec::new();
+        let mut https = None;
+        if let Some(listener) = https_listener {
+            let store = Arc::new(cutover_proxy::tls::TlsStore::new(&config.tls).expect("test certificates load"));
+            https = Some(listener.local_addr().unwrap());
+            let reload_store = store.clone();
+            controller.on_reload(Box::new(move |new| reload_store.reload(&new.tls)));
+            let lc = lc("https", Some(store));
+            let stopped = stop.clone().cancelled_owned();
+            tasks.push(tokio::spawn(cutover_proxy::serve(
+                listener,
+                proxy.clone(),
+                lc,
+                stopped,
+                Duration::from_secs(5),
+            )));
+        }
+        let stopped = stop.clone().cancelled_owned();
+        tasks.push(tokio::spawn(cutover_proxy::serve(http, proxy, lc("http", None), stopped, Duration::from_secs(5))));
         let api = Arc::new(Admin::new(controller.clone(), config.admin.token.clone()));
-        let t2 = tokio::spawn(cutover_admin::serve(admin_listener, api, stop.clone().cancelled_owned()));
-        Proxy { addr, admin, controller, dir, token: opts.token, stop, tasks: vec![t1, t2] }
+        tasks.push(tokio::spawn(cutover_admin::serve(admin_listener, api, stop.clone().cancelled_owned())));
+        Proxy { addr, https, admin, controller, dir, token: opts.token, stop, tasks }
     }
 
     /// Calls the admin API with this proxy's token.

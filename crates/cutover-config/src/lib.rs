@@ -8,6 +8,7 @@
 mod error;
 pub mod file;
 pub mod model;
+pub mod tls;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};

@@ -219,19 +219,30 @@ impl Validator {
         for (i, c) in raw.certificates.iter().enumerate() {
             let cert = self.file_path(&c.cert);
             let key = self.file_path(&c.key);
-            self.check_pem(&format!("tls.certificates[{i}].cert"), &c.cert, &cert, PemKind::Certificate);
-            self.check_pem(&format!("tls.certificates[{i}].key"), &c.key, &key, PemKind::Key);
+            let cert_field = format!("tls.certificates[{i}].cert");
+            let key_field = format!("tls.certificates[{i}].key");
+            let cert_ok = self.check_pem(&cert_field, &c.cert, &cert, PemKind::Certificate);
+            let key_ok = self.check_pem(&key_field, &c.key, &key, PemKind::Key);
+            if cert_ok && key_ok {
+                if let Err(m) = crate::tls::load_pair(&cert, &key) {
+                    self.err(key_field, &c.key, m);
+                }
+            }
             out.push(Certificate { cert, key });
         }
         out
     }
 
-    fn check_pem(&mut self, field: &str, shown: &str, path: &Path, kind: PemKind) {
+    /// Checks that `path` holds PEM material of `kind`; `false` (and an error) when not.
+    fn check_pem(&mut self, field: &str, shown: &str, path: &Path, kind: PemKind) -> bool {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
-            Err(e) => return self.err(field, shown, format!("cannot read {}: {e}", path.display())),
+            Err(e) => {
+                self.err(field, shown, format!("cannot read {}: {e}", path.display()));
+                return false;
+            }
         };
         let ok = match kind {
             PemKind::Certificate => {
@@ -247,6 +258,7 @@ impl Validator {
             };
             self.err(field, shown, format!("{what} {}", path.display()));
         }
+        ok
     }
 
     fn secret(&mut self, field: &str, env: Option<&str>, file: Option<&str>) -> Option<String> {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use cutover_metrics::IntGauge;
 
-use crate::upstream::Pool;
+use crate::upstream::{Pool, UpstreamTls};
 
 /// Health of an endpoint as last decided by its checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,8 @@ pub struct Endpoint {
     healthy_gauge: IntGauge,
     /// Idle keep-alive connections to this endpoint.
     pub pool: Pool,
+    /// TLS to this endpoint, when its target says `tls: true`.
+    pub tls: arc_swap::ArcSwapOption<UpstreamTls>,
 }
 
 impl Endpoint {
@@ -78,6 +80,7 @@ impl Endpoint {
             reported_version: Mutex::new(None),
             healthy_gauge,
             pool,
+            tls: arc_swap::ArcSwapOption::empty(),
         }
     }
 

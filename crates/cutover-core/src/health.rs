@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{Endpoint, Health};
-use crate::upstream::connect_tcp;
+use crate::upstream::{connect_stream, UpstreamTls};
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,22 +31,22 @@ pub struct ProbeResult {
     pub detail: String,
 }
 
-/// Probes `endpoint` once according to `cfg`.
-pub async fn probe(address: &str, cfg: &HealthConfig) -> ProbeResult {
-    match tokio::time::timeout(cfg.timeout, probe_inner(address, cfg)).await {
+/// Probes `address` once according to `cfg` (over TLS when `tls` is given).
+pub async fn probe(address: &str, tls: Option<&UpstreamTls>, cfg: &HealthConfig) -> ProbeResult {
+    match tokio::time::timeout(cfg.timeout, probe_inner(address, tls, cfg)).await {
         Ok(r) => r,
         Err(_) => ProbeResult { ok: false, version: None, detail: format!("no answer within {:?}", cfg.timeout) },
     }
 }
 
-async fn probe_inner(address: &str, cfg: &HealthConfig) -> ProbeResult {
+async fn probe_inner(address: &str, tls: Option<&UpstreamTls>, cfg: &HealthConfig) -> ProbeResult {
     let fail = |detail: String| ProbeResult { ok: false, version: None, detail };
-    let stream = match connect_tcp(address, cfg.timeout).await {
+    let stream = match connect_stream(address, tls, cfg.timeout).await {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
     let Some(path) = &cfg.path else {
-        return ProbeResult { ok: true, version: None, detail: "tcp connect ok".into() };
+        return ProbeResult { ok: true, version: None, detail: "connect ok".into() };
     };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(x) => x,
@@ -121,8 +121,9 @@ impl Streak {
 pub async fn run(endpoint: Arc<Endpoint>, cfg: Arc<HealthConfig>, stop: CancellationToken) {
     let mut streak = Streak::default();
     loop {
+        let tls = endpoint.tls.load_full();
         let result = tokio::select! {
-            r = probe(&endpoint.address, &cfg) => r,
+            r = probe(&endpoint.address, tls.as_deref(), &cfg) => r,
             _ = stop.cancelled() => return,
         };
         if !result.ok {

@@ -27,6 +27,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Time for an upstream to answer with a response head.
     pub response_timeout: Duration,
+    /// Port of the HTTPS listener, for `redirect_https`.
+    pub https_port: Option<u16>,
 }
 
 impl Settings {
@@ -36,6 +38,7 @@ impl Settings {
             trusted_proxies: config.trusted_proxies.clone(),
             connect_timeout: config.limits.upstream_connect_timeout,
             response_timeout: config.limits.upstream_response_timeout,
+            https_port: config.listen.https.map(|a| a.port()),
         }
     }
 }
@@ -47,6 +50,7 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             connect_timeout: limits.upstream_connect_timeout,
             response_timeout: limits.upstream_response_timeout,
+            https_port: None,
         }
     }
 }

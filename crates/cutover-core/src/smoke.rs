@@ -8,21 +8,33 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-use crate::upstream::connect_tcp;
+use crate::upstream::{connect_stream, UpstreamTls};
 
 /// Largest body read from a smoke answer.
 const MAX_BODY: usize = 1 << 20;
 
-/// Runs `check` against `address`; `Err` carries why it failed.
-pub async fn run(address: &str, host: Option<&str>, check: &Smoke, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, run_inner(address, host, check, timeout)).await {
+/// Runs `check` against `address` (over TLS when `tls` is given); `Err` carries why it failed.
+pub async fn run(
+    address: &str,
+    tls: Option<&UpstreamTls>,
+    host: Option<&str>,
+    check: &Smoke,
+    timeout: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, run_inner(address, tls, host, check, timeout)).await {
         Ok(r) => r,
         Err(_) => Err(format!("GET {} gave no answer within {timeout:?}", check.path)),
     }
 }
 
-async fn run_inner(address: &str, host: Option<&str>, check: &Smoke, timeout: Duration) -> Result<(), String> {
-    let stream = connect_tcp(address, timeout).await.map_err(|e| e.to_string())?;
+async fn run_inner(
+    address: &str,
+    tls: Option<&UpstreamTls>,
+    host: Option<&str>,
+    check: &Smoke,
+    timeout: Duration,
+) -> Result<(), String> {
+    let stream = connect_stream(address, tls, timeout).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake failed: {e}"))?;

@@ -113,12 +113,158 @@ pub enum ConnectError {
     /// The HTTP handshake failed.
     #[error("handshake with {0} failed: {1}")]
     Handshake(String, hyper::Error),
+    /// The TLS handshake failed (untrusted certificate, wrong name, …).
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, io::Error),
 }
 
 impl ConnectError {
     /// Whether the connect timed out (as opposed to being refused or failing).
     pub fn is_timeout(&self) -> bool {
         matches!(self, ConnectError::Timeout(_))
+    }
+}
+
+/// TLS to an upstream (`tls: true` on a target): the client configuration
+/// (CA roots and ALPN) and the name the certificate must be valid for.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// Connector with the roots (the target's `ca`, or the public web roots) and ALPN.
+    pub connector: tokio_rustls::TlsConnector,
+    /// `server_name`, or `None` to use the endpoint's host.
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+impl UpstreamTls {
+    /// A connector trusting `ca` (PEM; the public web roots when `None`),
+    /// offering `h2` or `http/1.1` by ALPN.
+    pub fn new(ca: Option<&std::path::Path>, server_name: Option<&str>, h2: bool) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(path) => {
+                for cert in cutover_config::tls::load_certs(path)? {
+                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        Self::with_roots(roots, server_name, h2)
+    }
+
+    /// A connector trusting exactly `roots` (empty: every handshake fails, closed).
+    pub fn with_roots(roots: rustls::RootCertStore, server_name: Option<&str>, h2: bool) -> Result<Self, String> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        let server_name = server_name
+            .map(|n| {
+                rustls_pki_types::ServerName::try_from(n.to_string()).map_err(|e| format!("server_name {n:?}: {e}"))
+            })
+            .transpose()?;
+        Ok(Self { connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), server_name })
+    }
+}
+
+/// A connection to an upstream, plain or TLS.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens a connection to `address` within `timeout`, with TLS when `tls` is given.
+pub async fn connect_stream(
+    address: &str,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+) -> Result<Stream, ConnectError> {
+    let tcp = connect_tcp(address, timeout).await?;
+    let Some(tls) = tls else { return Ok(Stream::Plain(tcp)) };
+    let name = match &tls.server_name {
+        Some(n) => n.clone(),
+        None => {
+            let host = address.rsplit_once(':').map_or(address, |(h, _)| h).trim_matches(['[', ']']);
+            rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| ConnectError::Tls(address.to_string(), io::Error::new(io::ErrorKind::InvalidInput, e)))?
+        }
+    };
+    match tokio::time::timeout(timeout, tls.connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+        Ok(Err(e)) => Err(ConnectError::Tls(address.to_string(), e)),
+        Err(_) => Err(ConnectError::Timeout(address.to_string())),
     }
 }
 
@@ -134,8 +280,8 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
 }
 
 /// Opens a new HTTP/1.1 connection to `address` and spawns its driver task.
-pub async fn connect(address: &str, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = connect_tcp(address, timeout).await?;
+pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = connect_stream(address, tls, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -148,9 +294,10 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<Sender, Connect
     Ok(sender)
 }
 
-/// Opens a new HTTP/2 (prior knowledge) connection to `address` and spawns its driver task.
-pub async fn connect_h2(address: &str, timeout: Duration) -> Result<H2Sender, ConnectError> {
-    let stream = connect_tcp(address, timeout).await?;
+/// Opens a new HTTP/2 connection to `address` (ALPN over TLS, else prior
+/// knowledge) and spawns its driver task.
+pub async fn connect_h2(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> Result<H2Sender, ConnectError> {
+    let stream = connect_stream(address, tls, timeout).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))

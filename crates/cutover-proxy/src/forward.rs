@@ -69,6 +69,7 @@ struct Routed {
     trusted: bool,
     connect_timeout: Duration,
     response_timeout: Duration,
+    https_port: Option<u16>,
 }
 
 /// The upstream connection a response came on.
@@ -125,6 +126,11 @@ impl Proxy {
                 guard.status = 404;
                 return Ok(local(StatusCode::NOT_FOUND, "no site is configured for this host\n", guard));
             };
+            if conn.scheme == "http" && routed.site.config.redirect_https && !routed.site.allowed_path(uri.path()) {
+                if let Some(r) = https_redirect(&req, routed.https_port) {
+                    return Ok(refused(r, routed.site, conn.activity, method, uri));
+                }
+            }
             let pick = match modes::pick(&routed.site, preview_host.as_deref(), &req) {
                 Ok(p) => p,
                 Err(r) => return Ok(refused(r, routed.site, conn.activity, method, uri)),
@@ -206,6 +212,7 @@ impl Proxy {
             trusted: !s.trusted_proxies.is_empty() && s.trusted_proxies.iter().any(|n| n.contains(&peer.ip())),
             connect_timeout: s.connect_timeout,
             response_timeout: s.response_timeout,
+            https_port: s.https_port,
         };
         Some((routed, preview.map(Into::into)))
     }
@@ -227,7 +234,13 @@ impl Proxy {
             let pooled = if fresh { None } else { endpoint.pool.checkout() };
             let mut sender = match pooled {
                 Some(s) => s,
-                None => match upstream::connect(&endpoint.address, routed.connect_timeout).await {
+                None => match upstream::connect(
+                    &endpoint.address,
+                    endpoint.tls.load_full().as_deref(),
+                    routed.connect_timeout,
+                )
+                .await
+                {
                     Ok(s) => s,
                     Err(e) => {
                         connect_failed(target, endpoint, &e);
@@ -273,7 +286,13 @@ impl Proxy {
             let endpoint = &target.endpoints[idx];
             let mut sender = match endpoint.pool.h2() {
                 Some(s) => s,
-                None => match upstream::connect_h2(&endpoint.address, routed.connect_timeout).await {
+                None => match upstream::connect_h2(
+                    &endpoint.address,
+                    endpoint.tls.load_full().as_deref(),
+                    routed.connect_timeout,
+                )
+                .await
+                {
                     Ok(s) => {
                         endpoint.pool.set_h2(s.clone());
                         s
@@ -306,6 +325,19 @@ impl Proxy {
         }
         Err(ForwardError::NoEndpoint)
     }
+}
+
+/// `308` to the same host, path and query on the HTTPS listener.
+fn https_redirect<B>(req: &Request<B>, https_port: Option<u16>) -> Option<modes::Refusal> {
+    let port = https_port?;
+    let host = request_host(req)?;
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if port == 443 { format!("https://{host}{pq}") } else { format!("https://{host}:{port}{pq}") };
+    Some(modes::Refusal {
+        status: StatusCode::PERMANENT_REDIRECT,
+        headers: vec![(http::header::LOCATION, HeaderValue::try_from(location).ok()?)],
+        body: Bytes::new(),
+    })
 }
 
 /// An answer cutover gives itself on behalf of a site mode.

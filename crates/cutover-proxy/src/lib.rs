@@ -10,6 +10,7 @@
 //! - [`modes`]: preview, sticky canary, maintenance and read-only answers.
 //! - `upgrade`: WebSocket and other upgrades as tunnels closed at the drain deadline.
 //! - [`activity`]: per-connection idle tracking.
+//! - [`tls`]: TLS termination with SNI and hot certificate reload.
 //!
 //! The data plane only reads the routing snapshot; it never changes state.
 
@@ -19,6 +20,7 @@ pub mod forward;
 pub mod headers;
 pub mod modes;
 pub mod server;
+pub mod tls;
 mod upgrade;
 
 pub use forward::Proxy;

@@ -19,13 +19,15 @@ use cutover_metrics::IntGauge;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::{Activity, Tracked};
 use crate::forward::{ClientConn, Proxy};
+use crate::tls::TlsStore;
 
 /// h2 streams one client connection may have open at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -33,6 +35,8 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// h2 resets cutover itself may send for a client's errors before GOAWAY.
 const H2_MAX_LOCAL_RESETS: usize = 1024;
+/// TLS handshakes in progress at once per listener (they cost CPU, not just a socket).
+const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct ListenerConfig {
     pub limits: Limits,
     /// Open client connections of this listener (`cutover_client_connections`).
     pub connections: IntGauge,
+    /// TLS termination, for an HTTPS listener.
+    pub tls: Option<Arc<TlsStore>>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains open connections
@@ -56,6 +62,7 @@ pub async fn serve(
 ) {
     let builder = Arc::new(builder(&config.limits));
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();
     tokio::pin!(shutdown);
@@ -87,7 +94,33 @@ pub async fn serve(
             gauge: config.connections.clone(),
             _permit: permit,
         };
-        connections.spawn(conn.run(stream));
+        match &config.tls {
+            None => {
+                connections.spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let io = Tracked::new(stream, conn.client.activity.clone());
+                    conn.run(io).await;
+                });
+            }
+            Some(tls) => {
+                let (acceptor, handshakes) = (tls.acceptor(), handshakes.clone());
+                let timeout = config.limits.header_read_timeout;
+                connections.spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let io = Tracked::new(stream, conn.client.activity.clone());
+                    // rustls has no handshake timeout of its own, and handshakes cost CPU: bound both.
+                    let handshake = async {
+                        let _slot = handshakes.acquire().await;
+                        acceptor.accept(io).await
+                    };
+                    match tokio::time::timeout(timeout, handshake).await {
+                        Ok(Ok(tls_stream)) => conn.run(tls_stream).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     stop.cancel();
@@ -115,8 +148,10 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
+    async fn run<IO>(self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         self.gauge.inc();
         let peer = self.client.peer;
         let activity = self.client.activity.clone();
@@ -125,8 +160,7 @@ impl Connection {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { proxy.handle(req, client).await }
         });
-        let io = TokioIo::new(Tracked::new(stream, activity.clone()));
-        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
         let mut closing = false;

@@ -138,8 +138,13 @@ pub struct Controller {
     registry: Mutex<Registry>,
     sampler: Sampler,
     deployments: Deployments,
+    reload_hook: Mutex<Option<ReloadHook>>,
     shutdown: CancellationToken,
 }
+
+/// Applies the parts of a new configuration the controller does not own (TLS
+/// certificates); an `Err` refuses the whole reload.
+pub type ReloadHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,6 +186,7 @@ impl Controller {
             site_locks: Mutex::new(HashMap::new()),
             sampler: Sampler::default(),
             deployments: Deployments::default(),
+            reload_hook: Mutex::new(None),
             shutdown,
             inner: tokio::sync::Mutex::new(inner),
         });
@@ -202,6 +208,11 @@ impl Controller {
             }
         });
         Ok(controller)
+    }
+
+    /// Runs `hook` on every reload, before anything changes.
+    pub fn on_reload(&self, hook: ReloadHook) {
+        *self.reload_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// The routing snapshot the data plane reads.
@@ -548,9 +559,20 @@ impl Controller {
             guards.push(l.lock().await);
         }
         let mut inner = self.inner.lock().await;
+        if let Some(hook) = &*self.reload_hook.lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Err(message) = hook(&config) {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                let error = cutover_config::ConfigError::new("tls.certificates", "", message);
+                return Err(ReloadError::Invalid(ConfigErrors {
+                    file: self.config_path.as_ref().map(|p| p.display().to_string()),
+                    errors: vec![error],
+                }));
+            }
+        }
         let restart_required = restart_required(&inner.config, &config);
         let next = reconcile(&config, Some(inner.state.clone()));
         let old = (inner.config.clone(), std::mem::take(&mut inner.sites));
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).clear_tls();
         inner.sites = sites_of(&config);
         inner.config = Arc::new(config);
         if let Err(e) = self.commit(&mut inner, next).await {
@@ -745,7 +767,7 @@ impl Controller {
         let timeout = self.table.load().settings.response_timeout.min(Duration::from_secs(10));
         for e in &target.endpoints {
             for check in &site.switch.smoke {
-                if let Err(why) = smoke::run(&e.address, host, check, timeout).await {
+                if let Err(why) = smoke::run(&e.address, e.tls.load().as_deref(), host, check, timeout).await {
                     reasons.push(format!("{} {}: {why}", target.name, e.address));
                 }
             }
@@ -921,8 +943,9 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
             out.push(name.to_string());
         }
     };
-    check("listen", old.listen != new.listen);
-    check("tls", old.tls != new.tls);
+    check("listen.http", old.listen.http != new.listen.http);
+    check("listen.https", matches!((old.listen.https, new.listen.https), (Some(a), Some(b)) if a != b));
+    check("listen.https", old.listen.https.is_some() != new.listen.https.is_some());
     check("admin", old.admin != new.admin);
     check("state.path", old.state_path != new.state_path);
     check("shutdown_timeout", old.shutdown_timeout != new.shutdown_timeout);

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_config::{Health as HealthConfig, Site};
+use cutover_config::{Health as HealthConfig, Protocol, Site, Target};
 use cutover_metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ use crate::health;
 use crate::pause::PauseGate;
 use crate::routing::{Canary, RoutingTable, Settings, SiteRoute, TargetPool};
 use crate::state::State;
-use crate::upstream::Pool;
+use crate::upstream::{Pool, UpstreamTls};
 
 /// Idle upstream connections kept per endpoint.
 const POOL_MAX_IDLE: usize = 256;
@@ -42,6 +42,8 @@ pub(crate) struct Registry {
     endpoints: HashMap<EndpointKey, EndpointEntry>,
     drains: HashMap<TargetKey, CancellationToken>,
     pauses: HashMap<String, Arc<PauseGate>>,
+    /// Upstream TLS connectors by (ca, server_name, h2); cleared on reload.
+    tls: HashMap<(Option<std::path::PathBuf>, Option<String>, bool), Arc<UpstreamTls>>,
     metrics: Metrics,
     /// Parent of every probe's stop token.
     shutdown: CancellationToken,
@@ -49,7 +51,38 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new(metrics: Metrics, shutdown: CancellationToken) -> Self {
-        Self { endpoints: HashMap::new(), drains: HashMap::new(), pauses: HashMap::new(), metrics, shutdown }
+        Self {
+            endpoints: HashMap::new(),
+            drains: HashMap::new(),
+            pauses: HashMap::new(),
+            tls: HashMap::new(),
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Forgets cached upstream TLS connectors (CA files are read again).
+    pub(crate) fn clear_tls(&mut self) {
+        self.tls.clear();
+    }
+
+    /// The upstream TLS connector of `target`, when it says `tls: true`. A CA
+    /// that cannot be read fails closed: no handshake to that target succeeds.
+    fn upstream_tls(&mut self, target: &Target) -> Option<Arc<UpstreamTls>> {
+        if !target.tls {
+            return None;
+        }
+        let h2 = target.protocol == Protocol::H2;
+        let key = (target.ca.clone(), target.server_name.clone(), h2);
+        let made = self.tls.entry(key).or_insert_with(|| {
+            let name = target.server_name.as_deref();
+            let tls = UpstreamTls::new(target.ca.as_deref(), name, h2).or_else(|e| {
+                tracing::error!(error = %e, "upstream TLS roots unreadable: connections to this target will fail");
+                UpstreamTls::with_roots(rustls::RootCertStore::empty(), name, h2)
+            });
+            Arc::new(tls.unwrap_or_else(|e| panic!("a TLS client config without roots always builds: {e}")))
+        });
+        Some(made.clone())
     }
 
     /// The pause gate of `site` (created on first use; it outlives snapshots).
@@ -83,13 +116,14 @@ impl Registry {
             let health = Arc::new(site.health.clone());
             let mut pools = Vec::new();
             for (tname, target) in effective_targets(site, s) {
-                let endpoints = target
+                let tls = self.upstream_tls(&target);
+                let endpoints: Vec<Arc<crate::endpoint::Endpoint>> = target
                     .endpoints
                     .iter()
                     .map(|addr| {
                         let key = (name.clone(), tname.clone(), addr.clone());
                         used_endpoints.insert(key.clone());
-                        self.endpoint(key, &health)
+                        self.endpoint(key, &health, &tls)
                     })
                     .collect();
                 let tkey = (name.clone(), tname.clone());
@@ -153,8 +187,14 @@ impl Registry {
 
     /// The endpoint for `key`, created (and probed) when new; its probe is
     /// restarted when the site's health settings changed.
-    fn endpoint(&mut self, key: EndpointKey, health: &Arc<HealthConfig>) -> Arc<Endpoint> {
+    fn endpoint(
+        &mut self,
+        key: EndpointKey,
+        health: &Arc<HealthConfig>,
+        tls: &Option<Arc<UpstreamTls>>,
+    ) -> Arc<Endpoint> {
         if let Some(entry) = self.endpoints.get_mut(&key) {
+            entry.endpoint.tls.store(tls.clone());
             if *entry.health != **health {
                 entry.probe.cancel();
                 entry.probe = self.shutdown.child_token();
@@ -165,6 +205,8 @@ impl Registry {
         }
         let gauge = self.metrics.endpoint_healthy.with_label_values(&[&key.0, &key.1, &key.2]);
         let endpoint = Arc::new(Endpoint::new(key.2.clone(), gauge, Pool::new(POOL_MAX_IDLE, POOL_IDLE_TIMEOUT)));
+        // Before its first probe: a TLS endpoint must never be probed in plain text.
+        endpoint.tls.store(tls.clone());
         let probe = self.shutdown.child_token();
         tokio::spawn(health::run(endpoint.clone(), health.clone(), probe.clone()));
         self.endpoints.insert(key, EndpointEntry { endpoint: endpoint.clone(), probe, health: health.clone() });

@@ -1,0 +1,13 @@
+//! Fuzzes `cutover_config::parse` with arbitrary configuration text.
+//! The body is shared with `tests/fuzz_corpus.rs`: see `fuzz/harness.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = harness::config(data);
+});

@@ -1,0 +1,134 @@
+//! Replays the fuzz seed corpus (`fuzz/corpus/<target>/`) through the very
+//! functions the cargo-fuzz targets run (`fuzz/harness.rs`), so `cargo test`
+//! catches a regression on any seed without nightly or libFuzzer. Every file
+//! of a target's corpus directory is replayed, including inputs a fuzzing
+//! run added there.
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use http::{StatusCode, Version};
+
+fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} has no seeds", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            (name, data)
+        })
+        .collect()
+}
+
+/// Runs `f` on every seed of `target`; fails naming every seed that panicked.
+fn replay<T>(target: &str, f: impl Fn(&[u8]) -> T) -> Vec<(String, T)> {
+    let mut out = Vec::new();
+    let mut panicked = Vec::new();
+    for (name, data) in corpus(target) {
+        match catch_unwind(AssertUnwindSafe(|| f(&data))) {
+            Ok(v) => out.push((name, v)),
+            Err(_) => panicked.push(name),
+        }
+    }
+    assert!(panicked.is_empty(), "{target}: the harness panicked on {panicked:?}");
+    out
+}
+
+fn seed<'a, T>(results: &'a [(String, T)], name: &str) -> &'a T {
+    &results.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("seed {name} is missing")).1
+}
+
+#[test]
+fn config_seeds() {
+    let results = replay("config", harness::config);
+    let valid = seed(&results, "valid-example.yaml").as_ref().expect("UTF-8");
+    if let Err(e) = valid {
+        panic!("the example configuration must parse:\n{e}");
+    }
+    // The copies of config/invalid/*.yaml keep their `# expect: <path>` lines.
+    for (name, data) in corpus("config") {
+        let text = String::from_utf8_lossy(&data);
+        let expected: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
+        if expected.is_empty() {
+            continue;
+        }
+        let errors = match seed(&results, &name) {
+            Some(Err(e)) => e,
+            other => panic!("{name} should be refused, got {other:?}"),
+        };
+        for path in expected {
+            assert!(errors.errors.iter().any(|e| e.path == path), "{name}: no error at {path}:\n{errors}");
+        }
+    }
+    assert!(matches!(seed(&results, "nasty-alias-bomb.yaml"), Some(Err(_))));
+    assert!(matches!(seed(&results, "nasty-deep-nesting.yaml"), Some(Err(_))));
+}
+
+#[test]
+fn request_head_seeds() {
+    let results = replay("request_head", harness::request_head);
+    // The ad-hoc decoding of fuzz/harness.rs reads what the seeds say.
+    let get = &seed(&results, "get-ok").request;
+    assert_eq!(
+        (get.method().as_str(), get.uri().to_string(), get.version()),
+        ("GET", "/index.html?q=1".into(), Version::HTTP_11)
+    );
+    assert_eq!(get.headers()["user-agent"], "fuzz", "CRLF line ends are accepted");
+    assert_eq!(seed(&results, "h2-authority-mismatch").request.version(), Version::HTTP_2);
+    assert_eq!(seed(&results, "weird-methods").request.method().as_str(), "M-SEARCH");
+
+    let status = |name: &str| seed(&results, name).rejected.map(|(s, _)| s);
+    assert_eq!(status("get-ok"), None);
+    assert_eq!(status("http10-no-host"), None);
+    assert_eq!(status("absolute-form"), None);
+    assert_eq!(status("http11-no-host"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("te-chunked-chunked"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("te-twice"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("te-gzip"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("two-hosts"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("bad-host"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("h2-authority-mismatch"), Some(StatusCode::BAD_REQUEST));
+    assert_eq!(status("connect"), Some(StatusCode::METHOD_NOT_ALLOWED));
+    // Userinfo in the request target would otherwise end up in the upstream's Host.
+    assert_eq!(status("absolute-form-userinfo"), Some(StatusCode::BAD_REQUEST));
+
+    let nominated = &seed(&results, "connection-nominates").sanitised;
+    assert!(!nominated.contains_key("x-secret"), "a field named in Connection was forwarded");
+    assert_eq!(nominated["host"], "shop.example.com");
+    assert_eq!(nominated["content-length"], "0");
+    assert_eq!(nominated["x-forwarded-proto"], "https");
+    assert_eq!(nominated["x-request-id"], "abc-123");
+    // Connection named x-forwarded-for, so the trusted proxy's value is gone.
+    assert_eq!(nominated["x-forwarded-for"], "10.1.2.3");
+
+    let absolute = &seed(&results, "absolute-form").sanitised;
+    assert_eq!(absolute["host"], "shop.example.com:8080", "the absolute-form authority becomes Host");
+}
+
+#[test]
+fn admin_body_seeds() {
+    let results = replay("admin_body", harness::admin_body);
+    let [switch, rollback, set_target] = seed(&results, "switch-valid.json");
+    assert_eq!(switch, &Ok(()));
+    assert!(rollback.is_err() && set_target.is_err());
+    assert_eq!(seed(&results, "rollback-valid.json")[1], Ok(()));
+    assert_eq!(seed(&results, "rollback-empty.json")[1], Ok(()));
+    assert_eq!(seed(&results, "set-target-valid.json")[2], Ok(()));
+    let unknown = seed(&results, "unknown-field.json")[0].as_ref().expect_err("unknown fields are refused");
+    assert!(unknown.contains("unknown field `colour`"), "{unknown}");
+    for deep in ["deep-nesting-array.json", "deep-nesting-object.json", "deep-nesting-unclosed.json"] {
+        assert!(seed(&results, deep).iter().all(Result::is_err), "{deep} decoded");
+    }
+    assert!(seed(&results, "huge-duration.json")[0].is_err(), "an overflowing duration decoded");
+}

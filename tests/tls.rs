@@ -1,0 +1,274 @@
+//! TLS at the edge (SPEC §2 tls, §3 Protocols): SNI, ALPN h2, hot
+//! certificate reload, bad certificates refused, redirect to HTTPS, and
+//! TLS to upstreams with a private CA. Certificates are made at test time.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+use support::{Options, Origin, Proxy};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A private CA that signs leaf certificates.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ca { cert: params.self_signed(&key).unwrap(), key }
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` for `names` into `dir`; returns the leaf DER.
+    fn leaf(&self, dir: &Path, file: &str, names: &[&str]) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    fn write(&self, path: &Path) {
+        std::fs::write(path, self.cert.pem()).unwrap();
+    }
+
+    fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+async fn handshake(ca: &Ca, addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    ca.client(alpn).connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.expect("TLS handshake")
+}
+
+fn served_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+fn tls_yaml(files: &[&str]) -> String {
+    let certs: Vec<String> = files.iter().map(|f| format!("{{ cert: {f}.pem, key: {f}.key }}")).collect();
+    format!("tls: {{ certificates: [{}] }}", certs.join(", "))
+}
+
+fn site(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        "  - name: shop\n    hosts: [a.test, b.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{origin}\"] }}\n{extra}"
+    )
+}
+
+async fn start(
+    ca: &Ca,
+    origin: SocketAddr,
+    site_extra: &str,
+) -> (Proxy, CertificateDer<'static>, CertificateDer<'static>) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ca.leaf(dir.path(), "a", &["a.test"]);
+    let b = ca.leaf(dir.path(), "b", &["b.test"]);
+    let opts = Options { https: true, extra: tls_yaml(&["a", "b"]), dir: Some(dir), ..Default::default() };
+    (Proxy::start_with(&site(origin, site_extra), opts).await, a, b)
+}
+
+/// SNI picks the right certificate; an unknown name gets the first one; the
+/// upstream sees `X-Forwarded-Proto: https`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let (p, a, b) = start(&ca, origin.addr, "").await;
+    let https = p.https.unwrap();
+    assert_eq!(served_cert(&handshake(&ca, https, "b.test", &[b"http/1.1"]).await), b);
+    assert_eq!(served_cert(&handshake(&ca, https, "a.test", &[b"http/1.1"]).await), a);
+    // An unknown name gets the default (first) certificate: the client rejects it.
+    let tcp = TcpStream::connect(https).await.unwrap();
+    let err = ca.client(&[]).connect(ServerName::try_from("c.test").unwrap(), tcp).await.unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    let tls = handshake(&ca, https, "b.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(Request::get("/").header("host", "b.test").body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.seen()[0].headers["x-forwarded-proto"], "https");
+}
+
+/// ALPN h2 from the client, HTTP/1.1 to the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_to_an_http1_upstream() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let (p, _, _) = start(&ca, origin.addr, "").await;
+    let tls = handshake(&ca, p.https.unwrap(), "a.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let resp =
+            sender.send_request(Request::get("https://a.test/").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "blue");
+    }
+    let seen = origin.seen();
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11 && s.headers["host"] == "a.test"));
+}
+
+/// Reload swaps the certificate for new connections while an open one keeps
+/// working; a key that does not match its certificate is refused and the old
+/// certificate stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_certificates_and_refuses_bad_ones() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let (p, a, _) = start(&ca, origin.addr, "").await;
+    let https = p.https.unwrap();
+    let open = handshake(&ca, https, "a.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(open)).await.unwrap();
+    tokio::spawn(conn);
+    let get = || Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+
+    // A renewed certificate for a.test.
+    let renewed = ca.leaf(p.dir.path(), "a", &["a.test"]);
+    assert_ne!(renewed, a);
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(served_cert(&handshake(&ca, https, "a.test", &[b"http/1.1"]).await), renewed);
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200, "the open connection broke");
+
+    // A key from another certificate: refused, the renewed certificate stays.
+    std::fs::copy(p.dir.path().join("b.key"), p.dir.path().join("a.key")).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["details"]["errors"].to_string();
+    assert!(message.contains("tls.certificates[0].key") && message.contains("does not match"), "{message}");
+    assert_eq!(served_cert(&handshake(&ca, https, "a.test", &[b"http/1.1"]).await), renewed);
+}
+
+/// `cutover check` refuses a key that does not match its certificate, and missing files, with the field path.
+#[test]
+fn check_validates_tls_files() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "a", &["a.test"]);
+    ca.leaf(dir.path(), "b", &["b.test"]);
+    let yaml = "listen: { http: 127.0.0.1:0, https: 127.0.0.1:0 }\ntls: { certificates: [{ cert: a.pem, key: b.key }, { cert: gone.pem, key: a.key }] }\nsites:\n  - { name: s, hosts: [\"*\"], live: b, targets: { b: { endpoints: [127.0.0.1:1] } } }\n";
+    let file = dir.path().join("cutover.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tls.certificates[0].key") && stderr.contains("does not match"), "{stderr}");
+    assert!(stderr.contains("tls.certificates[1].cert") && stderr.contains("gone.pem"), "{stderr}");
+}
+
+/// `redirect_https`: plain HTTP gets 308 to the same path and query on the
+/// HTTPS port, except `read_only.allow_paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_redirected() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let extra = "    redirect_https: true\n    read_only: { allow_paths: [/.well-known/*] }\n";
+    let (p, _, _) = start(&ca, origin.addr, extra).await;
+    let a = support::get(p.addr, "a.test:8080", "/cart?item=1").await;
+    assert_eq!(a.status, 308);
+    assert_eq!(a.headers["location"], format!("https://a.test:{}/cart?item=1", p.https.unwrap().port()).as_str());
+    assert_eq!(support::get(p.addr, "a.test", "/.well-known/acme-challenge/x").await.status, 200);
+    assert_eq!(origin.seen().len(), 1);
+}
+
+/// An HTTPS upstream with a private CA (and `server_name`), over HTTP/1.1 and
+/// over h2 by ALPN; an upstream the CA does not vouch for is never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_a_private_ca() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "upstream", &["api.internal"]);
+    ca.write(&dir.path().join("ca.pem"));
+    let origin = tls_origin(&dir.path().join("upstream.pem"), &dir.path().join("upstream.key")).await;
+    let other_ca = Ca::new();
+    other_ca.write(&dir.path().join("other-ca.pem"));
+    let sites = format!(
+        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{origin}\"], tls: true, ca: {ca}, server_name: api.internal }}\n      grpc: {{ endpoints: [\"{origin}\"], tls: true, ca: {ca}, server_name: api.internal, protocol: h2 }}\n      wrong: {{ endpoints: [\"{origin}\"], tls: true, ca: {other}, server_name: api.internal }}\n    health: {{ path: /up, interval: 50ms, healthy_threshold: 1, unhealthy_threshold: 1 }}\n",
+        ca = dir.path().join("ca.pem").display(),
+        other = dir.path().join("other-ca.pem").display(),
+    );
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("api", &["blue", "grpc"]).await;
+    let a = support::get(p.addr, "api.test", "/hello").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "tls-origin HTTP/1.1 /hello"));
+    p.switch("api", "grpc").await;
+    assert_eq!(support::get(p.addr, "api.test", "/hello").await.body, "tls-origin HTTP/2.0 /hello");
+    let (_, site) = p.api("GET", "/v1/sites/api", None).await;
+    assert_eq!(site["targets"]["wrong"]["endpoints"][0]["healthy"], json!(false), "{site}");
+    let (status, _) = p.api("POST", "/v1/sites/api/switch", Some(json!({"to": "wrong", "force": true}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(support::get(p.addr, "api.test", "/hello").await.status, 502);
+}
+
+/// An HTTPS origin (HTTP/1.1 and h2 by ALPN) answering `tls-origin VERSION PATH`.
+async fn tls_origin(cert: &Path, key: &Path) -> SocketAddr {
+    let pair = cutover_config::tls::load_pair(cert, key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(pair.cert.clone(), rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let body = format!("tls-origin {:?} {}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from(
+                        body,
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+use rustls::pki_types::pem::PemObject;
