@@ -248,3 +248,28 @@ async fn stream_open_at_the_deadline_is_cut() {
     let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
     assert_eq!(site["targets"]["blue"]["inflight"], 0);
 }
+
+/// An upgraded connection keeps its place under `max_connections` while the
+/// tunnel is open, and gives it back when it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_count_towards_max_connections() {
+    let (blue, green) = (ws_origin("blue").await, ws_origin("green").await);
+    let opts = support::Options { extra: "limits: { max_connections: 1 }".into(), ..Default::default() };
+    let p = Proxy::start_with(&ws_sites(blue, green, "1s"), opts).await;
+    p.wait_healthy("chat", &["blue", "green"]).await;
+    let mut ws = open_ws(p.addr).await;
+    assert_eq!(echo(&mut ws, "x").await.as_deref(), Some("blue:x"));
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_client_connections{listener="http"} 1"#), "{metrics}");
+    // The only slot is the tunnel's: a new connection is closed at once.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: chat.test\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await.expect("not closed").unwrap_or(0);
+    assert_eq!(n, 0, "a connection beyond max_connections was served");
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ws2 = open_ws(p.addr).await;
+    assert_eq!(echo(&mut ws2, "y").await.as_deref(), Some("blue:y"));
+}

@@ -207,3 +207,38 @@ async fn upstream_connections_are_reused() {
     let data_conns = blue.connections.load(std::sync::atomic::Ordering::Relaxed);
     assert!(data_conns <= 5, "{data_conns} upstream connections for 50 sequential requests");
 }
+
+/// The response timeout counts from the request body's last byte: an upload
+/// slower than `upstream_response_timeout` is not a slow upstream.
+#[tokio::test]
+async fn slow_upload_is_not_an_upstream_timeout() {
+    let (p, _blue) = one_site("limits: { upstream_response_timeout: 300ms }").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let resp =
+        sender.send_request(Request::post("/echo").header("host", "shop.test").body(body).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200, "a 1 s upload hit the 300 ms response timeout");
+    use http_body_util::BodyExt;
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), 100);
+}
+
+/// HTTP/1.0 without `Host` goes to the `*` site; without one it gets 400/404, never a panic.
+#[tokio::test]
+async fn http10_without_host_uses_the_default_site() {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("any", "\"*\"", "blue", &[("blue", vec![blue.addr])])).await;
+    let raw = raw_exchange(p.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.ends_with("blue"), "{raw}");
+}

@@ -63,6 +63,10 @@ async fn read_only_refuses_writes_at_the_edge() {
     assert_eq!(c.send(req("POST", "/login", "u=1")).await.unwrap().status, 200);
     assert_eq!(c.send(req("POST", "/api/search/q", "q")).await.unwrap().status, 200);
     assert_eq!(c.send(req("POST", "/loginx", "")).await.unwrap().status, 503);
+    // A path the upstream could resolve elsewhere is never an allowed path.
+    for sneaky in ["/api/search/../../orders", "/api/search/%2e%2e/orders", "/api/search/..%2forders"] {
+        assert_eq!(c.send(req("POST", sneaky, "x")).await.unwrap().status, 503, "{sneaky}");
+    }
     let writes: Vec<_> =
         blue.seen().into_iter().filter(|s| !["GET", "HEAD", "OPTIONS"].contains(&s.method.as_str())).collect();
     assert_eq!(
@@ -262,6 +266,20 @@ async fn preview_never_falls_back() {
     assert_eq!(a.body, "blue");
     assert!(a.headers.get("x-cutover-served-by").is_none());
     assert_eq!(blue.count(), 1, "a preview request reached the live target");
+}
+
+/// Without a `preview:` section the preview header is an ordinary header:
+/// requests go to the live target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_is_off_unless_configured() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr], ""), ("green", vec![green.addr], "")], "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let mut r = req("GET", "/", "");
+    r.headers_mut().insert("x-cutover-target", "green".parse().unwrap());
+    let a = Client::connect(p.addr).await.send(r).await.unwrap();
+    assert_eq!(a.body, "blue");
+    assert!(a.headers.get("x-cutover-served-by").is_none());
 }
 
 /// Canary weights: new clients get a `cutover-bucket` cookie and a share

@@ -69,6 +69,22 @@ struct PauseBody {
     timeout: Option<Duration>,
 }
 
+/// The longest duration the API accepts (drain, pause, watch, healthy timeouts).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses a duration longer than [`MAX_DURATION`] (`400`).
+fn bounded(field: &str, d: Option<Duration>) -> Result<(), ApiError> {
+    match d {
+        Some(d) if d > MAX_DURATION => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("{field}: {} is longer than a year", humantime::format_duration(d)),
+            json!({ "field": field }),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// How long a paused site holds each request when the pause names no timeout.
 const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -192,17 +208,23 @@ impl Admin {
                 Ok(b) => answer(c.set_mode(site, b.read_only, b.maintenance, Actor::Api).await),
                 Err(r) => Err(r),
             },
-            (&Method::POST, ["sites", site, "pause"]) => match parse_optional::<PauseBody>(body) {
-                Ok(b) => answer(c.pause(site, b.timeout.unwrap_or(DEFAULT_PAUSE_TIMEOUT), Actor::Api).await),
-                Err(r) => Err(r),
-            },
+            (&Method::POST, ["sites", site, "pause"]) => {
+                match parse_optional::<PauseBody>(body).and_then(|b| bounded("timeout", b.timeout).map(|()| b)) {
+                    Ok(b) => answer(c.pause(site, b.timeout.unwrap_or(DEFAULT_PAUSE_TIMEOUT), Actor::Api).await),
+                    Err(r) => Err(r),
+                }
+            }
             (&Method::POST, ["sites", site, "resume"]) => answer(c.resume(site, Actor::Api).await),
             (&Method::PUT, ["sites", site, "weights"]) => match parse::<BTreeMap<String, u8>>(body) {
                 Ok(w) => answer(c.set_weights(site, w, Actor::Api).await),
                 Err(r) => Err(r),
             },
             (&Method::DELETE, ["sites", site, "weights"]) => answer(c.clear_weights(site, Actor::Api).await),
-            (&Method::POST, ["sites", site, "deploy"]) => match parse::<DeployBody>(body) {
+            (&Method::POST, ["sites", site, "deploy"]) => match parse::<DeployBody>(body).and_then(|b| {
+                bounded("watch", b.watch)?;
+                bounded("healthy_timeout", b.healthy_timeout)?;
+                Ok(b)
+            }) {
                 Ok(b) => {
                     let req = DeployRequest {
                         target: b.target,
@@ -224,20 +246,22 @@ impl Admin {
                 Ok(b) => answer(c.set_target(site, target, b.endpoints, b.version, Actor::Api).await),
                 Err(r) => Err(r),
             },
-            (&Method::POST, ["sites", site, "switch"]) => match parse::<SwitchBody>(body) {
-                Ok(b) => {
-                    let req = SwitchRequest {
-                        to: b.to,
-                        force: b.force,
-                        drain_timeout: b.drain_timeout,
-                        expect_version: b.expect_version,
-                        reason: b.reason,
-                        watch: None,
-                    };
-                    answer(c.switch(site, req, Actor::Api).await)
+            (&Method::POST, ["sites", site, "switch"]) => {
+                match parse::<SwitchBody>(body).and_then(|b| bounded("drain_timeout", b.drain_timeout).map(|()| b)) {
+                    Ok(b) => {
+                        let req = SwitchRequest {
+                            to: b.to,
+                            force: b.force,
+                            drain_timeout: b.drain_timeout,
+                            expect_version: b.expect_version,
+                            reason: b.reason,
+                            watch: None,
+                        };
+                        answer(c.switch(site, req, Actor::Api).await)
+                    }
+                    Err(r) => Err(r),
                 }
-                Err(r) => Err(r),
-            },
+            }
             (&Method::POST, ["sites", site, "rollback"]) => {
                 let b =
                     if body.iter().all(u8::is_ascii_whitespace) { Ok(RollbackBody::default()) } else { parse(body) };

@@ -33,9 +33,23 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
             _ = &mut shutdown => break,
         };
         let admin = admin.clone();
+        // Each command runs in its own task: a client that hangs up cannot
+        // cancel it half-way through (between saving state and publishing it).
         let service = service_fn(move |req| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            async move {
+                match tokio::spawn(async move { admin.handle(req).await }).await {
+                    Ok(answer) => Ok::<_, Infallible>(answer),
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin command failed");
+                        let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"internal error\n",
+                        )));
+                        *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                        Ok(r)
+                    }
+                }
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
         tokio::spawn(async move {

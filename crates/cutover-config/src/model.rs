@@ -286,9 +286,11 @@ impl Default for Pause {
     }
 }
 
-/// `preview:` settings.
+/// `preview:` settings. Without a `preview:` section nothing is previewable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preview {
+    /// A `preview:` section is present: the header routes requests.
+    pub enabled: bool,
     /// Request header naming a target.
     pub header: String,
     /// Token a preview request must carry, when set.
@@ -299,6 +301,6 @@ pub struct Preview {
 
 impl Default for Preview {
     fn default() -> Self {
-        Self { header: "x-cutover-target".into(), token: None, hosts: BTreeMap::new() }
+        Self { enabled: false, header: "x-cutover-target".into(), token: None, hosts: BTreeMap::new() }
     }
 }

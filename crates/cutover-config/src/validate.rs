@@ -655,7 +655,7 @@ impl Validator {
                 Err(m) => self.err(&field, &host, m),
             }
         }
-        Preview { header, token, hosts }
+        Preview { enabled: true, header, token, hosts }
     }
 }
 

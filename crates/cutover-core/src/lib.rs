@@ -25,6 +25,13 @@ pub mod upstream;
 pub mod view;
 
 pub use controller::{Controller, SwitchRequest};
+
+/// `now + d`, saturating far in the future instead of overflowing (a huge
+/// timeout from a file or the API must never panic).
+pub fn deadline_after(d: std::time::Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d).unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+}
 pub use endpoint::{Endpoint, Health};
 pub use error::ControlError;
 pub use routing::{RoutingTable, SiteRoute, TargetPool};

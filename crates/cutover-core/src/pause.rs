@@ -104,7 +104,7 @@ impl PauseGate {
             match *rx.borrow_and_update() {
                 Phase::Running { release } => break release,
                 Phase::Paused { timeout } => {
-                    deadline.get_or_insert_with(|| Instant::now() + timeout);
+                    deadline.get_or_insert_with(|| Instant::from_std(crate::deadline_after(timeout)));
                 }
             }
             let until = deadline.unwrap_or_else(Instant::now);

@@ -169,13 +169,29 @@ impl SiteRoute {
         self.targets.iter().find(|t| t.name == name)
     }
 
-    /// Whether `path` is in `read_only.allow_paths` (exact, or a prefix with a trailing `*`).
+    /// Whether `path` is in `read_only.allow_paths` (exact, or a prefix with a
+    /// trailing `*`). A path an upstream could resolve elsewhere (`.`/`..`
+    /// segments, encoded dots or slashes, backslashes) is never allowed.
     pub fn allowed_path(&self, path: &str) -> bool {
+        if !is_plain_path(path) {
+            return false;
+        }
         self.config.read_only.allow_paths.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => path.starts_with(prefix),
             None => path == p,
         })
     }
+}
+
+/// No dot segments, no encoded dot, slash or backslash, no backslash.
+fn is_plain_path(path: &str) -> bool {
+    let lower_has =
+        |needle: &str| path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+    !path.contains('\\')
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+        && !lower_has("%2e")
+        && !lower_has("%2f")
+        && !lower_has("%5c")
 }
 
 impl TargetPool {
@@ -265,6 +281,16 @@ mod tests {
         // Only the unhealthy one is left: fail open.
         assert_eq!(p.pick(&[0, 1]), Some(2));
         assert_eq!(p.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn paths_an_upstream_could_resolve_elsewhere_are_not_plain() {
+        for bad in ["/api/../orders", "/api/./x", "/api/%2e%2e/orders", "/a%2Fb", "/a\\b", "/..", "/a/%5C"] {
+            assert!(!is_plain_path(bad), "{bad}");
+        }
+        for good in ["/", "/api/search/q", "/a.b/c..d", "/.well-known/acme"] {
+            assert!(is_plain_path(good), "{good}");
+        }
     }
 
     #[test]

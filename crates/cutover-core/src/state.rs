@@ -161,8 +161,10 @@ impl StateStore for FileStore {
         };
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| StateError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
         let tmp = dir.join(tmp_name);
         let result = (|| {
             let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;

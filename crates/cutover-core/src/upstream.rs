@@ -18,8 +18,109 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-/// The request body type sent upstream: the client's body, streamed.
-pub type UpstreamBody = Incoming;
+/// The request body sent upstream: the client's body, streamed, with its progress.
+pub type UpstreamBody = RequestBody;
+
+/// How far the client's request body got: when a byte last moved, and whether it ended.
+#[derive(Debug)]
+pub struct BodyProgress {
+    started: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl BodyProgress {
+    fn touch(&self) {
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the whole body was sent upstream.
+    pub fn done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Time since a body byte last moved (or since the request started).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// The client's request body on its way upstream. A body with content records
+/// its progress, so the response timeout counts from its last byte (an upload
+/// is not a slow upstream) and the connection is reused only once it was sent.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    progress: Option<std::sync::Arc<BodyProgress>>,
+}
+
+impl RequestBody {
+    /// Wraps `inner`; a body that is already complete needs no tracking.
+    pub fn new(inner: Incoming) -> Self {
+        use http_body::Body as _;
+        let progress = (!inner.is_end_stream()).then(|| {
+            std::sync::Arc::new(BodyProgress {
+                started: Instant::now(),
+                last_ms: std::sync::atomic::AtomicU64::new(0),
+                done: std::sync::atomic::AtomicBool::new(false),
+            })
+        });
+        Self { inner, progress }
+    }
+
+    /// Its progress, when it has content.
+    pub fn progress(&self) -> Option<std::sync::Arc<BodyProgress>> {
+        self.progress.clone()
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let (std::task::Poll::Ready(frame), Some(p)) = (&polled, &this.progress) {
+            p.touch();
+            if frame.is_none() || this.inner.is_end_stream() {
+                p.done.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves when an upstream has been silent for `timeout`: counted from the
+/// request body's last byte when it has one (an upload keeps it alive).
+pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duration) {
+    let Some(p) = progress else {
+        return tokio::time::sleep(timeout).await;
+    };
+    loop {
+        let idle = p.idle_for();
+        if idle >= timeout && p.done() {
+            return;
+        }
+        tokio::time::sleep(timeout.saturating_sub(idle).max(Duration::from_millis(50))).await;
+        if !p.done() && p.idle_for() >= timeout {
+            // The client stopped sending its body: that, too, is an exchange gone silent.
+            return;
+        }
+    }
+}
 
 /// A ready-to-use HTTP/1.1 connection to one endpoint.
 pub type Sender = http1::SendRequest<UpstreamBody>;

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cutover_core::routing::{SiteRoute, TargetPool};
-use cutover_core::upstream::Sender;
+use cutover_core::upstream::{BodyProgress, Sender};
 use cutover_core::Endpoint;
 use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -117,7 +117,10 @@ impl Drop for RequestGuard {
         let (site, target) = match &self.route {
             Some((site, target)) => {
                 target.metrics.inflight.dec();
-                target.metrics.observe(self.status, elapsed.as_secs_f64());
+                // Status 0: the client went away before any answer; that is not an answer.
+                if self.status != 0 {
+                    target.metrics.observe(self.status, elapsed.as_secs_f64());
+                }
                 (site.name(), target.name.as_str())
             }
             None => (self.site_only.as_ref().map_or("-", |s| s.name()), "-"),
@@ -140,7 +143,13 @@ impl Drop for RequestGuard {
 #[derive(Debug)]
 enum Source {
     /// Streamed from an upstream; an HTTP/1.1 connection goes back to the pool at the end.
-    Upstream { body: Incoming, sender: Option<Sender>, endpoint: Arc<Endpoint> },
+    Upstream {
+        body: Incoming,
+        sender: Option<Sender>,
+        /// The request body's progress: the connection is reusable only once it was all sent.
+        request: Option<Arc<BodyProgress>>,
+        endpoint: Arc<Endpoint>,
+    },
     /// Made by cutover itself.
     Full(Option<Bytes>),
 }
@@ -175,9 +184,16 @@ impl ProxyBody {
         Self { source: Source::Full((!bytes.is_empty()).then_some(bytes)), drain: Drain::Idle, guard }
     }
 
-    /// A body streamed from an upstream; `sender` is returned to the pool when it was read to the end.
-    pub fn upstream(body: Incoming, sender: Option<Sender>, endpoint: Arc<Endpoint>, guard: RequestGuard) -> Self {
-        Self { source: Source::Upstream { body, sender, endpoint }, drain: Drain::Idle, guard: Some(guard) }
+    /// A body streamed from an upstream; `sender` is returned to the pool when
+    /// this body was read to the end and the request body (`request`) was all sent.
+    pub fn upstream(
+        body: Incoming,
+        sender: Option<Sender>,
+        request: Option<Arc<BodyProgress>>,
+        endpoint: Arc<Endpoint>,
+        guard: RequestGuard,
+    ) -> Self {
+        Self { source: Source::Upstream { body, sender, request, endpoint }, drain: Drain::Idle, guard: Some(guard) }
     }
 
     /// Polls the drain watch; `true` when the body must be cut now.
@@ -250,8 +266,8 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         // Reuse the upstream connection only if its response was read to the end.
-        if let Source::Upstream { body, sender, endpoint } = &mut self.source {
-            if body.is_end_stream() {
+        if let Source::Upstream { body, sender, request, endpoint } = &mut self.source {
+            if body.is_end_stream() && request.as_ref().is_none_or(|r| r.done()) {
                 if let Some(s) = sender.take() {
                     endpoint.pool.checkin(s);
                 }

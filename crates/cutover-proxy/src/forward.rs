@@ -60,6 +60,8 @@ pub struct ClientConn {
     pub scheme: &'static str,
     /// The connection's activity (idle tracking).
     pub activity: Arc<Activity>,
+    /// Its place under `max_connections` (an upgraded tunnel keeps it).
+    pub hold: Arc<crate::server::ConnectionHold>,
 }
 
 /// One request's routing decision, taken from one snapshot.
@@ -163,6 +165,7 @@ impl Proxy {
         let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
         let protocol = routed.target.protocol;
         let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
+        let request_progress = req.body().progress();
         let sent = match protocol {
             Protocol::H2 if upgrade.is_none() => self.send_h2(&routed, req, &mut guard).await,
             _ => self.send_h1(&routed, req, &mut guard, upgrade.is_some()).await,
@@ -175,7 +178,7 @@ impl Proxy {
         if let Some((_, client_side)) = upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_side = hyper::upgrade::on(&mut resp);
-                self.tunnels.spawn(crate::upgrade::tunnel(client_side, upstream_side, guard));
+                self.tunnels.spawn(crate::upgrade::tunnel(client_side, upstream_side, guard, conn.hold.clone()));
                 let (parts, _) = resp.into_parts();
                 return Ok(Response::from_parts(parts, ProxyBody::full(Bytes::new(), None)));
             }
@@ -196,13 +199,14 @@ impl Proxy {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
         };
-        Ok(Response::from_parts(parts, ProxyBody::upstream(body, sender, endpoint, guard)))
+        Ok(Response::from_parts(parts, ProxyBody::upstream(body, sender, request_progress, endpoint, guard)))
     }
 
     /// Finds the site for `req` with one snapshot load (the live target for
     /// now; [`modes::pick`] may choose another), and the target a preview host names.
     fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<(Routed, Option<Box<str>>)> {
-        let host = request_host(req)?;
+        // HTTP/1.0 may come without Host: the `*` site serves it, if there is one.
+        let host = request_host(req).unwrap_or_default();
         let table = self.table.load();
         let (site, preview) = table.site_for_host(host)?;
         let s = &table.settings;
@@ -249,11 +253,17 @@ impl Proxy {
                     }
                 },
             };
-            if sender.ready().await.is_err() {
-                continue; // a pooled connection that closed meanwhile: nothing was sent
+            // A pooled connection that closed meanwhile, or never became ready: nothing was sent.
+            if !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(()))) {
+                continue;
             }
             guard.set_endpoint(endpoint.clone());
-            match tokio::time::timeout(routed.response_timeout, sender.try_send_request(req)).await {
+            let progress = req.body().progress();
+            let sent = tokio::select! {
+                r = sender.try_send_request(req) => Ok(r),
+                _ = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(()),
+            };
+            match sent {
                 Ok(Ok(resp)) => return Ok((resp, Via::Http1(sender), endpoint.clone())),
                 Ok(Err(mut e)) => match e.take_message() {
                     // Not written at all: safe to try again on another connection.
@@ -304,11 +314,16 @@ impl Proxy {
                     }
                 },
             };
-            if sender.ready().await.is_err() {
+            if !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(()))) {
                 continue;
             }
             guard.set_endpoint(endpoint.clone());
-            match tokio::time::timeout(routed.response_timeout, sender.try_send_request(req)).await {
+            let progress = req.body().progress();
+            let sent = tokio::select! {
+                r = sender.try_send_request(req) => Ok(r),
+                _ = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(()),
+            };
+            match sent {
                 Ok(Ok(resp)) => return Ok((resp, Via::Http2, endpoint.clone())),
                 Ok(Err(mut e)) => match e.take_message() {
                     Some(back) => req = back,
@@ -429,7 +444,7 @@ fn prepare(
     if wants_trailers {
         parts.headers.insert(TE, HeaderValue::from_static("trailers"));
     }
-    Request::from_parts(parts, body)
+    Request::from_parts(parts, upstream::RequestBody::new(body))
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (never `h2c`).

@@ -51,7 +51,8 @@ impl Refusal {
 /// target — else the sticky canary split, else the live target.
 pub fn pick<B>(site: &SiteRoute, preview_host: Option<&str>, req: &Request<B>) -> Result<Pick, Refusal> {
     let preview = &site.config.preview;
-    let named = preview_host.or_else(|| req.headers().get(preview.header.as_str()).and_then(|v| v.to_str().ok()));
+    let by_header = || req.headers().get(preview.header.as_str()).and_then(|v| v.to_str().ok());
+    let named = preview_host.or_else(|| if preview.enabled { by_header() } else { None });
     if let Some(name) = named {
         if let Some(token) = &preview.token {
             let given = req.headers().get(&PREVIEW_TOKEN).map(HeaderValue::as_bytes).unwrap_or_default();

@@ -84,15 +84,14 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let hold = Arc::new(ConnectionHold::new(config.connections.clone(), permit));
         let conn = Connection {
             builder: builder.clone(),
             proxy: proxy.clone(),
-            client: ClientConn { peer, scheme: config.scheme, activity: Activity::new() },
+            client: ClientConn { peer, scheme: config.scheme, activity: Activity::new(), hold },
             idle_timeout: config.limits.idle_timeout,
             header_read_timeout: config.limits.header_read_timeout,
             stop: stop.clone(),
-            gauge: config.connections.clone(),
-            _permit: permit,
         };
         match &config.tls {
             None => {
@@ -143,8 +142,28 @@ struct Connection {
     idle_timeout: Duration,
     header_read_timeout: Duration,
     stop: CancellationToken,
+}
+
+/// A client connection's place under `max_connections` and in
+/// `cutover_client_connections`, held until the connection — or the upgraded
+/// tunnel that outlives its HTTP part — is closed.
+#[derive(Debug)]
+pub struct ConnectionHold {
     gauge: IntGauge,
     _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionHold {
+    fn new(gauge: IntGauge, permit: OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        Self { gauge, _permit: permit }
+    }
+}
+
+impl Drop for ConnectionHold {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl Connection {
@@ -152,7 +171,6 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.gauge.inc();
         let peer = self.client.peer;
         let activity = self.client.activity.clone();
         let (proxy, client) = (self.proxy.clone(), self.client.clone());
@@ -188,7 +206,6 @@ impl Connection {
                 }
             }
         }
-        self.gauge.dec();
     }
 }
 

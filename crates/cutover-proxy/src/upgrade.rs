@@ -28,7 +28,12 @@ pub(crate) fn jitter(spread: Duration) -> Duration {
 
 /// Joins the client and upstream sides of an upgrade until either closes or
 /// the target's drain deadline passes. `guard` keeps it in flight meanwhile.
-pub(crate) async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, mut guard: RequestGuard) {
+pub(crate) async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    mut guard: RequestGuard,
+    _hold: std::sync::Arc<crate::server::ConnectionHold>,
+) {
     guard.detach_connection();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,

@@ -284,6 +284,11 @@ impl Controller {
                 t.end("rolled_back", Some(why));
                 "rolled_back"
             }
+            WatchOutcome::Failed(why) => {
+                t.finish(5, "failed", why.clone());
+                t.end("failed", Some(why));
+                "failed"
+            }
             WatchOutcome::Cancelled => {
                 t.finish(5, "skipped", "the watch was ended by a later switch");
                 t.end("succeeded", None);
@@ -294,7 +299,7 @@ impl Controller {
 
     /// Waits until `target` passes the site's health requirement; `Err` lists what is not healthy.
     async fn wait_healthy(&self, site: &str, target: &str, timeout: Duration) -> Result<(), Vec<String>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         loop {
             let table = self.table.load();
             let Some(route) = table.site(site) else { return Err(vec![format!("site {site:?} is gone")]) };

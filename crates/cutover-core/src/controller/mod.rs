@@ -333,31 +333,39 @@ impl Controller {
         Ok(view)
     }
 
-    /// The watch of `target` on `site` found it failing: switch back, unless a
-    /// later switch already ended the watch.
-    async fn watch_rollback(&self, site: &str, target: &str, stop: &CancellationToken, reason: String) -> bool {
+    /// The watch of `target` on `site` found it failing: switch back. `Ok(false)`
+    /// when a later switch already ended the watch.
+    async fn watch_rollback(
+        &self,
+        site: &str,
+        target: &str,
+        stop: &CancellationToken,
+        reason: String,
+    ) -> Result<bool, ControlError> {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         let previous = {
             let inner = self.inner.lock().await;
-            let Some(s) = inner.state.sites.get(site) else { return false };
+            let Some(s) = inner.state.sites.get(site) else { return Ok(false) };
             if stop.is_cancelled() || s.live != target {
-                return false;
+                return Ok(false);
             }
             s.previous.clone()
         };
-        let Some(to) = previous else { return false };
+        let Some(to) = previous else {
+            return Err(refused("nothing_to_roll_back", format!("site {site:?} has no previous target"), vec![]));
+        };
         // Undo at once: the old target is the known-good one, so no gates.
         let req = SwitchRequest { to, force: true, reason: Some(reason.clone()), ..Default::default() };
         match self.switch_locked(site, req, "automatic_rollback", Actor::Watch).await {
             Ok(_) => {
                 self.metrics.rollbacks.with_label_values(&[site, "automatic"]).inc();
                 tracing::warn!(site, target, %reason, "automatic rollback");
-                true
+                Ok(true)
             }
             Err(e) => {
                 tracing::error!(site, target, error = %e, "automatic rollback failed");
-                false
+                Err(e)
             }
         }
     }
@@ -381,15 +389,20 @@ impl Controller {
             cutover_config::validate_endpoint(e)
                 .map_err(|m| invalid(format!("endpoints[{i}]"), format!("{e:?}: {m}")))?;
         }
-        let mut inner = self.inner.lock().await;
-        let current = inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?;
-        if current.live == target {
-            return Err(refused(
+        let live = {
+            let inner = self.inner.lock().await;
+            inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.live.clone()
+        };
+        if live == target {
+            let err = refused(
                 "target_is_live",
                 format!("target {target:?} is live on {site:?}; switch away from it first"),
                 vec![],
-            ));
+            );
+            self.record_refusal(site, "set_target", Some((&live, target)), actor, &err).await;
+            return Err(err);
         }
+        let mut inner = self.inner.lock().await;
         let mut next = inner.state.clone();
         let s = next.sites.get_mut(site).expect("site checked above");
         s.targets.insert(target.to_string(), TargetSpec { endpoints: endpoints.clone(), version: version.clone() });
@@ -638,8 +651,13 @@ impl Controller {
         self.metrics.switches.with_label_values(&[site, "ok"]).inc();
         tracing::info!(site, from = %from, to = %req.to, kind, actor = actor.as_str(), "switched");
         // A switch ends the site's running watch; a forward switch starts a new one.
+        // The watch's own rollback leaves it to report `RolledBack` itself.
         if let Some(w) = inner.watches.remove(site) {
-            w.cancel();
+            if actor == Actor::Watch {
+                w.stop.cancel();
+            } else {
+                w.cancel();
+            }
         }
         let outcome =
             if kind == "switch" { self.start_watch(&mut inner, &config, &target, &from, req.watch) } else { None };
@@ -691,7 +709,7 @@ impl Controller {
         let (me, target) = (self.me.clone(), target.clone());
         let start_totals = target.metrics.totals();
         tokio::spawn(async move {
-            let until = Instant::now() + cfg.duration;
+            let until = crate::deadline_after(cfg.duration);
             let mut tick = tokio::time::interval(watch::CHECK_EVERY);
             let result = loop {
                 tokio::select! {
@@ -705,10 +723,11 @@ impl Controller {
                 }
                 if let Some(reason) = watch::verdict(&cfg, seen, baseline) {
                     let Some(c) = me.upgrade() else { return };
-                    if c.watch_rollback(&site, &target.name, &stop, reason.clone()).await {
-                        break WatchOutcome::RolledBack(reason);
-                    }
-                    return;
+                    break match c.watch_rollback(&site, &target.name, &stop, reason.clone()).await {
+                        Ok(true) => WatchOutcome::RolledBack(reason),
+                        Ok(false) => WatchOutcome::Cancelled,
+                        Err(e) => WatchOutcome::Failed(format!("{reason}, but the automatic rollback failed: {e}")),
+                    };
                 }
                 if Instant::now() >= until {
                     break WatchOutcome::Passed;
@@ -727,7 +746,7 @@ impl Controller {
 
     /// Starts the drain of `key`: at the deadline, whatever still runs on it is closed.
     fn start_drain(&self, inner: &mut Inner, key: TargetKey, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         let me = self.me.clone();
         let task_key = key.clone();
         let task = tokio::spawn(async move {
@@ -837,7 +856,9 @@ impl Controller {
         actor: Actor,
         err: &ControlError,
     ) {
-        self.metrics.switches.with_label_values(&[site, "refused"]).inc();
+        if matches!(kind, "switch" | "rollback" | "automatic_rollback") {
+            self.metrics.switches.with_label_values(&[site, "refused"]).inc();
+        }
         let mut inner = self.inner.lock().await;
         let mut next = inner.state.clone();
         let Some(s) = next.sites.get_mut(site) else { return };

@@ -23,8 +23,9 @@ use crate::upstream::{Pool, UpstreamTls};
 
 /// Idle upstream connections kept per endpoint.
 const POOL_MAX_IDLE: usize = 256;
-/// How long an idle upstream connection is kept (shorter than common upstream keep-alives).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle upstream connection is kept: shorter than common upstream
+/// keep-alives (Node 5 s, gunicorn 2 s is the odd one out), so cutover closes first.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// (site, target, address)
 type EndpointKey = (String, String, String);
@@ -175,9 +176,11 @@ impl Registry {
             }
             keep
         });
-        self.drains.retain(|key, _| {
+        self.drains.retain(|key, token| {
             let keep = used_targets.contains(key);
             if !keep {
+                // A target removed by a reload: what still runs on it closes now.
+                token.cancel();
                 metrics.forget_target(&key.0, &key.1);
             }
             keep

@@ -123,6 +123,8 @@ pub enum WatchOutcome {
     RolledBack(String),
     /// A later switch (or shutdown) ended it.
     Cancelled,
+    /// It found the target failing but could not roll back (why).
+    Failed(String),
 }
 
 /// A running watch of one site.
