@@ -56,6 +56,8 @@ pub struct Proxy {
 pub struct ClientConn {
     /// The peer's address.
     pub peer: SocketAddr,
+    /// The peer's IP as a header value (`X-Forwarded-For`), made once per connection.
+    pub peer_value: HeaderValue,
     /// `http` or `https`.
     pub scheme: &'static str,
     /// The connection's activity (idle tracking).
@@ -254,7 +256,10 @@ impl Proxy {
                 },
             };
             // A pooled connection that closed meanwhile, or never became ready: nothing was sent.
-            if !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(()))) {
+            // (Usually ready at once: no timer then.)
+            if !sender.is_ready()
+                && !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(())))
+            {
                 continue;
             }
             guard.set_endpoint(endpoint.clone());
@@ -314,7 +319,9 @@ impl Proxy {
                     }
                 },
             };
-            if !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(()))) {
+            if !sender.is_ready()
+                && !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(())))
+            {
                 continue;
             }
             guard.set_endpoint(endpoint.clone());
@@ -416,7 +423,7 @@ fn prepare(
     parts.headers.remove(routed.site.config.preview.header.as_str());
     parts.headers.remove(&modes::PREVIEW_TOKEN);
     let host = parts.headers.get(HOST).cloned();
-    headers::set_forwarded(&mut parts.headers, conn.peer.ip(), routed.trusted, conn.scheme, host.as_ref());
+    headers::set_forwarded_value(&mut parts.headers, &conn.peer_value, routed.trusted, conn.scheme, host.as_ref());
     guard.set_request_id(headers::ensure_request_id(&mut parts.headers));
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {

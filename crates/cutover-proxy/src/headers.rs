@@ -88,8 +88,23 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let mut ip = [0u8; 45];
-    let ip = format_ip(peer, &mut ip);
+    set_forwarded_value(headers, &peer_value(peer), trusted, proto, host);
+}
+
+/// The peer address as a header value (made once per client connection).
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 45];
+    HeaderValue::from_str(format_ip(peer, &mut buf)).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// [`set_forwarded`] with the peer address already formatted by [`peer_value`].
+pub fn set_forwarded_value(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    trusted: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
     let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
         let mut buf = BytesMut::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -99,10 +114,10 @@ pub fn set_forwarded(
             buf.put_slice(v.as_bytes());
         }
         buf.put_slice(b", ");
-        buf.put_slice(ip.as_bytes());
+        buf.put_slice(peer.as_bytes());
         HeaderValue::from_maybe_shared(buf.freeze()).ok()
     } else {
-        HeaderValue::from_str(ip).ok()
+        Some(peer.clone())
     };
     if let Some(xff) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), xff);

@@ -88,7 +88,13 @@ pub async fn serve(
         let conn = Connection {
             builder: builder.clone(),
             proxy: proxy.clone(),
-            client: ClientConn { peer, scheme: config.scheme, activity: Activity::new(), hold },
+            client: ClientConn {
+                peer,
+                peer_value: crate::headers::peer_value(peer.ip()),
+                scheme: config.scheme,
+                activity: Activity::new(),
+                hold,
+            },
             idle_timeout: config.limits.idle_timeout,
             header_read_timeout: config.limits.header_read_timeout,
             stop: stop.clone(),
