@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
-use cutover_core::upstream::{self, Sender, UpstreamBody};
+use cutover_core::upstream::{self, ConnectError, H2Sender, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
@@ -31,6 +31,7 @@ use http::header::{
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
@@ -74,6 +75,64 @@ struct Routed {
     connect_timeout: Duration,
     response_timeout: Duration,
     https_port: Option<u16>,
+}
+
+/// A connection to one endpoint, ready to carry one request.
+enum Upstream {
+    /// An HTTP/1.1 connection (pooled or new).
+    Http1(Sender),
+    /// The endpoint's shared HTTP/2 connection.
+    Http2(H2Sender),
+}
+
+impl Upstream {
+    /// A pooled or new connection to `endpoint`.
+    async fn get(endpoint: &Endpoint, h2: bool, fresh: bool, timeout: Duration) -> Result<Self, ConnectError> {
+        let tls = || endpoint.tls.load_full();
+        if h2 {
+            if let Some(s) = endpoint.pool.h2() {
+                return Ok(Upstream::Http2(s));
+            }
+            let s = upstream::connect_h2(&endpoint.address, tls().as_deref(), timeout).await?;
+            endpoint.pool.set_h2(s.clone());
+            return Ok(Upstream::Http2(s));
+        }
+        match if fresh { None } else { endpoint.pool.checkout() } {
+            Some(s) => Ok(Upstream::Http1(s)),
+            None => Ok(Upstream::Http1(upstream::connect(&endpoint.address, tls().as_deref(), timeout).await?)),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Upstream::Http1(s) => s.is_ready(),
+            Upstream::Http2(s) => s.is_ready(),
+        }
+    }
+
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Upstream::Http1(s) => s.ready().await,
+            Upstream::Http2(s) => s.ready().await,
+        }
+    }
+
+    async fn try_send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        match self {
+            Upstream::Http1(s) => s.try_send_request(req).await,
+            Upstream::Http2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    fn into_via(self) -> Via {
+        match self {
+            Upstream::Http1(s) => Via::Http1(s),
+            Upstream::Http2(_) => Via::Http2,
+        }
+    }
 }
 
 /// The upstream connection a response came on.
@@ -168,10 +227,7 @@ impl Proxy {
         let protocol = routed.target.protocol;
         let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
         let request_progress = req.body().progress();
-        let sent = match protocol {
-            Protocol::H2 if upgrade.is_none() => self.send_h2(&routed, req, &mut guard).await,
-            _ => self.send_h1(&routed, req, &mut guard, upgrade.is_some()).await,
-        };
+        let sent = self.send(&routed, req, &mut guard, upgrade.is_some()).await;
         let (mut resp, via, endpoint) = match sent {
             Ok(x) => x,
             Err(e) => return Ok(failure(e, &routed.target, guard)),
@@ -223,9 +279,11 @@ impl Proxy {
         Some((routed, preview.map(Into::into)))
     }
 
-    /// Sends `req` over HTTP/1.1, retrying connections that could not be made.
-    /// An upgrade always gets a fresh connection (it will leave the pool for good).
-    async fn send_h1(
+    /// Sends `req` to an endpoint of the routed target, retrying on another
+    /// connection or endpoint whenever nothing was sent: a connection that
+    /// could not be made, or a pooled one that closed meanwhile. An upgrade
+    /// (`fresh`) always gets a new HTTP/1.1 connection (it leaves the pool for good).
+    async fn send(
         &self,
         routed: &Routed,
         mut req: Request<UpstreamBody>,
@@ -233,43 +291,34 @@ impl Proxy {
         fresh: bool,
     ) -> Result<(Response<Incoming>, Via, Arc<Endpoint>), ForwardError> {
         let target = &routed.target;
+        let h2 = target.protocol == Protocol::H2 && !fresh;
         let mut failed = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let pooled = if fresh { None } else { endpoint.pool.checkout() };
-            let mut sender = match pooled {
-                Some(s) => s,
-                None => match upstream::connect(
-                    &endpoint.address,
-                    endpoint.tls.load_full().as_deref(),
-                    routed.connect_timeout,
-                )
-                .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        connect_failed(target, endpoint, &e);
-                        failed.push(idx);
-                        continue;
-                    }
-                },
+            let mut conn = match Upstream::get(endpoint, h2, fresh, routed.connect_timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    connect_failed(target, endpoint, &e);
+                    failed.push(idx);
+                    continue;
+                }
             };
             // A pooled connection that closed meanwhile, or never became ready: nothing was sent.
             // (Usually ready at once: no timer then.)
-            if !sender.is_ready()
-                && !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(())))
+            if !conn.is_ready()
+                && !matches!(tokio::time::timeout(routed.connect_timeout, conn.ready()).await, Ok(Ok(())))
             {
                 continue;
             }
             guard.set_endpoint(endpoint.clone());
             let progress = req.body().progress();
             let sent = tokio::select! {
-                r = sender.try_send_request(req) => Ok(r),
+                r = conn.try_send(req) => Ok(r),
                 _ = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(()),
             };
             match sent {
-                Ok(Ok(resp)) => return Ok((resp, Via::Http1(sender), endpoint.clone())),
+                Ok(Ok(resp)) => return Ok((resp, conn.into_via(), endpoint.clone())),
                 Ok(Err(mut e)) => match e.take_message() {
                     // Not written at all: safe to try again on another connection.
                     Some(back) => req = back,
@@ -278,68 +327,7 @@ impl Proxy {
                         return Err(ForwardError::Broken(e.into_error()));
                     }
                 },
-                Err(_) => {
-                    target.metrics.upstream_error(UpstreamErrorKind::Timeout);
-                    return Err(ForwardError::Timeout);
-                }
-            }
-        }
-        Err(ForwardError::NoEndpoint)
-    }
-
-    /// Sends `req` over the endpoint's shared HTTP/2 connection (opened when needed).
-    async fn send_h2(
-        &self,
-        routed: &Routed,
-        mut req: Request<UpstreamBody>,
-        guard: &mut RequestGuard,
-    ) -> Result<(Response<Incoming>, Via, Arc<Endpoint>), ForwardError> {
-        let target = &routed.target;
-        let mut failed = Vec::new();
-        for _ in 0..MAX_ATTEMPTS {
-            let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
-            let endpoint = &target.endpoints[idx];
-            let mut sender = match endpoint.pool.h2() {
-                Some(s) => s,
-                None => match upstream::connect_h2(
-                    &endpoint.address,
-                    endpoint.tls.load_full().as_deref(),
-                    routed.connect_timeout,
-                )
-                .await
-                {
-                    Ok(s) => {
-                        endpoint.pool.set_h2(s.clone());
-                        s
-                    }
-                    Err(e) => {
-                        connect_failed(target, endpoint, &e);
-                        failed.push(idx);
-                        continue;
-                    }
-                },
-            };
-            if !sender.is_ready()
-                && !matches!(tokio::time::timeout(routed.connect_timeout, sender.ready()).await, Ok(Ok(())))
-            {
-                continue;
-            }
-            guard.set_endpoint(endpoint.clone());
-            let progress = req.body().progress();
-            let sent = tokio::select! {
-                r = sender.try_send_request(req) => Ok(r),
-                _ = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(()),
-            };
-            match sent {
-                Ok(Ok(resp)) => return Ok((resp, Via::Http2, endpoint.clone())),
-                Ok(Err(mut e)) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => {
-                        target.metrics.upstream_error(UpstreamErrorKind::Reset);
-                        return Err(ForwardError::Broken(e.into_error()));
-                    }
-                },
-                Err(_) => {
+                Err(()) => {
                     target.metrics.upstream_error(UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
                 }
