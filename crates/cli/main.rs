@@ -4,6 +4,7 @@
 mod ctl;
 mod demo;
 mod serve;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -12,6 +12,8 @@ use cutover_core::Controller;
 use cutover_metrics::Metrics;
 use cutover_proxy::tls::TlsStore;
 use cutover_proxy::{ListenerConfig, Proxy};
+
+use crate::workers;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -49,7 +51,8 @@ pub fn run(
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The control plane's runtime; the data plane has its own workers (see `workers`).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cutover: cannot start the runtime: {e}");
@@ -73,15 +76,14 @@ async fn serve(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = Metrics::new();
-    let http = TcpListener::bind(config.listen.http)
-        .await
+    let workers = workers::count();
+    let http = workers::bind(config.listen.http, workers)
         .with_context(|| format!("listen.http: cannot bind {}", config.listen.http))?;
     let https = match config.listen.https {
         Some(addr) => {
             let store = Arc::new(TlsStore::new(&config.tls).map_err(|e| anyhow::anyhow!("tls: {e}"))?);
-            let listener =
-                TcpListener::bind(addr).await.with_context(|| format!("listen.https: cannot bind {addr}"))?;
-            Some((listener, store))
+            let sockets = workers::bind(addr, workers).with_context(|| format!("listen.https: cannot bind {addr}"))?;
+            Some((sockets, store))
         }
         None => None,
     };
@@ -89,9 +91,9 @@ async fn serve(
         .await
         .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
     let mut config = config;
-    if let Some((listener, _)) = &https {
+    if let Some((sockets, _)) = &https {
         // The port really bound (the file may say 0), for redirects to HTTPS.
-        config.listen.https = listener.local_addr().ok();
+        config.listen.https = sockets.first().and_then(|s| s.local_addr().ok());
     }
     let controller = Controller::start(config.clone(), config_path, store, metrics.clone())?;
     // Certificates are re-read with the configuration; a bad one refuses the reload.
@@ -113,37 +115,27 @@ async fn serve(
 
     let stop = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(controller.table()));
-    let listener_config = |scheme: &'static str, tls: Option<Arc<TlsStore>>| ListenerConfig {
-        scheme,
-        limits: config.limits,
-        connections: metrics.client_connections.with_label_values(&[scheme]),
-        tls,
+    let listener_config = |scheme: &'static str, tls: Option<Arc<TlsStore>>| {
+        ListenerConfig::new(scheme, config.limits, metrics.client_connections.with_label_values(&[scheme]), tls)
     };
-    let mut data_plane = vec![tokio::spawn(cutover_proxy::serve(
-        http,
-        proxy.clone(),
-        listener_config("http", None),
-        stop.clone().cancelled_owned(),
-        config.shutdown_timeout,
-    ))];
-    if let Some((listener, store)) = https {
-        data_plane.push(tokio::spawn(cutover_proxy::serve(
-            listener,
-            proxy,
-            listener_config("https", Some(store)),
-            stop.clone().cancelled_owned(),
-            config.shutdown_timeout,
-        )));
+    let mut listeners = vec![workers::Listener { sockets: http, config: listener_config("http", None) }];
+    if let Some((sockets, store)) = https {
+        listeners.push(workers::Listener { sockets, config: listener_config("https", Some(store)) });
     }
+    let data_plane = workers::spawn(listeners, proxy, stop.clone(), config.shutdown_timeout)
+        .context("cannot start the data-plane workers")?;
     let admin = Arc::new(Admin::new(controller.clone(), config.admin.token.clone()));
     let admin_plane = tokio::spawn(cutover_admin::serve(admin_listener, admin, stop.clone().cancelled_owned()));
 
     wait_for_signal(&controller).await;
     tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: listeners closed, finishing in-flight requests");
     stop.cancel();
-    for plane in data_plane {
-        let _ = plane.await;
-    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in data_plane {
+            let _ = worker.join();
+        }
+    })
+    .await;
     let _ = admin_plane.await;
     controller.shutdown();
     tracing::info!("stopped");

@@ -1,7 +1,8 @@
 //! Connections to upstream endpoints: connect with a timeout, HTTP/1.1
 //! handshake, and a small per-endpoint pool of idle keep-alive connections.
 //!
-//! The pool is a lock-free bounded queue (no lock per request), holds at most
+//! The pool is a lock-free bounded queue per data-plane worker (no lock per
+//! request, no cross-thread hand-off), each holding at most
 //! `max_idle` connections, and drops connections idle longer than
 //! `idle_timeout` (keep it shorter than the upstream's own keep-alive), both
 //! at checkout and in [`Pool::sweep`], which the endpoint's health task runs
@@ -128,10 +129,29 @@ pub type Sender = http1::SendRequest<UpstreamBody>;
 /// A multiplexed HTTP/2 connection to one endpoint (`protocol: h2`).
 pub type H2Sender = http2::SendRequest<UpstreamBody>;
 
+thread_local! {
+    /// The data-plane worker this thread is (0 for any other thread).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as data-plane worker `index`: it gets its own idle
+/// queue in every pool, so a pooled connection is reused by the worker whose
+/// runtime drives it (no cross-thread wake-up per request).
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// Idle queues per pool: one per CPU (each data-plane worker uses its own).
+fn queues() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Idle keep-alive connections to one endpoint.
 #[derive(Debug)]
 pub struct Pool {
-    idle: ArrayQueue<Idle>,
+    /// One lock-free queue per data-plane worker.
+    idle: Box<[ArrayQueue<Idle>]>,
     idle_timeout: Duration,
     /// The shared HTTP/2 connection, for `protocol: h2` targets.
     h2: ArcSwapOption<H2Sender>,
@@ -152,7 +172,13 @@ impl Idle {
 impl Pool {
     /// An empty pool keeping at most `max_idle` connections for `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self { idle: ArrayQueue::new(max_idle.max(1)), idle_timeout, h2: ArcSwapOption::empty() }
+        let idle = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
+        Self { idle, idle_timeout, h2: ArcSwapOption::empty() }
+    }
+
+    /// This worker's queue.
+    fn local(&self) -> &ArrayQueue<Idle> {
+        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()]
     }
 
     /// The shared HTTP/2 connection, when open and usable.
@@ -168,7 +194,7 @@ impl Pool {
 
     /// Takes a live idle connection, if any; expired or closed ones are dropped.
     pub fn checkout(&self) -> Option<Sender> {
-        while let Some(c) = self.idle.pop() {
+        while let Some(c) = self.local().pop() {
             if c.usable(self.idle_timeout) {
                 return Some(c.sender);
             }
@@ -179,26 +205,28 @@ impl Pool {
     /// Returns a connection whose exchange is complete; dropped when the pool is full.
     pub fn checkin(&self, sender: Sender) {
         if !sender.is_closed() {
-            let _ = self.idle.push(Idle { sender, since: Instant::now() });
+            let _ = self.local().push(Idle { sender, since: Instant::now() });
         }
     }
 
     /// Closes idle connections that expired or that the upstream closed.
     pub fn sweep(&self) {
-        for _ in 0..self.idle.len() {
-            match self.idle.pop() {
-                Some(c) if c.usable(self.idle_timeout) => {
-                    let _ = self.idle.push(c);
+        for queue in self.idle.iter() {
+            for _ in 0..queue.len() {
+                match queue.pop() {
+                    Some(c) if c.usable(self.idle_timeout) => {
+                        let _ = queue.push(c);
+                    }
+                    Some(_) => {}
+                    None => break,
                 }
-                Some(_) => {}
-                None => return,
             }
         }
     }
 
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
-        self.idle.len()
+        self.idle.iter().map(ArrayQueue::len).sum()
     }
 }
 

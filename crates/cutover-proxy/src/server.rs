@@ -49,6 +49,16 @@ pub struct ListenerConfig {
     pub connections: IntGauge,
     /// TLS termination, for an HTTPS listener.
     pub tls: Option<Arc<TlsStore>>,
+    /// `max_connections`, shared by every listener (and worker) cloned from this one.
+    pub permits: Arc<Semaphore>,
+}
+
+impl ListenerConfig {
+    /// A listener of `scheme` with `limits`, counting connections in `connections`.
+    pub fn new(scheme: &'static str, limits: Limits, connections: IntGauge, tls: Option<Arc<TlsStore>>) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        Self { scheme, limits, connections, tls, permits }
+    }
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains open connections
@@ -61,7 +71,7 @@ pub async fn serve(
     drain_deadline: Duration,
 ) {
     let builder = Arc::new(builder(&config.limits));
-    let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+    let permits = config.permits.clone();
     let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();
