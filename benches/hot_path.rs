@@ -285,8 +285,11 @@ fn proxy(c: &mut Criterion) {
     // The proxy must reuse its pooled upstream connection: new origin
     // connections during round_trip are TCP health checks (one a second).
     let (c1, r1) = (counts.connections.load(Ordering::Relaxed), counts.requests.load(Ordering::Relaxed));
-    eprintln!("proxy/round_trip: the origin answered {} requests on {} new connections", r1 - r0, c1 - c0);
-    assert!((c1 - c0) * 1000 < r1 - r0, "the proxy opened an upstream connection per request");
+    if r1 > r0 {
+        // (nothing to check when a filter such as `-- headers` skipped round_trip)
+        eprintln!("proxy/round_trip: the origin answered {} requests on {} new connections", r1 - r0, c1 - c0);
+        assert!((c1 - c0) * 1000 < r1 - r0, "the proxy opened an upstream connection per request");
+    }
     // Both connections must still be the original kept-alive ones.
     assert!(!direct.is_closed() && !proxied.is_closed(), "a client connection was closed during the bench");
 

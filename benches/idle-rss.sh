@@ -3,11 +3,13 @@
 # whether live traffic stays error-free meanwhile. Loopback only.
 #   bash benches/idle-rss.sh            # N=10000
 #   N=2000 bash benches/idle-rss.sh
+#   BIN=/path/to/cutover bash benches/idle-rss.sh   # another build (A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-10000}
 ulimit -n "$(ulimit -Hn)"  # the proxy and the client each need N + a few descriptors
-cargo build --release --quiet
+BIN=${BIN:-}
+if [ -z "$BIN" ]; then cargo build --release --quiet; BIN=target/release/cutover; fi
 tmp=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
@@ -28,7 +30,7 @@ sites:
     targets:
       blue: { endpoints: [127.0.0.1:18701] }
 YAML
-RUST_LOG=warn target/release/cutover serve --config "$tmp/cutover.yaml" &
+RUST_LOG=warn "$BIN" serve --config "$tmp/cutover.yaml" &
 pids+=($!)
 sleep 1
 python3 benches/idle_clients.py clients 18700 "${pids[1]}" "$N"

@@ -31,9 +31,45 @@ fn protected(name: &str) -> bool {
         || name.eq_ignore_ascii_case("x-request-id")
 }
 
+/// The fixed hop-by-hop fields (SPEC §3); `Connection` first.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHORIZATION,
+    &HTTP2_SETTINGS,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+
+/// `name`'s index in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authorization" => 3,
+        "http2-settings" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, including every field named in `Connection`.
+///
+/// One pass over the names finds which are present (usually none, or just
+/// `Connection`), which is cheaper than a hash probe per hop-by-hop name.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
+    let present = headers.keys().filter_map(hop_by_hop_index).fold(0u16, |bits, i| bits | 1 << i);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
@@ -46,15 +82,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         for name in named {
             headers.remove(name);
         }
-        headers.remove(CONNECTION);
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &HTTP2_SETTINGS] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(*name);
+        }
     }
-    headers.remove(TE);
-    headers.remove(TRAILER);
-    headers.remove(TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
 }
 
 /// The same for a response, but `Trailer` is kept: hyper sends HTTP/1.1
@@ -105,6 +138,8 @@ pub fn set_forwarded_value(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
+    // Up to three inserts here and `X-Request-Id` next: grow the map at most once.
+    headers.reserve(4);
     let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
         let mut buf = BytesMut::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -213,6 +248,26 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_alone_is_removed() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "http2-settings",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = map(&[(name, "x"), ("x-kept", "yes")]);
+            remove_hop_by_hop(&mut h);
+            let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-kept"], "{name} was not removed");
+        }
     }
 
     #[test]
