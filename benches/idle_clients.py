@@ -90,7 +90,9 @@ async def clients(port, pid, n):
     print(f"idle connections still usable afterwards: {ok}/{len(conns)}")
 
 
-if sys.argv[1] == "origin":
+if __name__ != "__main__":
+    pass
+elif sys.argv[1] == "origin":
     asyncio.run(origin(int(sys.argv[2])))
 else:
     asyncio.run(clients(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))

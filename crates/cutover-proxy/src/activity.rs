@@ -1,5 +1,7 @@
 //! Per-connection activity: when bytes last moved and how many requests are
-//! open, so an idle client connection can be closed after `idle_timeout`.
+//! open, so an idle client connection can be closed after `idle_timeout`, and
+//! whether an idle HTTP/1.1 connection can be parked (its hyper state dropped
+//! while the socket waits for the next request).
 
 use std::io;
 use std::pin::Pin;
@@ -9,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 /// Activity of one client connection.
 #[derive(Debug)]
@@ -20,6 +23,16 @@ pub struct Activity {
     open_requests: AtomicUsize,
     /// Whether any request was read yet.
     started: AtomicBool,
+    /// Whether bytes were read since the last request finished (a request
+    /// head may be half read: never park then).
+    read_since_finish: AtomicBool,
+    /// Whether the last write could not complete (hyper still has bytes to send).
+    write_blocked: AtomicBool,
+    /// Whether requests came over HTTP/2 (never parked).
+    multiplexed: AtomicBool,
+    /// Set while the connection is being parked: its next read without data
+    /// is an end of stream for hyper, and its shutdown keeps the socket open.
+    parking: AtomicBool,
 }
 
 impl Activity {
@@ -30,6 +43,10 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            read_since_finish: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
+            multiplexed: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         })
     }
 
@@ -58,7 +75,36 @@ impl Activity {
     /// A request's response finished (or it left the connection).
     pub fn request_finished(&self) {
         self.open_requests.fetch_sub(1, Ordering::Relaxed);
+        self.read_since_finish.store(false, Ordering::Relaxed);
         self.touch();
+    }
+
+    /// The connection carries HTTP/2: it is never parked.
+    pub fn mark_multiplexed(&self) {
+        if !self.multiplexed.load(Ordering::Relaxed) {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an HTTP/1.1 connection can be parked now: it served a request,
+    /// has none open, read nothing since, has nothing left to write, and has
+    /// been idle for at least `after`.
+    pub fn parkable(&self, after: Duration) -> bool {
+        self.started.load(Ordering::Relaxed)
+            && !self.multiplexed.load(Ordering::Relaxed)
+            && !self.read_since_finish.load(Ordering::Relaxed)
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && self.idle_for() >= after
+    }
+
+    /// Starts (`true`) or ends (`false`) parking.
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is being parked.
+    pub fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
     }
 
     /// How long the connection has been idle: no open request, no bytes moving.
@@ -71,26 +117,72 @@ impl Activity {
     }
 }
 
-/// An IO stream that records its activity.
+/// An IO stream that records its activity. A parkable one hands its stream
+/// back through `park` when hyper drops it while the connection is parking.
 #[derive(Debug)]
 pub struct Tracked<T> {
-    inner: T,
+    inner: Option<T>,
     activity: Arc<Activity>,
+    park: Option<oneshot::Sender<T>>,
 }
 
 impl<T> Tracked<T> {
     /// Wraps `inner`, recording into `activity`.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self { inner: Some(inner), activity, park: None }
+    }
+
+    /// The same, and when dropped while parking, sends `inner` to `park`.
+    pub fn parkable(inner: T, activity: Arc<Activity>, park: oneshot::Sender<T>) -> Self {
+        Self { inner: Some(inner), activity, park: Some(park) }
+    }
+
+    fn io(&mut self) -> Pin<&mut T>
+    where
+        T: Unpin,
+    {
+        Pin::new(self.inner.as_mut().expect("the stream is only taken on drop"))
+    }
+
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        if self.activity.parking() {
+            if let (Some(park), Some(inner)) = (self.park.take(), self.inner.take()) {
+                let _ = park.send(inner);
+            }
+        }
     }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let r = self.io().poll_read(cx, buf);
+        let got = buf.filled().len() > before;
+        if got {
             self.activity.touch();
+            self.activity.read_since_finish.store(true, Ordering::Relaxed);
+        }
+        if self.park.is_some() && self.activity.parking() {
+            match r {
+                // Nothing to read: an end of stream for hyper, which then lets
+                // go of the connection; the socket itself stays open.
+                Poll::Pending => return Poll::Ready(Ok(())),
+                // Data (or the client's own end): not parking after all.
+                _ => self.activity.set_parking(false),
+            }
         }
         r
     }
@@ -98,10 +190,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        let r = self.io().poll_write(cx, buf);
+        self.wrote(&r);
         r
     }
 
@@ -110,22 +200,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        let r = self.io().poll_write_vectored(cx, bufs);
+        self.wrote(&r);
         r
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        if self.park.is_some() && self.activity.parking() {
+            // Parking: hyper is done with the connection, the client is not.
+            return Poll::Ready(Ok(()));
+        }
+        self.io().poll_shutdown(cx)
     }
 }

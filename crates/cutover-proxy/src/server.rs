@@ -16,12 +16,14 @@ use std::time::Duration;
 
 use cutover_config::Limits;
 use cutover_metrics::IntGauge;
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,6 +39,8 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 /// TLS handshakes in progress at once per listener (they cost CPU, not just a socket).
 const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+/// An HTTP/1.1 connection idle this long is parked (hyper's buffers freed).
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -113,8 +117,7 @@ pub async fn serve(
             None => {
                 connections.spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    let io = Tracked::new(stream, conn.client.activity.clone());
-                    conn.run(io).await;
+                    conn.run_plain(stream).await;
                 });
             }
             Some(tls) => {
@@ -129,7 +132,9 @@ pub async fn serve(
                         acceptor.accept(io).await
                     };
                     match tokio::time::timeout(timeout, handshake).await {
-                        Ok(Ok(tls_stream)) => conn.run(tls_stream).await,
+                        Ok(Ok(tls_stream)) => {
+                            conn.serve(tls_stream, false).await;
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -183,31 +188,65 @@ impl Drop for ConnectionHold {
 }
 
 impl Connection {
-    async fn run<IO>(self, io: IO)
+    /// Serves a plain TCP connection. An idle HTTP/1.1 connection is parked:
+    /// hyper's connection (its buffers and state) is dropped and the socket
+    /// alone waits for the next request, `idle_timeout` or shutdown; then a
+    /// fresh hyper connection takes over the same socket.
+    async fn run_plain(self, mut stream: TcpStream) {
+        let activity = self.client.activity.clone();
+        loop {
+            let (park, parked) = oneshot::channel();
+            let io = Tracked::parkable(stream, activity.clone(), park);
+            if !self.serve(io, true).await {
+                return;
+            }
+            let Ok(socket) = parked.await else { return };
+            let left = self.idle_timeout.saturating_sub(activity.idle_for());
+            tokio::select! {
+                ready = socket.readable() => if ready.is_err() { return },
+                _ = tokio::time::sleep(left) => return,
+                _ = self.stop.cancelled() => return,
+            }
+            activity.set_parking(false);
+            stream = socket;
+        }
+    }
+
+    /// Serves `io` with hyper until the connection ends; `true` when it ended
+    /// because it was parked (only when `parkable`), and the socket is to be kept.
+    async fn serve<IO>(&self, io: IO, parkable: bool) -> bool
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.client.peer;
         let activity = self.client.activity.clone();
         let (proxy, client) = (self.proxy.clone(), self.client.clone());
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let (proxy, client) = (proxy.clone(), client.clone());
+            if req.version() == Version::HTTP_2 {
+                client.activity.mark_multiplexed();
+            }
             async move { proxy.handle(req, client).await }
         });
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
+        // Boxed, so that a parked connection's task keeps none of hyper's state.
+        let mut conn = Box::pin(self.builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+        let mut check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
+        if parkable {
+            check_every = check_every.min(PARK_AFTER);
+        }
         let mut closing = false;
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        activity.set_parking(false);
                     }
                     break;
                 }
                 _ = self.stop.cancelled(), if !closing => {
                     closing = true;
+                    activity.set_parking(false);
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = tokio::time::sleep(check_every), if !closing => {
@@ -217,11 +256,19 @@ impl Connection {
                         || activity.waiting_for_first_request() >= self.header_read_timeout
                     {
                         closing = true;
+                        activity.set_parking(false);
                         conn.as_mut().graceful_shutdown();
+                    } else if parkable && activity.parkable(PARK_AFTER) {
+                        // hyper's next read gets an end of stream and lets go.
+                        activity.set_parking(true);
                     }
                 }
             }
         }
+        // Dropping hyper's connection drops the stream, which goes back to
+        // `run_plain` if it is parking.
+        drop(conn);
+        parkable && activity.parking()
     }
 }
 

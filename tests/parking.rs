@@ -1,0 +1,243 @@
+//! Parked idle HTTP/1.1 connections: after about a second with no request
+//! open and no byte moving, cutover drops hyper's connection state (its two
+//! 8 KiB buffers) and keeps only the socket; the next request gets a fresh
+//! hyper connection on the same socket. These tests check that nothing a
+//! client can observe changes, except that an idle connection now lives until
+//! `idle_timeout` instead of being cut by hyper at `header_read_timeout`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::{site, Options, Origin, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+/// Longer than the park delay (1 s) plus one check interval.
+const PARKED: Duration = Duration::from_millis(2600);
+
+async fn one_site(extra: &str, origin: SocketAddr) -> Proxy {
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![origin])]);
+    Proxy::start_with(&sites, Options { extra: extra.into(), ..Default::default() }).await
+}
+
+const GET: &[u8] = b"GET /page HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+
+/// A raw client connection with what it read past the last response.
+struct Conn {
+    s: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        Conn { s: TcpStream::connect(addr).await.unwrap(), pending: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response with a `Content-Length` body; returns head and body.
+    async fn response(&mut self) -> (String, Vec<u8>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let (s, out) = (&mut self.s, &mut self.pending);
+        let read = async {
+            loop {
+                if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&out[..end]).to_string();
+                    let len: usize = head
+                        .to_ascii_lowercase()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if out.len() >= end + 4 + len {
+                        let body = out[end + 4..end + 4 + len].to_vec();
+                        out.drain(..end + 4 + len);
+                        return (head, body);
+                    }
+                }
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => panic!("connection closed; got {:?}", String::from_utf8_lossy(out)),
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        timeout(Duration::from_secs(10), read).await.expect("no complete response within 10 s")
+    }
+
+    /// Waits for the proxy to close the connection; `None` if still open after `limit`.
+    async fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match timeout(limit.saturating_sub(start.elapsed()), self.s.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(_)) => panic!("unexpected bytes on an idle connection"),
+            }
+        }
+    }
+}
+
+/// A connection idle past `header_read_timeout` (which hyper alone would have
+/// closed) is parked instead, and serves again, several times over.
+#[tokio::test]
+async fn parked_connection_serves_again() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("limits: { header_read_timeout: 2s, idle_timeout: 60s }", blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    for round in 0..3 {
+        s.send(GET).await;
+        let (head, body) = s.response().await;
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        assert_eq!(body, b"blue", "round {round}");
+        // Longer than header_read_timeout: hyper's keep-alive timer would cut it.
+        tokio::time::sleep(PARKED + Duration::from_millis(500)).await;
+    }
+    s.send(GET).await;
+    let (head, _) = s.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(blue.count(), 4);
+}
+
+/// Two pipelined requests sent to a parked connection in one write are both answered, in order.
+#[tokio::test]
+async fn pipelined_requests_wake_a_parked_connection() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("", blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    s.send(GET).await;
+    s.response().await;
+    tokio::time::sleep(PARKED).await;
+    s.send(b"GET /one HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /two HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+    for _ in 0..2 {
+        let (head, body) = s.response().await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"blue");
+    }
+    let paths: Vec<String> = blue.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/page", "/one", "/two"]);
+}
+
+/// A client that stops in the middle of a request head for longer than the
+/// park delay is not cut: its half-read head is never thrown away.
+#[tokio::test]
+async fn half_sent_request_head_survives_the_park_delay() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("limits: { header_read_timeout: 10s }", blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    s.send(GET).await;
+    s.response().await;
+    s.send(b"GET /half HTTP/1.1\r\nHo").await;
+    tokio::time::sleep(PARKED).await;
+    s.send(b"st: shop.test\r\n\r\n").await;
+    let (head, body) = s.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"blue");
+    assert!(blue.seen().iter().any(|r| r.path == "/half"));
+}
+
+/// A parked connection is still closed at `idle_timeout`, counted from its last
+/// activity, and is no longer counted in `cutover_client_connections` after.
+#[tokio::test]
+async fn parked_connection_is_closed_at_idle_timeout() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("limits: { idle_timeout: 3s }", blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    s.send(GET).await;
+    s.response().await;
+    let idle = Instant::now();
+    let closed = s.closed_within(Duration::from_secs(8)).await;
+    assert!(closed.is_some(), "parked connection still open 8 s after its last request");
+    assert!(idle.elapsed() >= Duration::from_millis(2800), "closed too early: {:?}", idle.elapsed());
+    let (_, metrics) = support::admin_raw(p.admin, "GET", "/metrics", "", None).await;
+    let text = metrics.as_str().unwrap_or_default().to_string();
+    let open: Vec<&str> = text.lines().filter(|l| l.starts_with("cutover_client_connections{")).collect();
+    assert!(open.iter().all(|l| l.ends_with(" 0")), "{open:?}");
+}
+
+/// A response the client does not read for a while is never parked away: the
+/// client gets every byte once it reads again, and the connection still works.
+/// Several sizes at once, on connections with a small receive buffer, so that
+/// for some of them the proxy has read the whole response from the origin
+/// while part of it still waits in its own write buffer.
+#[tokio::test]
+async fn slow_reader_gets_the_whole_response() {
+    let sizes = [64 << 10, 512 << 10, 2 << 20, 8 << 20, 32 << 20];
+    let mut checks = Vec::new();
+    for len in sizes {
+        let origin = big_origin(len).await;
+        let p = one_site("", origin).await;
+        checks.push(tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut s = Conn { s: socket.connect(p.addr).await.unwrap(), pending: Vec::new() };
+            s.send(GET).await;
+            // Let the proxy fill the socket buffers and block, past the park delay.
+            tokio::time::sleep(PARKED).await;
+            for round in 0..2 {
+                let (head, body) = s.response().await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{len} B, round {round}: {head}");
+                assert_eq!(body.len(), len, "{len} B, round {round}");
+                assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "{len} B: body corrupted");
+                s.send(GET).await;
+            }
+            drop(p);
+        }));
+    }
+    for c in checks {
+        c.await.unwrap();
+    }
+}
+
+/// On shutdown a parked connection is closed at once, not kept until the drain deadline.
+#[tokio::test]
+async fn shutdown_closes_parked_connections() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("limits: { idle_timeout: 60s }", blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    s.send(GET).await;
+    s.response().await;
+    tokio::time::sleep(PARKED).await;
+    let stopping = tokio::spawn(p.stop());
+    // The proxy's drain deadline is 5 s; a parked connection must not hold it up.
+    let closed = s.closed_within(Duration::from_secs(4)).await;
+    assert!(closed.is_some(), "parked connection still open 4 s after shutdown began");
+    stopping.await.unwrap();
+}
+
+/// An origin answering every request on a connection with `len` bytes
+/// (byte i is `i % 251`), with `Content-Length`.
+async fn big_origin(len: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&body).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
