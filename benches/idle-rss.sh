@@ -4,9 +4,12 @@
 #   bash benches/idle-rss.sh            # N=10000
 #   N=2000 bash benches/idle-rss.sh
 #   BIN=/path/to/cutover bash benches/idle-rss.sh   # another build (A/B)
+#   PAUSE=3 bash benches/idle-rss.sh     # wait 3 s after each 500 connections, so earlier
+#                                        # ones are parked while later ones arrive (steady state)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-10000}
+PAUSE=${PAUSE:-0}
 ulimit -n "$(ulimit -Hn)"  # the proxy and the client each need N + a few descriptors
 BIN=${BIN:-}
 if [ -z "$BIN" ]; then cargo build --release --quiet; BIN=target/release/cutover; fi
@@ -33,4 +36,4 @@ YAML
 RUST_LOG=warn "$BIN" serve --config "$tmp/cutover.yaml" &
 pids+=($!)
 sleep 1
-python3 benches/idle_clients.py clients 18700 "${pids[1]}" "$N"
+python3 benches/idle_clients.py clients 18700 "${pids[1]}" "$N" "$PAUSE"

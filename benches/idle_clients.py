@@ -8,7 +8,7 @@ idle, measures the proxy's RSS, sends live traffic, then reuses every idle
 connection once more. Loopback only.
 
 usage: idle_clients.py origin ORIGIN_PORT          (run the origin)
-       idle_clients.py clients PROXY_PORT PROXY_PID N
+       idle_clients.py clients PROXY_PORT PROXY_PID N PAUSE   (PAUSE: seconds to wait after each 500)
 """
 import asyncio
 import sys
@@ -70,13 +70,14 @@ async def live_traffic(port, requests, errors):
     writer.close()
 
 
-async def clients(port, pid, n):
+async def clients(port, pid, n, pause):
     before = rss_kib(pid)
     conns, failures = [], []
     for start in range(0, n, 500):
         batch = await asyncio.gather(*(open_idle(port) for _ in range(min(500, n - start))), return_exceptions=True)
         for r in batch:
             (failures if isinstance(r, BaseException) else conns).append(r)
+        await asyncio.sleep(pause)
     await asyncio.sleep(2)
     during = rss_kib(pid)
     errors = []
@@ -90,9 +91,7 @@ async def clients(port, pid, n):
     print(f"idle connections still usable afterwards: {ok}/{len(conns)}")
 
 
-if __name__ != "__main__":
-    pass
-elif sys.argv[1] == "origin":
+if sys.argv[1] == "origin":
     asyncio.run(origin(int(sys.argv[2])))
 else:
-    asyncio.run(clients(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+    asyncio.run(clients(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
