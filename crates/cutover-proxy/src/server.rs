@@ -6,7 +6,7 @@
 //! `idle_timeout` (no open request, no bytes moving), and connections that
 //! sent no whole request within `header_read_timeout` of opening. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
-//! connection idle for [`PARK_AFTER`] is parked: hyper's connection (two 8 KiB
+//! connection idle for `PARK_AFTER` (1 s) is parked: hyper's connection (two 8 KiB
 //! buffers and its state) is dropped and the socket alone waits for the next
 //! request, which gets a fresh hyper connection. On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
