@@ -13,8 +13,10 @@
 # pays its fsyncs).
 # Load: wrk -t1 -c64 -d10s --latency, twice: once plain, once while a
 # background loop switches blue<->green through the admin API every 250 ms
-# (POST /v1/sites/bench/switch {"to":...,"force":true}; curl, so each call is
-# a new admin connection; the 250 ms sleep comes after each answer).
+# (POST /v1/sites/bench/switch {"to":...,"force":true}; by default from
+# `switch_ack.py --loop` on one kept-alive admin connection, LOOP=curl for a
+# curl process and a new connection per switch; the 250 ms sleep comes after
+# each answer).
 # Prints req/s, p50, p99, max, errors (wrk's socket errors and non-2xx/3xx),
 # the requests the proxy served per target, the switches done, and
 # p99(switching)/p99(plain).
@@ -23,7 +25,7 @@
 # PORT+3; default 18800), DURATION (10s), CONNS (64), INTERVAL (0.25),
 # REPS (pairs of plain + switching runs, 1), CONTROL=1 (add a third run per
 # pair whose loop GETs /v1/sites/bench instead of switching: what the loop's
-# curl processes cost by themselves), N (switches for switch_ack.py,
+# processes cost by themselves), LOOP (python or curl), N (switches for switch_ack.py,
 # 200), VERBOSE=1 (print wrk's full output too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 INTERVAL=${INTERVAL:-0.25}
 ACK=${ACK:-0}
+LOOP=${LOOP:-python}
 REPS=${REPS:-1}
 ADMIN=http://127.0.0.1:$ADMIN_PORT
 
@@ -195,19 +198,24 @@ EOF
     if [ "$loop" != no ]; then
       : >"$tmp/switch-codes"
       rm -f "$tmp/stop"
-      (
-        to=green
-        while [ ! -e "$tmp/stop" ]; do
-          if [ "$loop" = switch ]; then
-            switch_to "$to" >>"$tmp/switch-codes" || true
-          else
-            curl -s -o /dev/null -w '%{http_code}' "$ADMIN/v1/sites/bench" >>"$tmp/switch-codes" || true
-          fi
-          echo >>"$tmp/switch-codes"
-          if [ "$to" = green ]; then to=blue; else to=green; fi
-          sleep "$INTERVAL"
-        done
-      ) &
+      if [ "$LOOP" = curl ]; then
+        (
+          to=green
+          while [ ! -e "$tmp/stop" ]; do
+            if [ "$loop" = switch ]; then
+              switch_to "$to" >>"$tmp/switch-codes" || true
+            else
+              curl -s -o /dev/null -w '%{http_code}' "$ADMIN/v1/sites/bench" >>"$tmp/switch-codes" || true
+            fi
+            echo >>"$tmp/switch-codes"
+            if [ "$to" = green ]; then to=blue; else to=green; fi
+            sleep "$INTERVAL"
+          done
+        ) &
+      else
+        python3 benches/switch_ack.py --admin "127.0.0.1:$ADMIN_PORT" --site bench --loop "$loop" \
+          --interval "$INTERVAL" --stop-file "$tmp/stop" --codes "$tmp/switch-codes" &
+      fi
       switcher=$!
       pids+=("$switcher")
     fi

@@ -17,6 +17,9 @@ which sets up origins and a cutover with its state file under /tmp. Alone:
     python3 benches/switch_ack.py --admin 127.0.0.1:18803 --site bench \
         [--n 200] [--state /tmp/.../state.json] [--token-file FILE]
 
+With --loop switch|control it is instead the background loop of
+switch-under-load.sh (see --help).
+
 Standard library only. Loopback only.
 """
 
@@ -50,6 +53,12 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--state", help="the state file, for the bare-save reference")
     ap.add_argument("--token-file")
+    ap.add_argument("--loop", choices=["switch", "control"],
+                    help="instead of timing: switch blue<->green (or only GET the site, 'control') "
+                         "every --interval seconds until --stop-file exists, appending each status to --codes")
+    ap.add_argument("--interval", type=float, default=0.25)
+    ap.add_argument("--stop-file")
+    ap.add_argument("--codes")
     args = ap.parse_args()
     host, _, port = args.admin.rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
@@ -72,6 +81,9 @@ def main():
         return dt, data
 
     site_path = f"/v1/sites/{args.site}"
+    if args.loop:
+        run_loop(args, conn, headers, site_path)
+        return
     _, data = call("GET", site_path)
     site = json.loads(data)
     targets = sorted(site["targets"])
@@ -129,6 +141,29 @@ def main():
     print(summary("GET site (admin API, no save)", reads))
     if saves:
         print(summary(f"bare save by this script ({len(body)} B, 2 fsyncs)", saves))
+
+
+def run_loop(args, conn, headers, site_path):
+    """The switch loop of switch-under-load.sh: one kept-alive admin connection,
+    so the loop costs the machine little besides the switches themselves."""
+    to = "green"
+    with open(args.codes, "a") as codes:
+        while not os.path.exists(args.stop_file):
+            try:
+                if args.loop == "switch":
+                    conn.request("POST", site_path + "/switch",
+                                 body=json.dumps({"to": to, "force": True}), headers=headers)
+                else:
+                    conn.request("GET", site_path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                codes.write(f"{resp.status}\n")
+            except (OSError, http.client.HTTPException) as e:
+                codes.write(f"error {e!r}\n")
+                conn.close()
+            codes.flush()
+            to = "blue" if to == "green" else "green"
+            time.sleep(args.interval)
 
 
 if __name__ == "__main__":
