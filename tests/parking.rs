@@ -25,6 +25,18 @@ async fn one_site(extra: &str, origin: SocketAddr) -> Proxy {
 
 const GET: &[u8] = b"GET /page HTTP/1.1\r\nHost: shop.test\r\n\r\n";
 
+/// An origin, a proxy with `extra` config in front of it, and a client
+/// connection that has been served one `GET` and is now idle.
+async fn served_once(extra: &str) -> (Origin, Proxy, Conn) {
+    let blue = Origin::start("blue").await;
+    let p = one_site(extra, blue.addr).await;
+    let mut s = Conn::open(p.addr).await;
+    s.send(GET).await;
+    let (head, _) = s.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (blue, p, s)
+}
+
 /// A raw client connection with what it read past the last response.
 struct Conn {
     s: TcpStream,
@@ -105,11 +117,7 @@ async fn parked_connection_serves_again() {
 /// Two pipelined requests sent to a parked connection in one write are both answered, in order.
 #[tokio::test]
 async fn pipelined_requests_wake_a_parked_connection() {
-    let blue = Origin::start("blue").await;
-    let p = one_site("", blue.addr).await;
-    let mut s = Conn::open(p.addr).await;
-    s.send(GET).await;
-    s.response().await;
+    let (blue, _p, mut s) = served_once("").await;
     tokio::time::sleep(PARKED).await;
     s.send(b"GET /one HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /two HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
     for _ in 0..2 {
@@ -125,11 +133,7 @@ async fn pipelined_requests_wake_a_parked_connection() {
 /// park delay is not cut: its half-read head is never thrown away.
 #[tokio::test]
 async fn half_sent_request_head_survives_the_park_delay() {
-    let blue = Origin::start("blue").await;
-    let p = one_site("limits: { header_read_timeout: 10s }", blue.addr).await;
-    let mut s = Conn::open(p.addr).await;
-    s.send(GET).await;
-    s.response().await;
+    let (blue, _p, mut s) = served_once("limits: { header_read_timeout: 10s }").await;
     s.send(b"GET /half HTTP/1.1\r\nHo").await;
     tokio::time::sleep(PARKED).await;
     s.send(b"st: shop.test\r\n\r\n").await;
@@ -143,19 +147,23 @@ async fn half_sent_request_head_survives_the_park_delay() {
 /// activity, and is no longer counted in `cutover_client_connections` after.
 #[tokio::test]
 async fn parked_connection_is_closed_at_idle_timeout() {
-    let blue = Origin::start("blue").await;
-    let p = one_site("limits: { idle_timeout: 3s }", blue.addr).await;
-    let mut s = Conn::open(p.addr).await;
-    s.send(GET).await;
-    s.response().await;
+    let (_blue, p, mut s) = served_once("limits: { idle_timeout: 3s }").await;
     let idle = Instant::now();
     let closed = s.closed_within(Duration::from_secs(8)).await;
     assert!(closed.is_some(), "parked connection still open 8 s after its last request");
     assert!(idle.elapsed() >= Duration::from_millis(2800), "closed too early: {:?}", idle.elapsed());
-    let (_, metrics) = support::admin_raw(p.admin, "GET", "/metrics", "", None).await;
-    let text = metrics.as_str().unwrap_or_default().to_string();
-    let open: Vec<&str> = text.lines().filter(|l| l.starts_with("cutover_client_connections{")).collect();
-    assert!(open.iter().all(|l| l.ends_with(" 0")), "{open:?}");
+    // The gauge drops when the connection's task ends, just after the close.
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let (_, metrics) = support::admin_raw(p.admin, "GET", "/metrics", "", None).await;
+        let text = metrics.as_str().unwrap_or_default().to_string();
+        open = text.lines().filter(|l| l.starts_with("cutover_client_connections{")).map(String::from).collect();
+        if !open.is_empty() && open.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!open.is_empty() && open.iter().all(|l| l.ends_with(" 0")), "{open:?}");
 }
 
 /// A response the client does not read for a while is never parked away: the
@@ -182,7 +190,9 @@ async fn slow_reader_gets_the_whole_response() {
                 assert!(head.starts_with("HTTP/1.1 200"), "{len} B, round {round}: {head}");
                 assert_eq!(body.len(), len, "{len} B, round {round}");
                 assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "{len} B: body corrupted");
-                s.send(GET).await;
+                if round == 0 {
+                    s.send(GET).await;
+                }
             }
             drop(p);
         }));
@@ -195,11 +205,7 @@ async fn slow_reader_gets_the_whole_response() {
 /// On shutdown a parked connection is closed at once, not kept until the drain deadline.
 #[tokio::test]
 async fn shutdown_closes_parked_connections() {
-    let blue = Origin::start("blue").await;
-    let p = one_site("limits: { idle_timeout: 60s }", blue.addr).await;
-    let mut s = Conn::open(p.addr).await;
-    s.send(GET).await;
-    s.response().await;
+    let (_blue, p, mut s) = served_once("limits: { idle_timeout: 60s }").await;
     tokio::time::sleep(PARKED).await;
     let stopping = tokio::spawn(p.stop());
     // The proxy's drain deadline is 5 s; a parked connection must not hold it up.

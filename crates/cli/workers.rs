@@ -53,8 +53,8 @@ pub fn spawn(
     let workers = listeners.first().map_or(0, |l| l.sockets.len());
     let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerConfig)>> = (0..workers).map(|_| Vec::new()).collect();
     for listener in listeners {
-        for (i, socket) in listener.sockets.into_iter().enumerate() {
-            per_worker[i].push((socket, listener.config.clone()));
+        for (worker, socket) in per_worker.iter_mut().zip(listener.sockets) {
+            worker.push((socket, listener.config.clone()));
         }
     }
     let mut threads = Vec::with_capacity(workers);

@@ -497,6 +497,11 @@ impl Validator {
         if (ca.is_some() || raw.server_name.is_some()) && raw.tls != Some(true) {
             self.err(format!("{path}.tls"), raw.tls.unwrap_or(false), "ca and server_name need tls: true");
         }
+        if let Some(name) = &raw.server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                self.err(format!("{path}.server_name"), name, "expected a DNS name or an IP address");
+            }
+        }
         Target {
             endpoints: raw.endpoints,
             version: raw.version,

@@ -670,6 +670,17 @@ fn upstream_tls_options() {
         dir.path(),
     );
     assert!(at(&e, "sites[0].targets.blue.tls").message.contains("tls: true"), "{e}");
+
+    let e = errs(
+        &one_site("").replace(
+            "blue: { endpoints: [127.0.0.1:3001] }",
+            "blue: { endpoints: [127.0.0.1:3001], tls: true, server_name: \"api internal!\" }",
+        ),
+        dir.path(),
+    );
+    let bad = at(&e, "sites[0].targets.blue.server_name");
+    assert_eq!(bad.value, "api internal!");
+    assert!(bad.message.contains("DNS name"), "{e}");
 }
 
 // ---------------------------------------------------------------------------

@@ -258,8 +258,9 @@ impl ConnectError {
 /// (CA roots and ALPN) and the name the certificate must be valid for.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    /// Connector with the roots (the target's `ca`, or the public web roots) and ALPN.
-    pub connector: tokio_rustls::TlsConnector,
+    /// Connector with the roots (the target's `ca`, or the public web roots) and
+    /// ALPN; `None` when they could not be loaded: every connection fails (closed).
+    connector: Option<tokio_rustls::TlsConnector>,
     /// `server_name`, or `None` to use the endpoint's host.
     pub server_name: Option<rustls_pki_types::ServerName<'static>>,
 }
@@ -283,11 +284,6 @@ impl UpstreamTls {
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        Self::with_roots(roots, server_name, h2)
-    }
-
-    /// A connector trusting exactly `roots` (empty: every handshake fails, closed).
-    pub fn with_roots(roots: rustls::RootCertStore, server_name: Option<&str>, h2: bool) -> Result<Self, String> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -300,7 +296,12 @@ impl UpstreamTls {
                 rustls_pki_types::ServerName::try_from(n.to_string()).map_err(|e| format!("server_name {n:?}: {e}"))
             })
             .transpose()?;
-        Ok(Self { connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), server_name })
+        Ok(Self { connector: Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))), server_name })
+    }
+
+    /// TLS that fails closed: no connection to the target succeeds.
+    pub fn closed() -> Self {
+        Self { connector: None, server_name: None }
     }
 }
 
@@ -380,8 +381,12 @@ pub async fn connect_stream(
     tls: Option<&UpstreamTls>,
     timeout: Duration,
 ) -> Result<Stream, ConnectError> {
+    let Some(tls) = tls else { return Ok(Stream::Plain(connect_tcp(address, timeout).await?)) };
+    let Some(connector) = &tls.connector else {
+        let e = io::Error::other("the target's TLS roots could not be loaded (see the log)");
+        return Err(ConnectError::Tls(address.to_string(), e));
+    };
     let tcp = connect_tcp(address, timeout).await?;
-    let Some(tls) = tls else { return Ok(Stream::Plain(tcp)) };
     let name = match &tls.server_name {
         Some(n) => n.clone(),
         None => {
@@ -390,7 +395,7 @@ pub async fn connect_stream(
                 .map_err(|e| ConnectError::Tls(address.to_string(), io::Error::new(io::ErrorKind::InvalidInput, e)))?
         }
     };
-    match tokio::time::timeout(timeout, tls.connector.connect(name, tcp)).await {
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
         Ok(Err(e)) => Err(ConnectError::Tls(address.to_string(), e)),
         Err(_) => Err(ConnectError::Timeout(address.to_string())),
@@ -439,4 +444,21 @@ pub async fn connect_h2(address: &str, tls: Option<&UpstreamTls>, timeout: Durat
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target whose TLS roots could not be loaded is never connected to, not
+    /// even over TCP: it fails closed, never falls back to plain HTTP.
+    #[tokio::test]
+    async fn closed_tls_never_connects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let r = connect_stream(&address, Some(&UpstreamTls::closed()), Duration::from_secs(1)).await;
+        assert!(matches!(r, Err(ConnectError::Tls(..))), "{r:?}");
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a TCP connection was opened");
+    }
 }

@@ -139,7 +139,8 @@ pub fn set_forwarded_value(
     host: Option<&HeaderValue>,
 ) {
     // Up to three inserts here and `X-Request-Id` next: grow the map at most once.
-    headers.reserve(4);
+    // (A map at http's size limit already fails the inserts below the same way.)
+    let _ = headers.try_reserve(4);
     let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
         let mut buf = BytesMut::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
