@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cutover_core::routing::{SiteRoute, TargetPool};
-use cutover_core::upstream::{BodyProgress, Sender};
+use cutover_core::upstream::{h1, BodyProgress, Sender};
 use cutover_core::Endpoint;
 use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -150,6 +150,8 @@ enum Source {
         request: Option<Arc<BodyProgress>>,
         endpoint: Arc<Endpoint>,
     },
+    /// Read by cutover's own HTTP/1.1 client, which returns its connection itself.
+    Direct(h1::ResponseBody),
     /// Made by cutover itself.
     Full(Option<Bytes>),
 }
@@ -196,6 +198,11 @@ impl ProxyBody {
         Self { source: Source::Upstream { body, sender, request, endpoint }, drain: Drain::Idle, guard: Some(guard) }
     }
 
+    /// A body read by cutover's own HTTP/1.1 client.
+    pub fn direct(body: h1::ResponseBody, guard: RequestGuard) -> Self {
+        Self { source: Source::Direct(body), drain: Drain::Idle, guard: Some(guard) }
+    }
+
     /// Polls the drain watch; `true` when the body must be cut now.
     fn drain_due(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
@@ -223,6 +230,20 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// The upstream has nothing yet: pending, unless the target's drain deadline cuts the body now.
+    fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.drain_due(cx) {
+            if let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) {
+                target.metrics.forced_stream_closes.inc();
+                tracing::info!(site = site.name(), target = %target.name, "drain deadline: response stream closed");
+            }
+            return Poll::Ready(Some(Err("closed at the drain deadline of its target".into())));
+        }
+        Poll::Pending
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -233,16 +254,11 @@ impl Body for ProxyBody {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Source::Upstream { body, .. } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-                Poll::Pending => {
-                    if this.drain_due(cx) {
-                        if let Some((site, target)) = this.guard.as_ref().and_then(|g| g.route()) {
-                            target.metrics.forced_stream_closes.inc();
-                            tracing::info!(site = site.name(), target = %target.name, "drain deadline: response stream closed");
-                        }
-                        return Poll::Ready(Some(Err("closed at the drain deadline of its target".into())));
-                    }
-                    Poll::Pending
-                }
+                Poll::Pending => this.pending(cx),
+            },
+            Source::Direct(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                Poll::Pending => this.pending(cx),
             },
         }
     }
@@ -250,6 +266,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Upstream { body, .. } => body.is_end_stream(),
+            Source::Direct(body) => body.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
         }
     }
@@ -257,6 +274,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Upstream { body, .. } => body.size_hint(),
+            Source::Direct(body) => body.size_hint(),
             Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Source::Full(None) => SizeHint::with_exact(0),
         }

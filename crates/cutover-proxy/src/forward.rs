@@ -9,7 +9,9 @@
 //!    request id).
 //! 4. `send`: pick an endpoint (least outstanding, healthy first), take a
 //!    pooled connection or open one; a connection that cannot be made is
-//!    retried on another endpoint, since nothing was sent.
+//!    retried on another endpoint, since nothing was sent. A request without
+//!    a body to an HTTP/1.1 target goes through cutover's own client
+//!    (`send_direct`), the rest through hyper's.
 //! 5. The response streams back inside a [`ProxyBody`] that keeps the request
 //!    in flight until its last byte; an upgrade becomes a tunnel.
 
@@ -22,7 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
-use cutover_core::upstream::{self, ConnectError, H2Sender, Sender, UpstreamBody};
+use cutover_core::upstream::{self, h1, ConnectError, H2Sender, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
@@ -151,7 +153,7 @@ enum ForwardError {
     /// The upstream did not answer within the response timeout.
     Timeout,
     /// The upstream broke the exchange after the request was sent.
-    Broken(hyper::Error),
+    Broken(crate::body::BoxError),
 }
 
 impl Proxy {
@@ -225,6 +227,19 @@ impl Proxy {
         let mut guard = RequestGuard::new(Some(route), Some(conn.activity.clone()), method, uri);
         let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
         let protocol = routed.target.protocol;
+        if upgrade.is_none() && protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body()) {
+            let (parts, _) = prepare(req, &conn, &routed, &mut guard, None, protocol).into_parts();
+            let head = h1::encode_head(&parts);
+            return Ok(match self.send_direct(&routed, &head, &parts.method, &mut guard).await {
+                Ok(resp) => {
+                    guard.status = resp.status().as_u16();
+                    let (mut parts, body) = resp.into_parts();
+                    finish_head(&mut parts, &pick, &routed);
+                    Response::from_parts(parts, ProxyBody::direct(body, guard))
+                }
+                Err(e) => failure(e, &routed.target, guard),
+            });
+        }
         let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
         let request_progress = req.body().progress();
         let sent = self.send(&routed, req, &mut guard, upgrade.is_some()).await;
@@ -242,17 +257,7 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop_response(&mut parts.headers);
-        if pick.preview {
-            if let Some(v) = modes::served_by(&pick.target) {
-                parts.headers.insert(modes::SERVED_BY.clone(), v);
-            }
-        }
-        if let Some(bucket) = pick.new_bucket {
-            if let Some(v) = modes::bucket_set_cookie(&routed.site.config.canary_cookie, bucket) {
-                parts.headers.append(SET_COOKIE, v);
-            }
-        }
+        finish_head(&mut parts, &pick, &routed);
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
@@ -324,7 +329,7 @@ impl Proxy {
                     Some(back) => req = back,
                     None => {
                         target.metrics.upstream_error(UpstreamErrorKind::Reset);
-                        return Err(ForwardError::Broken(e.into_error()));
+                        return Err(ForwardError::Broken(e.into_error().into()));
                     }
                 },
                 Err(()) => {
@@ -334,6 +339,74 @@ impl Proxy {
             }
         }
         Err(ForwardError::NoEndpoint)
+    }
+
+    /// Sends a request without a body (its encoded `head`) with cutover's own
+    /// HTTP/1.1 client. A connection that cannot be made is retried on another
+    /// endpoint; a pooled one that the upstream closed before answering is
+    /// retried on a new connection when `method` is idempotent (RFC 9110 §9.2.2).
+    async fn send_direct(
+        &self,
+        routed: &Routed,
+        head: &[u8],
+        method: &Method,
+        guard: &mut RequestGuard,
+    ) -> Result<Response<h1::ResponseBody>, ForwardError> {
+        let target = &routed.target;
+        let idempotent = matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        let mut failed = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
+            let endpoint = &target.endpoints[idx];
+            let (conn, reused) = match endpoint.pool.checkout_h1() {
+                Some(c) => (c, true),
+                None => {
+                    let tls = endpoint.tls.load_full();
+                    match upstream::connect_h1(&endpoint.address, tls.as_deref(), routed.connect_timeout).await {
+                        Ok(c) => (c, false),
+                        Err(e) => {
+                            connect_failed(target, endpoint, &e);
+                            failed.push(idx);
+                            continue;
+                        }
+                    }
+                }
+            };
+            guard.set_endpoint(endpoint.clone());
+            let exchange = h1::exchange(conn, head, *method == Method::HEAD, endpoint.clone());
+            match tokio::time::timeout(routed.response_timeout, exchange).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) if e.is_stale() && reused && idempotent => {}
+                Ok(Err(e)) => {
+                    target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                    return Err(ForwardError::Broken(e.into()));
+                }
+                Err(_) => {
+                    target.metrics.upstream_error(UpstreamErrorKind::Timeout);
+                    return Err(ForwardError::Timeout);
+                }
+            }
+        }
+        Err(ForwardError::NoEndpoint)
+    }
+}
+
+/// Rewrites an upstream's response head for the client: hop-by-hop fields
+/// out, the preview's `x-cutover-served-by` and a new canary bucket's cookie in.
+fn finish_head(parts: &mut http::response::Parts, pick: &modes::Pick, routed: &Routed) {
+    headers::remove_hop_by_hop_response(&mut parts.headers);
+    if pick.preview {
+        if let Some(v) = modes::served_by(&pick.target) {
+            parts.headers.insert(modes::SERVED_BY.clone(), v);
+        }
+    }
+    if let Some(bucket) = pick.new_bucket {
+        if let Some(v) = modes::bucket_set_cookie(&routed.site.config.canary_cookie, bucket) {
+            parts.headers.append(SET_COOKIE, v);
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! Connections to upstream endpoints: connect with a timeout, HTTP/1.1
 //! handshake, and a small per-endpoint pool of idle keep-alive connections.
+//! Requests without a body use cutover's own HTTP/1.1 client ([`h1`]); the
+//! rest (uploads, upgrades, `protocol: h2`) use hyper's.
 //!
 //! The pool is a lock-free bounded queue per data-plane worker (no lock per
 //! request, no cross-thread hand-off), each holding at most
@@ -8,6 +10,8 @@
 //! at checkout and in [`Pool::sweep`], which the endpoint's health task runs
 //! every interval (the pool timer). A connection is returned only after its
 //! response body was read to the end.
+
+pub mod h1;
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -141,6 +145,10 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
+fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 /// Idle queues per pool: one per CPU (each data-plane worker uses its own).
 fn queues() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -150,8 +158,10 @@ fn queues() -> usize {
 /// Idle keep-alive connections to one endpoint.
 #[derive(Debug)]
 pub struct Pool {
-    /// One lock-free queue per data-plane worker.
+    /// One lock-free queue per data-plane worker (hyper's connections).
     idle: Box<[ArrayQueue<Idle>]>,
+    /// The same for cutover's own HTTP/1.1 connections.
+    direct: Box<[ArrayQueue<IdleConn>]>,
     idle_timeout: Duration,
     /// The shared HTTP/2 connection, for `protocol: h2` targets.
     h2: ArcSwapOption<H2Sender>,
@@ -169,16 +179,23 @@ impl Idle {
     }
 }
 
+#[derive(Debug)]
+struct IdleConn {
+    conn: h1::Conn,
+    since: Instant,
+}
+
 impl Pool {
     /// An empty pool keeping at most `max_idle` connections for `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         let idle = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
-        Self { idle, idle_timeout, h2: ArcSwapOption::empty() }
+        let direct = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
+        Self { idle, direct, idle_timeout, h2: ArcSwapOption::empty() }
     }
 
     /// This worker's queue.
     fn local(&self) -> &ArrayQueue<Idle> {
-        &self.idle[WORKER.with(|w| w.get()) % self.idle.len()]
+        &self.idle[worker() % self.idle.len()]
     }
 
     /// The shared HTTP/2 connection, when open and usable.
@@ -209,8 +226,36 @@ impl Pool {
         }
     }
 
+    /// Takes a live idle connection of cutover's own client, if any.
+    pub fn checkout_h1(&self) -> Option<h1::Conn> {
+        let queue = &self.direct[worker() % self.direct.len()];
+        while let Some(mut c) = queue.pop() {
+            if c.since.elapsed() <= self.idle_timeout && c.conn.is_usable() {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection of cutover's own client whose exchange is complete.
+    pub fn checkin_h1(&self, conn: h1::Conn) {
+        let queue = &self.direct[worker() % self.direct.len()];
+        let _ = queue.push(IdleConn { conn, since: Instant::now() });
+    }
+
     /// Closes idle connections that expired or that the upstream closed.
     pub fn sweep(&self) {
+        for queue in self.direct.iter() {
+            for _ in 0..queue.len() {
+                match queue.pop() {
+                    Some(c) if c.since.elapsed() <= self.idle_timeout => {
+                        let _ = queue.push(c);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
         for queue in self.idle.iter() {
             for _ in 0..queue.len() {
                 match queue.pop() {
@@ -226,7 +271,7 @@ impl Pool {
 
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(ArrayQueue::len).sum()
+        self.idle.iter().map(ArrayQueue::len).sum::<usize>() + self.direct.iter().map(ArrayQueue::len).sum::<usize>()
     }
 }
 
@@ -411,6 +456,11 @@ pub async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, 
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Opens a new connection to `address` for cutover's own HTTP/1.1 client.
+pub async fn connect_h1(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> Result<h1::Conn, ConnectError> {
+    Ok(h1::Conn::new(connect_stream(address, tls, timeout).await?))
 }
 
 /// Opens a new HTTP/1.1 connection to `address` and spawns its driver task.

@@ -1,0 +1,522 @@
+//! cutover's own HTTP/1.1 client for requests without a body: the common case
+//! (GET, HEAD, …) of the hot path.
+//!
+//! hyper's client drives each connection in a task of its own and hands the
+//! request, the response head and every body chunk across channels. Here the
+//! request task itself writes the head and reads the response, and the
+//! response body reads the socket when hyper's server polls it: no second task,
+//! no channel, no wake-up between them. A connection goes back to its
+//! endpoint's pool the moment its response was read to the end.
+//!
+//! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
+//! `Transfer-Encoding` (chunked last) over `Content-Length`; otherwise the body
+//! ends when the upstream closes. 1xx interim answers are skipped. A response
+//! that could be read two ways (`Content-Length` and `Transfer-Encoding`,
+//! conflicting lengths) is never reused, or refused. Requests with a body and
+//! upgrades go through hyper's client instead.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+use super::Stream;
+use crate::Endpoint;
+
+/// The largest response head accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most header fields a response head may have.
+const MAX_HEADERS: usize = 128;
+/// The largest trailer section accepted.
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// The longest chunk-size line accepted (size and extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+/// What one read asks for at least.
+const READ_SIZE: usize = 16 * 1024;
+/// What one read of a large body asks for at most.
+const MAX_READ_SIZE: usize = 256 * 1024;
+
+/// An open HTTP/1.1 connection to an upstream, between exchanges.
+#[derive(Debug)]
+pub struct Conn {
+    io: Stream,
+    buf: BytesMut,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection ended or broke before any byte of an answer came back:
+    /// on a reused connection, the upstream most likely closed it meanwhile.
+    #[error("the upstream closed the connection before answering{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Stale(Option<io::Error>),
+    /// Reading or writing failed during the answer.
+    #[error("upstream connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// The upstream's answer is not valid HTTP/1.1, or too large.
+    #[error("invalid response from the upstream: {0}")]
+    Invalid(&'static str),
+}
+
+impl Error {
+    /// Whether nothing came back at all (a retry on a fresh connection is safe
+    /// for an idempotent request).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Error::Stale(_))
+    }
+}
+
+impl Conn {
+    /// A connection over `io`, with nothing read yet.
+    pub fn new(io: Stream) -> Self {
+        Self { io, buf: BytesMut::new() }
+    }
+
+    /// Whether an idle connection still looks usable: nothing buffered, and no
+    /// data or end of stream waiting on the socket. Costs no system call unless
+    /// the socket became readable since its last read.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io).poll_read(&mut cx, &mut probe).is_pending()
+    }
+}
+
+/// Encodes the head of a request without a body (`parts.uri` in origin form).
+/// `POST`, `PUT` and `PATCH` without a length get `content-length: 0`.
+pub fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fields: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 40);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let wants_length = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    if wants_length && !parts.headers.contains_key(CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Sends `head` (a request without a body) on `conn` and reads the response
+/// head. The body reads the rest and returns the connection to `endpoint`'s
+/// pool when it ended cleanly. `is_head`: the request was `HEAD` (no body follows).
+pub async fn exchange(
+    mut conn: Conn,
+    head: &[u8],
+    is_head: bool,
+    endpoint: Arc<Endpoint>,
+) -> Result<Response<ResponseBody>, Error> {
+    conn.io.write_all(head).await.map_err(|e| Error::Stale(Some(e)))?;
+    conn.io.flush().await.map_err(|e| Error::Stale(Some(e)))?;
+    let mut received = false;
+    let parsed = loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, is_head)? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Final(p)) => break p,
+                None if conn.buf.len() >= MAX_HEAD_BYTES => return Err(Error::Invalid("response head too large")),
+                None => {}
+            }
+        }
+        conn.buf.reserve(READ_SIZE);
+        let n = match conn.io.read_buf(&mut conn.buf).await {
+            Ok(n) => n,
+            Err(e) if !received => return Err(Error::Stale(Some(e))),
+            Err(e) => return Err(Error::Io(e)),
+        };
+        if n == 0 {
+            return Err(if received {
+                Error::Invalid("connection closed inside the response head")
+            } else {
+                Error::Stale(None)
+            });
+        }
+        received = true;
+    };
+    let Head { status, version, headers, framing, reusable } = parsed;
+    let mut body = ResponseBody { conn: Some(conn), framing, reusable, endpoint };
+    if matches!(body.framing, Framing::Done) {
+        body.finish(true);
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    /// Whether the connection may carry another exchange after this body.
+    reusable: bool,
+}
+
+enum Parsed {
+    /// A 1xx interim response, skipped.
+    Interim,
+    Final(Head),
+}
+
+/// Parses a response head at the start of `buf` and consumes it; `None` when
+/// it is not all there yet.
+fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many header fields")),
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    let (Some(code), Some(minor)) = (parsed.code, parsed.version) else {
+        return Err(Error::Invalid("malformed response head"));
+    };
+    // Where each name and value sits in `buf`, so they can share its bytes.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
+        *span = (f.name.as_ptr() as usize - base, f.name.len(), f.value.as_ptr() as usize - base, f.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+    match code {
+        101 => return Err(Error::Invalid("101 Switching Protocols to a request that asked for no upgrade")),
+        100..=199 => return Ok(Some(Parsed::Interim)),
+        _ => {}
+    }
+    let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let (mut chunked, mut encoded, mut close, mut keep_alive) = (false, false, false, false);
+    for &(n, nl, v, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| Error::Invalid("invalid header value"))?;
+        if name == CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(part).ok_or(Error::Invalid("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            encoded = true;
+            chunked = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut reusable = if minor == 0 { keep_alive && !close } else { !close };
+    let framing = if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Done
+    } else if encoded {
+        if length.is_some() {
+            // Read two ways: Transfer-Encoding wins, and the connection is not trusted again.
+            headers.remove(CONTENT_LENGTH);
+            reusable = false;
+        }
+        if chunked {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            reusable = false;
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => {
+                reusable = false;
+                Framing::UntilClose
+            }
+        }
+    };
+    Ok(Some(Parsed::Final(Head { status, version, headers, framing, reusable })))
+}
+
+/// A `Content-Length` value: decimal digits only.
+fn parse_length(s: &[u8]) -> Option<u64> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+/// How the rest of the body is delimited.
+#[derive(Debug)]
+enum Framing {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// Chunked transfer coding, at this point of it.
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    UntilClose,
+    /// The body is complete.
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Debug)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk: this many data bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+}
+
+/// A response body read straight from the upstream connection.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// The connection, until the body ended.
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+    endpoint: Arc<Endpoint>,
+}
+
+/// One step of decoding what is buffered.
+enum Step {
+    Frame(Frame<Bytes>),
+    /// Decoded more, nothing to hand out yet.
+    Again,
+    /// More bytes are needed.
+    Read,
+    End,
+}
+
+impl ResponseBody {
+    /// Ends the body; the connection goes back to the pool when the exchange
+    /// ended cleanly and the upstream left nothing extra behind.
+    fn finish(&mut self, clean: bool) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take() {
+            if clean && self.reusable && conn.buf.is_empty() {
+                self.endpoint.pool.checkin_h1(conn);
+            }
+        }
+    }
+
+    /// Decodes the next step from the buffered bytes.
+    fn step(&mut self) -> Result<Step, Error> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(Step::End) };
+        let buf = &mut conn.buf;
+        match &mut self.framing {
+            Framing::Done => Ok(Step::End),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::Read);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                let data = buf.split_to(n).freeze();
+                *left -= n as u64;
+                if *left == 0 {
+                    self.finish(true);
+                }
+                Ok(Step::Frame(Frame::data(data)))
+            }
+            Framing::UntilClose => {
+                if buf.is_empty() {
+                    return Ok(Step::Read);
+                }
+                Ok(Step::Frame(Frame::data(buf.split().freeze())))
+            }
+            Framing::Chunked(chunk) => match chunk {
+                Chunk::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err(Error::Invalid("chunk-size line too long"))
+                        } else {
+                            Ok(Step::Read)
+                        };
+                    };
+                    let size = parse_chunk_size(&buf[..end]).ok_or(Error::Invalid("invalid chunk size"))?;
+                    buf.advance(end + 2);
+                    *chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                    Ok(Step::Again)
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::Read);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    let data = buf.split_to(n).freeze();
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *chunk = Chunk::DataEnd;
+                    }
+                    Ok(Step::Frame(Frame::data(data)))
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::Read);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Error::Invalid("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *chunk = Chunk::Size;
+                    Ok(Step::Again)
+                }
+                Chunk::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.finish(true);
+                        return Ok(Step::End);
+                    }
+                    let Some(end) = find_blank_line(buf) else {
+                        return if buf.len() > MAX_TRAILER_BYTES {
+                            Err(Error::Invalid("trailer section too large"))
+                        } else {
+                            Ok(Step::Read)
+                        };
+                    };
+                    let trailers = parse_trailers(&buf[..end])?;
+                    buf.advance(end);
+                    self.finish(true);
+                    Ok(Step::Frame(Frame::trailers(trailers)))
+                }
+            },
+        }
+    }
+
+    /// Reads more from the upstream into the buffer; `Ok(false)` at its end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Error>> {
+        let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(false)) };
+        let want = match self.framing {
+            Framing::Length(left) => (left as usize).clamp(READ_SIZE, MAX_READ_SIZE),
+            _ => READ_SIZE,
+        };
+        conn.buf.reserve(want);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(false)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(true)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::Io(e))),
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            let step = match this.step() {
+                Ok(s) => s,
+                Err(e) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            match step {
+                Step::Frame(f) => return Poll::Ready(Some(Ok(f))),
+                Step::Again => {}
+                Step::End => return Poll::Ready(None),
+                Step::Read => match this.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(true)) => {}
+                    Poll::Ready(Ok(false)) => {
+                        if matches!(this.framing, Framing::UntilClose) {
+                            this.finish(false);
+                            return Poll::Ready(None);
+                        }
+                        this.finish(false);
+                        return Poll::Ready(Some(Err(Error::Invalid("connection closed before the end of the body"))));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.finish(false);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The end of a trailer section (just past its empty line).
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// `chunk-size [ chunk-ext ]`: hex digits, then optional `;`-extensions (ignored).
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// The fields of a trailer section (it ends with an empty line).
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name =
+                    HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| Error::Invalid("invalid trailer name"))?;
+                let value = HeaderValue::from_bytes(f.value).map_err(|_| Error::Invalid("invalid trailer value"))?;
+                map.append(name, value);
+            }
+            Ok(map)
+        }
+        _ => Err(Error::Invalid("malformed trailer section")),
+    }
+}

@@ -1,0 +1,343 @@
+//! cutover's own HTTP/1.1 upstream client (requests without a body), against
+//! a raw origin that answers each path with scripted bytes: every way a
+//! response body can be delimited, interim answers, connection reuse, an
+//! upstream that closes a kept-alive connection under a request, and answers
+//! that must never reach the client.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use support::{site, Client, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the raw origin does with a request for one path.
+#[derive(Clone)]
+enum Script {
+    /// Writes these bytes and keeps the connection.
+    Answer(&'static [u8]),
+    /// Writes these bytes, then closes.
+    AnswerAndClose(&'static [u8]),
+    /// The first request on a connection gets `ok`; the next one on the same
+    /// connection is read and the connection closed without an answer (the
+    /// keep-alive race: the upstream timed the connection out as it arrived).
+    CloseOnSecond,
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// A raw HTTP/1.1 origin; records `(connection number, method, path)` per request.
+struct RawOrigin {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(usize, String, String)>>>,
+}
+
+impl RawOrigin {
+    async fn start(scripts: &[(&str, Script)]) -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scripts: Arc<HashMap<String, Script>> =
+            Arc::new(scripts.iter().map(|(p, s)| (p.to_string(), s.clone())).collect());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                tokio::spawn(serve(stream, n, scripts.clone(), log.clone()));
+            }
+        });
+        RawOrigin { addr, seen }
+    }
+
+    /// Connections that carried requests other than health probes.
+    fn connections(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        let mut ids: Vec<usize> = seen.iter().filter(|(_, _, p)| p != "/up").map(|(n, _, _)| *n).collect();
+        ids.dedup();
+        ids.len()
+    }
+
+    fn requests_for(&self, path: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|(_, _, p)| p == path).count()
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    n: usize,
+    scripts: Arc<HashMap<String, Script>>,
+    seen: Arc<Mutex<Vec<(usize, String, String)>>>,
+) {
+    let mut buf = Vec::new();
+    let mut served = 0;
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        let mut words = head.split(' ');
+        let (method, path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+        seen.lock().unwrap().push((n, method, path.clone()));
+        let script =
+            if path == "/up" { Script::Answer(OK) } else { scripts.get(&path).cloned().expect("scripted path") };
+        match script {
+            Script::Answer(bytes) => {
+                if stream.write_all(bytes).await.is_err() {
+                    return;
+                }
+            }
+            Script::AnswerAndClose(bytes) => {
+                let _ = stream.write_all(bytes).await;
+                return;
+            }
+            Script::CloseOnSecond if served == 0 => {
+                if stream.write_all(OK).await.is_err() {
+                    return;
+                }
+            }
+            Script::CloseOnSecond => return,
+        }
+        served += 1;
+    }
+}
+
+async fn proxy_for(origin: &RawOrigin) -> Proxy {
+    let p = Proxy::start(&site("raw", "raw.test", "blue", &[("blue", vec![origin.addr])])).await;
+    p.wait_healthy("raw", &["blue"]).await;
+    p
+}
+
+/// One request with `method` on a kept-alive client connection: status, body
+/// and trailers (it asks for them), or the transport error.
+async fn fetch(
+    client: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+) -> Result<(u16, http::HeaderMap, Bytes, Option<http::HeaderMap>), hyper::Error> {
+    client.ready().await?;
+    let req = Request::builder().method(method).uri(path).header("host", "raw.test").header("te", "trailers");
+    let req = req.body(Full::default()).unwrap();
+    let resp = client.send_request(req).await?;
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    let collected = resp.into_body().collect().await?;
+    let trailers = collected.trailers().cloned();
+    Ok((status, headers, collected.to_bytes(), trailers))
+}
+
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Chunked bodies (split chunks, extensions, trailers) are decoded and
+/// re-framed for the client; the connection is reused afterwards.
+#[tokio::test]
+async fn chunked_body_with_extensions_and_trailers() {
+    let origin = RawOrigin::start(&[(
+        "/chunked",
+        Script::Answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+              5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nx-checksum: abc\r\n\r\n",
+        ),
+    )])
+    .await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..3 {
+        let (status, headers, body, trailers) = fetch(&mut c, "GET", "/chunked").await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, "hello world");
+        assert_eq!(trailers.expect("trailers relayed")["x-checksum"], "abc");
+        assert!(headers.get("content-length").is_none());
+    }
+    assert_eq!(origin.connections(), 1, "the upstream connection was not reused");
+}
+
+/// Content-Length bodies go through whole; one upstream connection carries
+/// every request of a kept-alive client.
+#[tokio::test]
+async fn keep_alive_reuses_one_upstream_connection() {
+    let origin = RawOrigin::start(&[("/ok", Script::Answer(OK))]).await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..20 {
+        let (status, headers, body, _) = fetch(&mut c, "GET", "/ok").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        assert_eq!(headers["content-length"], "2");
+    }
+    assert_eq!(origin.connections(), 1);
+}
+
+/// A body that ends when the upstream closes is relayed whole, and that
+/// connection is not pooled.
+#[tokio::test]
+async fn close_delimited_body() {
+    let origin =
+        RawOrigin::start(&[("/eof", Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\nx-kind: eof\r\n\r\nuntil the end"))])
+            .await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..2 {
+        let (status, headers, body, _) = fetch(&mut c, "GET", "/eof").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"until the end"[..]));
+        assert_eq!(headers["x-kind"], "eof");
+    }
+    assert_eq!(origin.connections(), 2);
+}
+
+/// HEAD, 204 and 304 answers have no body whatever their headers say, and
+/// leave the connection reusable; 1xx interim answers are skipped.
+#[tokio::test]
+async fn bodiless_answers_and_interim_responses() {
+    let origin = RawOrigin::start(&[
+        ("/head", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")),
+        ("/204", Script::Answer(b"HTTP/1.1 204 No Content\r\n\r\n")),
+        ("/304", Script::Answer(b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n")),
+        (
+            "/early",
+            Script::Answer(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"),
+        ),
+    ])
+    .await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    let (status, headers, body, _) = fetch(&mut c, "HEAD", "/head").await.unwrap();
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(headers["content-length"], "1234");
+    let (status, _, body, _) = fetch(&mut c, "GET", "/204").await.unwrap();
+    assert_eq!((status, body.len()), (204, 0));
+    let (status, headers, _, _) = fetch(&mut c, "GET", "/304").await.unwrap();
+    assert_eq!(status, 304);
+    assert_eq!(headers["etag"], "\"x\"");
+    let (status, _, body, _) = fetch(&mut c, "GET", "/early").await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"final"[..]));
+    assert_eq!(origin.connections(), 1, "bodiless answers must leave the connection reusable");
+}
+
+/// A pooled connection the upstream closes as the next request arrives: an
+/// idempotent request is retried on a new connection (the client sees 200),
+/// a `POST` is not (502: it may have been acted on).
+#[tokio::test]
+async fn stale_pooled_connection_retried_only_when_idempotent() {
+    let origin = RawOrigin::start(&[("/race", Script::CloseOnSecond)]).await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..4 {
+        let (status, _, body, _) = fetch(&mut c, "GET", "/race").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    }
+    // Every second GET found its pooled connection closed under it and went again.
+    assert_eq!(origin.requests_for("/race"), 7);
+    // The pool now holds the last GET's connection, which the upstream closes under the POST.
+    let (status, _, _, _) = fetch(&mut c, "POST", "/race").await.unwrap();
+    assert_eq!(status, 502, "a POST must not be sent twice");
+    assert_eq!(origin.seen.lock().unwrap().iter().filter(|(_, m, _)| m == "POST").count(), 1);
+    let (status, _, _, _) = fetch(&mut c, "GET", "/race").await.unwrap();
+    assert_eq!(status, 200, "the next request gets a fresh connection");
+}
+
+/// Answers that could be read two ways or are broken never reach the client
+/// as if they were fine.
+#[tokio::test]
+async fn invalid_answers_are_502_or_cut() {
+    let big_head: &'static [u8] = Box::leak(
+        format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok", "a".repeat(70 * 1024))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let origin = RawOrigin::start(&[
+        ("/garbage", Script::AnswerAndClose(b"SMTP ready\r\n\r\n")),
+        ("/two-lengths", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!")),
+        ("/bad-length", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok")),
+        ("/big-head", Script::Answer(big_head)),
+        ("/short", Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")),
+        (
+            "/bad-chunk",
+            Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+        ),
+        ("/silent", Script::AnswerAndClose(b"")),
+    ])
+    .await;
+    let p = proxy_for(&origin).await;
+    for path in ["/garbage", "/two-lengths", "/bad-length", "/big-head", "/silent"] {
+        let mut c = connect(p.addr).await;
+        let (status, _, _, _) = fetch(&mut c, "GET", path).await.unwrap();
+        assert_eq!(status, 502, "{path}");
+    }
+    for path in ["/short", "/bad-chunk"] {
+        let mut c = connect(p.addr).await;
+        // The head went out; the body must end in an error, never look complete.
+        let r = fetch(&mut c, "GET", path).await;
+        assert!(r.is_err(), "{path}: {r:?}");
+    }
+}
+
+/// A response with both Content-Length and Transfer-Encoding is read as
+/// chunked, sent without the Content-Length, and its connection dropped;
+/// bytes left over after a body also keep a connection out of the pool.
+#[tokio::test]
+async fn ambiguous_framing_is_not_trusted_again() {
+    let origin = RawOrigin::start(&[
+        (
+            "/both",
+            Script::Answer(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n0\r\n\r\n",
+            ),
+        ),
+        ("/extra", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")),
+    ])
+    .await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..2 {
+        let (status, headers, body, _) = fetch(&mut c, "GET", "/both").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"wiki"[..]));
+        assert!(headers.get("content-length").is_none(), "{headers:?}");
+    }
+    assert_eq!(origin.connections(), 2);
+    for _ in 0..2 {
+        let (status, _, body, _) = fetch(&mut c, "GET", "/extra").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    }
+    assert_eq!(origin.connections(), 4);
+}
+
+/// A client that goes away mid-body takes the upstream connection with it
+/// (never pooled half-read); the next request still works.
+#[tokio::test]
+async fn abandoned_body_is_not_pooled() {
+    static BIG: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    let big = *BIG.get_or_init(|| {
+        let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 8 << 20).into_bytes();
+        v.extend(std::iter::repeat_n(b'x', 8 << 20));
+        Box::leak(v.into_boxed_slice())
+    });
+    let origin = RawOrigin::start(&[("/big", Script::Answer(big)), ("/ok", Script::Answer(OK))]).await;
+    let p = proxy_for(&origin).await;
+    let mut raw = TcpStream::connect(p.addr).await.unwrap();
+    raw.write_all(b"GET /big HTTP/1.1\r\nhost: raw.test\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 1024];
+    let _ = raw.read(&mut first).await.unwrap();
+    drop(raw);
+    let mut c = Client::connect(p.addr).await;
+    let a = c.get("raw.test", "/ok").await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "ok"));
+    assert_eq!(origin.connections(), 2, "the half-read connection was reused");
+}
