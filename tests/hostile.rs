@@ -458,6 +458,40 @@ async fn slowloris_is_cut_at_header_read_timeout() {
     assert_eq!(support::get(p.addr, "shop.test", "/").await.status, 200);
 }
 
+/// The same on a kept-alive connection, after a first request was answered:
+/// every request head has `header_read_timeout` to arrive.
+#[tokio::test]
+async fn slowloris_after_a_first_request_is_cut_too() {
+    let (p, blue) = one_site("limits: { header_read_timeout: 500ms, idle_timeout: 60s }").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Idle well past the header timeout: the connection stays (idle_timeout is long).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let start = Instant::now();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: shop.test\r\n").await.unwrap();
+    let mut cut = None;
+    for _ in 0..30 {
+        if s.write_all(b"x").await.is_err() {
+            cut = Some(start.elapsed());
+            break;
+        }
+        match timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Err(_) | Ok(Ok(1..)) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let cut = cut.expect("the slow second request head was never cut");
+    assert!(cut >= Duration::from_millis(400) && cut < Duration::from_secs(2), "cut after {cut:?}");
+    settle().await;
+    assert_eq!(paths(&blue), vec!["/first".to_string()]);
+}
+
 /// 14. `max_connections: 2`: two kept-alive connections are served, a third
 /// TCP connection is closed at once without an answer, the first two keep
 /// working, and once one of them closes a new connection is accepted again.

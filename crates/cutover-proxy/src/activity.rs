@@ -26,6 +26,8 @@ pub struct Activity {
     /// Whether bytes were read since the last request finished (a request
     /// head may be half read: never park then).
     read_since_finish: AtomicBool,
+    /// Milliseconds since `opened` when the first of those bytes came.
+    head_since_ms: AtomicU64,
     /// Whether the last write could not complete (hyper still has bytes to send).
     write_blocked: AtomicBool,
     /// Whether requests came over HTTP/2 (never parked).
@@ -44,6 +46,7 @@ impl Activity {
             open_requests: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             read_since_finish: AtomicBool::new(false),
+            head_since_ms: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
@@ -70,6 +73,21 @@ impl Activity {
         } else {
             self.opened.elapsed()
         }
+    }
+
+    /// How long an HTTP/1 request head has been arriving without being complete
+    /// (zero when none is): bounded by `header_read_timeout`, a total-time limit
+    /// that progress does not reset. (An HTTP/2 connection reads frames between
+    /// requests; its idle time is what counts.)
+    pub fn reading_head_for(&self) -> Duration {
+        if self.open_requests.load(Ordering::Relaxed) > 0
+            || !self.read_since_finish.load(Ordering::Relaxed)
+            || self.multiplexed.load(Ordering::Relaxed)
+        {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_millis(self.head_since_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(since)
     }
 
     /// A request's response finished (or it left the connection).
@@ -172,8 +190,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let r = self.io().poll_read(cx, buf);
         let got = buf.filled().len() > before;
         if got {
-            self.activity.touch();
-            self.activity.read_since_finish.store(true, Ordering::Relaxed);
+            let a = &self.activity;
+            let now = a.opened.elapsed().as_millis() as u64;
+            a.last_ms.store(now, Ordering::Relaxed);
+            if !a.read_since_finish.swap(true, Ordering::Relaxed) {
+                a.head_since_ms.store(now, Ordering::Relaxed);
+            }
         }
         if self.park.is_some() && self.activity.parking() {
             match r {

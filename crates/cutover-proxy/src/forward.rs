@@ -537,9 +537,11 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         return Some(a.host());
     }
     let host = req.headers().get(HOST)?.to_str().ok()?;
-    let authority: Authority = host.parse().ok()?;
-    // `Authority::host` borrows from the parsed value; slice the original instead.
-    let len = authority.host().len();
+    // [`reject_bad_request`] let only `uri-host [ ":" port ]` through: no need to parse it again.
+    let len = match host.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(host.len(), |i| i + 2),
+        None => host.find(':').unwrap_or(host.len()),
+    };
     Some(&host[..len])
 }
 

@@ -60,6 +60,11 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// Whether `name` (any case) is one of the fixed hop-by-hop fields.
+fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
+}
+
 /// Removes hop-by-hop headers, including every field named in `Connection`.
 ///
 /// One pass over the names finds which are present (usually none, or just
@@ -76,7 +81,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|n| !n.is_empty() && !protected(n))
+            // `close` names no field, and the fixed hop-by-hop fields go below:
+            // usually nothing is left, and nothing is allocated.
+            .filter(|n| !n.is_empty() && !protected(n) && !n.eq_ignore_ascii_case("close") && !is_hop_by_hop(n))
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for name in named {

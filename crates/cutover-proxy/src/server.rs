@@ -1,10 +1,12 @@
 //! The data-plane server: a function of a bound listener and a shutdown future.
 //!
 //! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1,
-//! or h2c with prior knowledge) with a timer set, so `header_read_timeout`
-//! really cuts slow clients. A watchdog closes connections idle for
-//! `idle_timeout` (no open request, no bytes moving), and connections that
-//! sent no whole request within `header_read_timeout` of opening. Beyond
+//! or h2c with prior knowledge). A watchdog closes connections idle for
+//! `idle_timeout` (no open request, no bytes moving), and connections whose
+//! request head took longer than `header_read_timeout` to arrive (a silent or
+//! slow client; the first head is timed from the connection's opening). That
+//! watchdog, one timer per connection, replaces hyper's own HTTP/1 header
+//! timer, which would cost a timer per request. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
 //! connection idle for `PARK_AFTER` (1 s) is parked: hyper's connection (two 8 KiB
 //! buffers and its state) is dropped and the socket alone waits for the next
@@ -253,11 +255,16 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = tokio::time::sleep(check_every), if !closing => {
-                    // Idle too long, or no request head at all in time (a silent
-                    // client, a stalled h2 preface: hyper's own timer is not armed yet).
-                    if activity.idle_for() >= self.idle_timeout
-                        || activity.waiting_for_first_request() >= self.header_read_timeout
+                    // No whole request head in time (a silent client, a slow one, a
+                    // stalled h2 preface): nothing is in flight, close at once.
+                    if activity.waiting_for_first_request() >= self.header_read_timeout
+                        || activity.reading_head_for() >= self.header_read_timeout
                     {
+                        tracing::debug!(%peer, "request head not received within header_read_timeout; closing");
+                        activity.set_parking(false);
+                        break;
+                    }
+                    if activity.idle_for() >= self.idle_timeout {
                         closing = true;
                         activity.set_parking(false);
                         conn.as_mut().graceful_shutdown();
@@ -278,8 +285,8 @@ impl Connection {
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The connection's watchdog enforces `header_read_timeout`.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     b.http2()

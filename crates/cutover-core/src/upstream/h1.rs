@@ -16,6 +16,7 @@
 //! upgrades go through hyper's client instead.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -183,9 +184,10 @@ enum Parsed {
 /// Parses a response head at the start of `buf` and consumes it; `None` when
 /// it is not all there yet.
 fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut fields);
-    let len = match parsed.parse(buf) {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many header fields")),
@@ -194,12 +196,14 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let (Some(code), Some(minor)) = (parsed.code, parsed.version) else {
         return Err(Error::Invalid("malformed response head"));
     };
-    // Where each name and value sits in `buf`, so they can share its bytes.
+    // Where each name and value sits in `buf`, so that the values can share its bytes.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = (f.name.as_ptr() as usize - base, f.name.len(), f.value.as_ptr() as usize - base, f.value.len());
+        let (name, value) = (f.name.as_ptr() as usize - base, f.value.as_ptr() as usize - base);
+        // The head is at most MAX_HEAD_BYTES plus one read: offsets fit in u32.
+        *span = (name as u32, f.name.len() as u32, value as u32, f.value.len() as u32);
     }
     let head = buf.split_to(len).freeze();
     match code {
@@ -212,8 +216,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let mut length: Option<u64> = None;
     let (mut chunked, mut encoded, mut close, mut keep_alive) = (false, false, false, false);
     for &(n, nl, v, vl) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| Error::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+        let (n, v) = (n as usize, v as usize);
+        let name =
+            HeaderName::from_bytes(&head[n..n + nl as usize]).map_err(|_| Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl as usize))
             .map_err(|_| Error::Invalid("invalid header value"))?;
         if name == CONTENT_LENGTH {
             for part in value.as_bytes().split(|&b| b == b',') {
