@@ -13,6 +13,7 @@
 #   bash benches/instructions.sh                 # target/release/cutover
 #   BIN=/tmp/old/cutover bash benches/instructions.sh   # another build, for A/B
 #   WRK_ARGS="-t1 -c8 -d5s" TOP=40 bash benches/instructions.sh
+#   OUT=/tmp/cg.out bash benches/instructions.sh   # keep the dump for callgrind_annotate
 #
 # Needs valgrind, nginx, wrk, curl (installed with apt-get when missing, as root).
 set -euo pipefail
@@ -81,6 +82,7 @@ callgrind_control -d "${pids[0]}" >/dev/null
 sleep 1
 dump=$(ls "$T"/cg.out.* | head -1)
 total=$(awk '/^summary:/ { print $2 }' "$dump")
+[[ -n ${OUT:-} ]] && cp "$dump" "$OUT"
 echo "requests: $requests"
 echo "instructions per request: $((total / requests))"
 echo

@@ -162,14 +162,13 @@ impl<T> Tracked<T> {
         Pin::new(self.inner.as_mut().expect("the stream is only taken on drop"))
     }
 
+    /// Records whether a write could not complete. (A write needs no time stamp:
+    /// cutover writes only while a request is open, which is not idle, and the
+    /// request's end stamps the connection.)
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
-        match r {
-            Poll::Ready(Ok(n)) if *n > 0 => {
-                self.activity.touch();
-                self.activity.write_blocked.store(false, Ordering::Relaxed);
-            }
-            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
-            Poll::Ready(_) => {}
+        let blocked = r.is_pending();
+        if self.activity.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.activity.write_blocked.store(blocked, Ordering::Relaxed);
         }
     }
 }

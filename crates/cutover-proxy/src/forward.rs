@@ -205,7 +205,8 @@ impl Proxy {
             }
             let gate = &routed.site.pause;
             if !pick.preview && gate.is_paused() {
-                if let Err(why) = gate.hold(routed.site.config.pause.max_held).await {
+                // Boxed, as are the other rare awaits: the request future stays small to move.
+                if let Err(why) = Box::pin(gate.hold(routed.site.config.pause.max_held)).await {
                     let body = match why {
                         HoldError::Full => "the site is paused and its queue is full\n",
                         HoldError::Timeout => "the site stayed paused past the pause timeout\n",
@@ -242,7 +243,7 @@ impl Proxy {
         }
         let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
         let request_progress = req.body().progress();
-        let sent = self.send(&routed, req, &mut guard, upgrade.is_some()).await;
+        let sent = Box::pin(self.send(&routed, req, &mut guard, upgrade.is_some())).await;
         let (mut resp, via, endpoint) = match sent {
             Ok(x) => x,
             Err(e) => return Ok(failure(e, &routed.target, guard)),
@@ -365,7 +366,8 @@ impl Proxy {
                 Some(c) => (c, true),
                 None => {
                     let tls = endpoint.tls.load_full();
-                    match upstream::connect_h1(&endpoint.address, tls.as_deref(), routed.connect_timeout).await {
+                    let connect = upstream::connect_h1(&endpoint.address, tls.as_deref(), routed.connect_timeout);
+                    match Box::pin(connect).await {
                         Ok(c) => (c, false),
                         Err(e) => {
                             connect_failed(target, endpoint, &e);
@@ -480,9 +482,18 @@ fn prepare(
     let wants_trailers = parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::drop_underscore_names(&mut parts.headers);
-    // Preview routing is cutover's business, and the token a secret.
-    parts.headers.remove(routed.site.config.preview.header.as_str());
-    parts.headers.remove(&modes::PREVIEW_TOKEN);
+    // Preview routing is cutover's business, and the token a secret. (One pass
+    // over the names is cheaper than two removals by name, which rarely find anything.)
+    let preview = routed.site.config.preview.header.as_str();
+    let (named, token) = parts.headers.keys().fold((false, false), |(n, t), k| {
+        (n || k.as_str().eq_ignore_ascii_case(preview), t || *k == modes::PREVIEW_TOKEN)
+    });
+    if named {
+        parts.headers.remove(preview);
+    }
+    if token {
+        parts.headers.remove(&modes::PREVIEW_TOKEN);
+    }
     let host = parts.headers.get(HOST).cloned();
     headers::set_forwarded_value(&mut parts.headers, &conn.peer_value, routed.trusted, conn.scheme, host.as_ref());
     guard.set_request_id(headers::ensure_request_id(&mut parts.headers));
@@ -520,6 +531,7 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
+    let protocol = req.headers().get(UPGRADE)?;
     let asks = req
         .headers()
         .get_all(CONNECTION)
@@ -527,7 +539,6 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let protocol = req.headers().get(UPGRADE)?;
     (asks && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| protocol.clone())
 }
 
