@@ -14,6 +14,7 @@
 #   BIN=/tmp/old/cutover bash benches/instructions.sh   # another build, for A/B
 #   WRK_ARGS="-t1 -c8 -d5s" TOP=40 bash benches/instructions.sh
 #   OUT=/tmp/cg.out bash benches/instructions.sh   # keep the dump for callgrind_annotate
+#   CLOSE=1 bash benches/instructions.sh            # a new connection per request (peers.sh's (c))
 #
 # Needs valgrind, nginx, wrk, curl (installed with apt-get when missing, as root).
 set -euo pipefail
@@ -21,6 +22,7 @@ set -euo pipefail
 BIN=${BIN:-target/release/cutover}
 WRK_ARGS=${WRK_ARGS:-"-t1 -c8 -d5s"}
 TOP=${TOP:-25}
+HDR=(); [[ ${CLOSE:-0} == 1 ]] && HDR=(-H "Connection: close")
 [[ -x $BIN ]] || { echo "instructions.sh: $BIN not found (cargo build --release)" >&2; exit 1; }
 missing=()
 for pair in valgrind:valgrind nginx:nginx wrk:wrk curl:curl; do
@@ -74,10 +76,10 @@ RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$T/cg.out" "$BIN" 
 pids+=($!)
 for _ in $(seq 150); do curl -s -o /dev/null http://127.0.0.1:18190/ && break; sleep 0.2; done
 # shellcheck disable=SC2086
-wrk $WRK_ARGS http://127.0.0.1:18190/ >/dev/null
+wrk $WRK_ARGS "${HDR[@]}" http://127.0.0.1:18190/ >/dev/null
 callgrind_control -z "${pids[0]}" >/dev/null
 # shellcheck disable=SC2086
-requests=$(wrk $WRK_ARGS http://127.0.0.1:18190/ | awk '/requests in/ { print $1 }')
+requests=$(wrk $WRK_ARGS "${HDR[@]}" http://127.0.0.1:18190/ | awk '/requests in/ { print $1 }')
 callgrind_control -d "${pids[0]}" >/dev/null
 sleep 1
 dump=$(ls "$T"/cg.out.* | head -1)

@@ -10,6 +10,7 @@
 //! - [`modes`]: preview, sticky canary, maintenance and read-only answers.
 //! - `upgrade`: WebSocket and other upgrades as tunnels closed at the drain deadline.
 //! - [`activity`]: per-connection idle tracking.
+//! - [`sniff`]: HTTP/1 or HTTP/2 prior knowledge, from a connection's first read.
 //! - [`tls`]: TLS termination with SNI and hot certificate reload.
 //!
 //! The data plane only reads the routing snapshot; it never changes state.
@@ -20,6 +21,7 @@ pub mod forward;
 pub mod headers;
 pub mod modes;
 pub mod server;
+pub mod sniff;
 pub mod tls;
 mod upgrade;
 

@@ -1,7 +1,8 @@
 //! The data-plane server: a function of a bound listener and a shutdown future.
 //!
-//! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1,
-//! or h2c with prior knowledge). A watchdog closes connections idle for
+//! Each accepted connection is served by hyper's HTTP/1.1 or HTTP/2 server,
+//! whichever its first bytes show ([`crate::sniff`]: h2c with prior knowledge
+//! on a plain listener). A watchdog closes connections idle for
 //! `idle_timeout` (no open request, no bytes moving), and connections whose
 //! request head took longer than `header_read_timeout` to arrive (a silent or
 //! slow client; the first head is timed from the connection's opening). That
@@ -16,16 +17,18 @@
 //! bounds the wait, upgraded tunnels included.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cutover_config::Limits;
 use cutover_metrics::IntGauge;
-use http::{Request, Version};
+use http::Request;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -34,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::{Activity, Tracked};
 use crate::forward::{ClientConn, Proxy};
+use crate::sniff::{sniff, Prefixed, Speaks};
 use crate::tls::TlsStore;
 
 /// h2 streams one client connection may have open at once.
@@ -79,7 +83,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_deadline: Duration,
 ) {
-    let builder = Arc::new(builder(&config.limits));
+    let builder = Arc::new(Builders::new(&config.limits));
     let permits = config.permits.clone();
     let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let connections = TaskTracker::new();
@@ -162,7 +166,7 @@ pub async fn serve(
 
 /// One client connection and what it needs.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     proxy: Arc<Proxy>,
     client: ClientConn,
     idle_timeout: Duration,
@@ -228,13 +232,37 @@ impl Connection {
         let (proxy, client) = (self.proxy.clone(), self.client.clone());
         let service = service_fn(move |req: Request<Incoming>| {
             let (proxy, client) = (proxy.clone(), client.clone());
-            if req.version() == Version::HTTP_2 {
-                client.activity.mark_multiplexed();
-            }
             async move { proxy.handle(req, client).await }
         });
+        // The first request head is due within header_read_timeout, and a
+        // silent connection counts as idle.
+        let mut io = io;
+        let wait = self.header_read_timeout.min(self.idle_timeout.saturating_sub(activity.idle_for()));
+        let first = tokio::select! {
+            r = tokio::time::timeout(wait, sniff(&mut io)) => r,
+            _ = self.stop.cancelled() => return false,
+        };
+        let (speaks, prefix) = match first {
+            Ok(Ok(Some(x))) => x,
+            Ok(Ok(None)) => return false,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "client connection failed before its first request");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no request in time (header_read_timeout or idle_timeout); closing");
+                return false;
+            }
+        };
+        let io = TokioIo::new(Prefixed::new(prefix, io));
         // Boxed, so that a parked connection's task keeps none of hyper's state.
-        let mut conn = Box::pin(self.builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+        let mut conn = match speaks {
+            Speaks::Http1 => Served::H1(Box::pin(self.builder.h1.serve_connection(io, service).with_upgrades())),
+            Speaks::Http2 => {
+                activity.mark_multiplexed();
+                Served::H2(Box::pin(self.builder.h2.serve_connection(io, service)))
+            }
+        };
         let mut check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
         if parkable {
             check_every = check_every.min(PARK_AFTER);
@@ -242,7 +270,7 @@ impl Connection {
         let mut closing = false;
         loop {
             tokio::select! {
-                r = conn.as_mut() => {
+                r = &mut conn => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         activity.set_parking(false);
@@ -252,7 +280,7 @@ impl Connection {
                 _ = self.stop.cancelled(), if !closing => {
                     closing = true;
                     activity.set_parking(false);
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown!(conn);
                 }
                 _ = tokio::time::sleep(check_every), if !closing => {
                     // No whole request head in time (a silent client, a slow one, a
@@ -267,7 +295,7 @@ impl Connection {
                     if activity.idle_for() >= self.idle_timeout {
                         closing = true;
                         activity.set_parking(false);
-                        conn.as_mut().graceful_shutdown();
+                        graceful_shutdown!(conn);
                     } else if parkable && activity.parkable(PARK_AFTER) {
                         // hyper's next read gets an end of stream and lets go.
                         activity.set_parking(true);
@@ -282,20 +310,57 @@ impl Connection {
     }
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        // The connection's watchdog enforces `header_read_timeout`.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-        .initial_stream_window_size(256 * 1024)
-        .initial_connection_window_size(1024 * 1024);
-    b
+/// hyper's HTTP/1.1 and HTTP/2 servers, configured from the limits.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
 }
+
+impl Builders {
+    fn new(limits: &Limits) -> Self {
+        let mut h1 = http1::Builder::new();
+        // The connection's watchdog enforces `header_read_timeout`.
+        h1.header_read_timeout(None).max_buf_size(limits.max_header_bytes.max(8192)).keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024);
+        Self { h1, h2 }
+    }
+}
+
+/// One client connection's hyper server, HTTP/1.1 or HTTP/2.
+enum Served<A, B> {
+    H1(Pin<Box<A>>),
+    H2(Pin<Box<B>>),
+}
+
+impl<A, B> Future for Served<A, B>
+where
+    A: Future<Output = hyper::Result<()>>,
+    B: Future<Output = hyper::Result<()>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Served::H1(c) => c.as_mut().poll(cx),
+            Served::H2(c) => c.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Asks a [`Served`] connection to finish: h1 after its in-flight response, h2 with GOAWAY.
+macro_rules! graceful_shutdown {
+    ($conn:expr) => {
+        match &mut $conn {
+            Served::H1(c) => c.as_mut().graceful_shutdown(),
+            Served::H2(c) => c.as_mut().graceful_shutdown(),
+        }
+    };
+}
+use graceful_shutdown;
