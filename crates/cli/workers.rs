@@ -28,6 +28,8 @@ pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpLis
         let socket = if at.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
+        // Accepted sockets inherit it (Linux): no set_nodelay per connection.
+        socket.set_nodelay(true)?;
         socket.bind(at)?;
         out.push(socket.listen(1024)?.into_std()?);
     }

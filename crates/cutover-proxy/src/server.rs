@@ -88,6 +88,8 @@ pub async fn serve(
     let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();
+    let mut nodelay_inherited = None;
+    let mut last_peer = (None, http::HeaderValue::from_static("-"));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,13 +109,23 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // Linux hands the listener's TCP_NODELAY to accepted sockets (the
+        // workers set it there): one system call less per connection.
+        if !*nodelay_inherited.get_or_insert_with(|| stream.nodelay().unwrap_or(false)) {
+            let _ = stream.set_nodelay(true);
+        }
+        // Clients often come from a few addresses (a load balancer, a CDN):
+        // the last one's header value is reused.
+        if last_peer.0 != Some(peer.ip()) {
+            last_peer = (Some(peer.ip()), crate::headers::peer_value(peer.ip()));
+        }
         let hold = Arc::new(ConnectionHold::new(config.connections.clone(), permit));
         let conn = Connection {
             builder: builder.clone(),
             proxy: proxy.clone(),
             client: ClientConn {
                 peer,
-                peer_value: crate::headers::peer_value(peer.ip()),
+                peer_value: last_peer.1.clone(),
                 scheme: config.scheme,
                 activity: Activity::new(),
                 hold,
@@ -124,16 +136,12 @@ pub async fn serve(
         };
         match &config.tls {
             None => {
-                connections.spawn(async move {
-                    let _ = stream.set_nodelay(true);
-                    conn.run_plain(stream).await;
-                });
+                connections.spawn(conn.run_plain(stream));
             }
             Some(tls) => {
                 let (acceptor, handshakes) = (tls.acceptor(), handshakes.clone());
                 let timeout = config.limits.header_read_timeout;
                 connections.spawn(async move {
-                    let _ = stream.set_nodelay(true);
                     let io = Tracked::new(stream, conn.client.activity.clone());
                     // rustls has no handshake timeout of its own, and handshakes cost CPU: bound both.
                     let handshake = async {
@@ -234,23 +242,42 @@ impl Connection {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { proxy.handle(req, client).await }
         });
+        let mut check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
+        if parkable {
+            check_every = check_every.min(PARK_AFTER);
+        }
+        // One watchdog timer for the connection's whole life, reset at each tick.
+        let tick = tokio::time::sleep(check_every);
+        tokio::pin!(tick);
         // The first request head is due within header_read_timeout, and a
         // silent connection counts as idle.
         let mut io = io;
-        let wait = self.header_read_timeout.min(self.idle_timeout.saturating_sub(activity.idle_for()));
-        let first = tokio::select! {
-            r = tokio::time::timeout(wait, sniff(&mut io)) => r,
-            _ = self.stop.cancelled() => return false,
+        let first = {
+            let sniffing = sniff(&mut io);
+            tokio::pin!(sniffing);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut sniffing => break r,
+                    _ = self.stop.cancelled() => return false,
+                    _ = &mut tick => {
+                        if activity.waiting_for_first_request() >= self.header_read_timeout
+                            || activity.reading_head_for() >= self.header_read_timeout
+                            || activity.idle_for() >= self.idle_timeout
+                        {
+                            tracing::debug!(%peer, "no request in time (header_read_timeout or idle_timeout); closing");
+                            return false;
+                        }
+                        tick.as_mut().reset(tokio::time::Instant::now() + check_every);
+                    }
+                }
+            }
         };
         let (speaks, prefix) = match first {
-            Ok(Ok(Some(x))) => x,
-            Ok(Ok(None)) => return false,
-            Ok(Err(e)) => {
+            Ok(Some(x)) => x,
+            Ok(None) => return false,
+            Err(e) => {
                 tracing::debug!(%peer, error = %e, "client connection failed before its first request");
-                return false;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "no request in time (header_read_timeout or idle_timeout); closing");
                 return false;
             }
         };
@@ -263,10 +290,6 @@ impl Connection {
                 Served::H2(Box::pin(self.builder.h2.serve_connection(io, service)))
             }
         };
-        let mut check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
-        if parkable {
-            check_every = check_every.min(PARK_AFTER);
-        }
         let mut closing = false;
         loop {
             tokio::select! {
@@ -282,7 +305,8 @@ impl Connection {
                     activity.set_parking(false);
                     graceful_shutdown!(conn);
                 }
-                _ = tokio::time::sleep(check_every), if !closing => {
+                _ = &mut tick, if !closing => {
+                    tick.as_mut().reset(tokio::time::Instant::now() + check_every);
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.
                     if activity.waiting_for_first_request() >= self.header_read_timeout
