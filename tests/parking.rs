@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-/// Longer than the park delay (1 s) plus one check interval.
+/// Far longer than the park delay (50 ms) plus one check interval, and than
+/// the `header_read_timeout` of these tests.
 const PARKED: Duration = Duration::from_millis(2600);
 
 async fn one_site(extra: &str, origin: SocketAddr) -> Proxy {

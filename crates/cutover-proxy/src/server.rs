@@ -9,7 +9,7 @@
 //! watchdog, one timer per connection, replaces hyper's own HTTP/1 header
 //! timer, which would cost a timer per request. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
-//! connection idle for `PARK_AFTER` (1 s) is parked: hyper's connection (two 8 KiB
+//! connection idle for `PARK_AFTER` (50 ms) is parked: hyper's connection (two 8 KiB
 //! buffers and its state) is dropped and the socket alone waits for the next
 //! request, which gets a fresh hyper connection. On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
@@ -48,8 +48,11 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 /// TLS handshakes in progress at once per listener (they cost CPU, not just a socket).
 const MAX_CONCURRENT_HANDSHAKES: usize = 256;
-/// An HTTP/1.1 connection idle this long is parked (hyper's buffers freed).
-const PARK_AFTER: Duration = Duration::from_secs(1);
+/// An HTTP/1.1 connection idle this long is parked (hyper's buffers freed),
+/// as nginx frees a kept-alive connection's buffers: long enough that busy
+/// connections never are, short enough that a burst of idle ones never holds
+/// its peak memory (it costs a new hyper connection, a few µs, on wake-up).
+const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -214,7 +217,8 @@ impl Connection {
         loop {
             let (park, parked) = oneshot::channel();
             let io = Tracked::parkable(stream, activity.clone(), park);
-            if !self.serve(io, true).await {
+            // Boxed: a parked connection's task keeps none of serve's state.
+            if !Box::pin(self.serve(io, true)).await {
                 return;
             }
             let Ok(socket) = parked.await else { return };
