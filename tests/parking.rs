@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-/// Far longer than the park delay (50 ms) plus one check interval, and than
+/// Far longer than the park delay (20 ms) plus one check interval, and than
 /// the `header_read_timeout` of these tests.
 const PARKED: Duration = Duration::from_millis(2600);
 

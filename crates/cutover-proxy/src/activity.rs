@@ -21,8 +21,8 @@ pub struct Activity {
     last_ms: AtomicU64,
     /// Requests whose response is not finished.
     open_requests: AtomicUsize,
-    /// Whether any request was read yet.
-    started: AtomicBool,
+    /// Requests read so far.
+    requests: AtomicU64,
     /// Whether bytes were read since the last request finished (a request
     /// head may be half read: never park then).
     read_since_finish: AtomicBool,
@@ -44,7 +44,7 @@ impl Activity {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
-            started: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
             read_since_finish: AtomicBool::new(false),
             head_since_ms: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
@@ -60,15 +60,18 @@ impl Activity {
     /// A request was read from this connection.
     pub fn request_started(&self) {
         self.open_requests.fetch_add(1, Ordering::Relaxed);
-        if !self.started.load(Ordering::Relaxed) {
-            self.started.store(true, Ordering::Relaxed);
-        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests read so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// How long the connection has been open without sending a whole request
     /// head (zero once one arrived): bounded by `header_read_timeout`.
     pub fn waiting_for_first_request(&self) -> Duration {
-        if self.started.load(Ordering::Relaxed) {
+        if self.requests() > 0 {
             Duration::ZERO
         } else {
             self.opened.elapsed()
@@ -108,7 +111,7 @@ impl Activity {
     /// has none open, read nothing since, has nothing left to write, and has
     /// been idle for at least `after`.
     pub fn parkable(&self, after: Duration) -> bool {
-        self.started.load(Ordering::Relaxed)
+        self.requests() > 0
             && !self.multiplexed.load(Ordering::Relaxed)
             && !self.read_since_finish.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)

@@ -9,7 +9,7 @@
 //! watchdog, one timer per connection, replaces hyper's own HTTP/1 header
 //! timer, which would cost a timer per request. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
-//! connection idle for `PARK_AFTER` (50 ms) is parked: hyper's connection (two 8 KiB
+//! connection idle for `PARK_AFTER` (20 ms) is parked: hyper's connection (two 8 KiB
 //! buffers and its state) is dropped and the socket alone waits for the next
 //! request, which gets a fresh hyper connection. On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
@@ -52,7 +52,9 @@ const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 /// as nginx frees a kept-alive connection's buffers: long enough that busy
 /// connections never are, short enough that a burst of idle ones never holds
 /// its peak memory (it costs a new hyper connection, a few µs, on wake-up).
-const PARK_AFTER: Duration = Duration::from_millis(50);
+const PARK_AFTER: Duration = Duration::from_millis(20);
+/// The longest watchdog interval of a busy plain connection.
+const BUSY_TICK: Duration = Duration::from_secs(1);
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -246,12 +248,22 @@ impl Connection {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { proxy.handle(req, client).await }
         });
-        let mut check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
-        if parkable {
-            check_every = check_every.min(PARK_AFTER);
-        }
-        // One watchdog timer for the connection's whole life, reset at each tick.
-        let tick = tokio::time::sleep(check_every);
+        // One watchdog timer for the connection's whole life, reset at each
+        // tick: every PARK_AFTER while it is quiet (so an idle one is parked
+        // soon), at most every second while it is busy (more than one request
+        // since the last tick: parking can wait, and so can the timer).
+        let check_every = (self.idle_timeout.min(self.header_read_timeout) / 4).max(Duration::from_millis(50));
+        let (quiet_tick, busy_tick) = match parkable {
+            true => (check_every.min(PARK_AFTER), check_every.min(BUSY_TICK)),
+            false => (check_every, check_every),
+        };
+        let mut seen = activity.requests();
+        let mut next_tick = move |activity: &Activity| {
+            let now = activity.requests();
+            let busy = now - std::mem::replace(&mut seen, now) > 1;
+            tokio::time::Instant::now() + if busy { busy_tick } else { quiet_tick }
+        };
+        let tick = tokio::time::sleep(quiet_tick);
         tokio::pin!(tick);
         // The first request head is due within header_read_timeout, and a
         // silent connection counts as idle.
@@ -272,7 +284,7 @@ impl Connection {
                             tracing::debug!(%peer, "no request in time (header_read_timeout or idle_timeout); closing");
                             return false;
                         }
-                        tick.as_mut().reset(tokio::time::Instant::now() + check_every);
+                        tick.as_mut().reset(next_tick(&activity));
                     }
                 }
             }
@@ -310,7 +322,7 @@ impl Connection {
                     graceful_shutdown!(conn);
                 }
                 _ = &mut tick, if !closing => {
-                    tick.as_mut().reset(tokio::time::Instant::now() + check_every);
+                    tick.as_mut().reset(next_tick(&activity));
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.
                     if activity.waiting_for_first_request() >= self.header_read_timeout
