@@ -425,6 +425,23 @@ async fn oversized_heads_get_431() {
     assert_eq!(support::get(p.addr, "shop.test", "/alive").await.status, 200);
 }
 
+/// Sends one more byte of a request head every 100 ms (for 3 s at most) until
+/// the proxy closes the connection; how long after `start` that was.
+async fn drip_until_cut(s: &mut TcpStream, start: Instant) -> Option<Duration> {
+    let mut buf = [0u8; 1024];
+    for _ in 0..30 {
+        if s.write_all(b"x").await.is_err() {
+            return Some(start.elapsed());
+        }
+        match timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            // Still open (or a 408 before the close, which is fine).
+            Err(_) | Ok(Ok(1..)) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
 /// 13. Slowloris: a client that starts a head and then dribbles one byte
 /// every 100 ms is cut at `header_read_timeout` (500 ms), a total-time
 /// limit that progress does not reset; nothing reaches the origin.
@@ -434,23 +451,7 @@ async fn slowloris_is_cut_at_header_read_timeout() {
     let start = Instant::now();
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: shop.test\r\n").await.unwrap();
-    let mut buf = [0u8; 1024];
-    let mut cut = None;
-    for _ in 0..30 {
-        if s.write_all(b"x").await.is_err() {
-            cut = Some(start.elapsed());
-            break;
-        }
-        match timeout(Duration::from_millis(100), s.read(&mut buf)).await {
-            Err(_) => {}
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                cut = Some(start.elapsed());
-                break;
-            }
-            Ok(Ok(_)) => {} // a 408 before the close is fine
-        }
-    }
-    let cut = cut.expect("the slow client was never disconnected");
+    let cut = drip_until_cut(&mut s, start).await.expect("the slow client was never disconnected");
     assert!(cut < Duration::from_secs(2), "cut after {cut:?}");
     assert!(cut >= Duration::from_millis(400), "cut before the timeout: {cut:?}");
     settle().await;
@@ -472,21 +473,7 @@ async fn slowloris_after_a_first_request_is_cut_too() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let start = Instant::now();
     s.write_all(b"GET /slow HTTP/1.1\r\nHost: shop.test\r\n").await.unwrap();
-    let mut cut = None;
-    for _ in 0..30 {
-        if s.write_all(b"x").await.is_err() {
-            cut = Some(start.elapsed());
-            break;
-        }
-        match timeout(Duration::from_millis(100), s.read(&mut buf)).await {
-            Err(_) | Ok(Ok(1..)) => {}
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                cut = Some(start.elapsed());
-                break;
-            }
-        }
-    }
-    let cut = cut.expect("the slow second request head was never cut");
+    let cut = drip_until_cut(&mut s, start).await.expect("the slow second request head was never cut");
     assert!(cut >= Duration::from_millis(400) && cut < Duration::from_secs(2), "cut after {cut:?}");
     settle().await;
     assert_eq!(paths(&blue), vec!["/first".to_string()]);

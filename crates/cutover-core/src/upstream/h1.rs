@@ -347,12 +347,7 @@ impl ResponseBody {
         match &mut self.framing {
             Framing::Done => Ok(Step::End),
             Framing::Length(left) => {
-                if buf.is_empty() {
-                    return Ok(Step::Read);
-                }
-                let n = (*left).min(buf.len() as u64) as usize;
-                let data = buf.split_to(n).freeze();
-                *left -= n as u64;
+                let Some(data) = take(buf, left) else { return Ok(Step::Read) };
                 if *left == 0 {
                     self.finish(true);
                 }
@@ -379,12 +374,7 @@ impl ResponseBody {
                     Ok(Step::Again)
                 }
                 Chunk::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Step::Read);
-                    }
-                    let n = (*left).min(buf.len() as u64) as usize;
-                    let data = buf.split_to(n).freeze();
-                    *left -= n as u64;
+                    let Some(data) = take(buf, left) else { return Ok(Step::Read) };
                     if *left == 0 {
                         *chunk = Chunk::DataEnd;
                     }
@@ -489,6 +479,16 @@ impl http_body::Body for ResponseBody {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Up to `left` buffered body bytes (`None` when nothing is buffered), counted off `left`.
+fn take(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(buf.split_to(n).freeze())
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
