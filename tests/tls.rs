@@ -119,6 +119,30 @@ async fn sni_picks_the_certificate() {
     assert_eq!(origin.seen()[0].headers["x-forwarded-proto"], "https");
 }
 
+/// A kept-alive HTTPS connection lives until `idle_timeout`, not
+/// `header_read_timeout`: the header timeout bounds a head that is arriving,
+/// not the wait for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_keep_alive_outlives_header_read_timeout() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "a", &["a.test"]);
+    let extra = format!("{}\nlimits: {{ header_read_timeout: 300ms, idle_timeout: 60s }}", tls_yaml(&["a"]));
+    let opts = Options { https: true, extra, dir: Some(dir), ..Default::default() };
+    let p = Proxy::start_with(&site(origin.addr, ""), opts).await;
+    let tls = handshake(&ca, p.https.unwrap(), "a.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        sender.ready().await.expect("the kept-alive connection was closed");
+        let req = Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+        tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    }
+    assert!(!sender.is_closed());
+}
+
 /// ALPN h2 from the client, HTTP/1.1 to the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_to_an_http1_upstream() {

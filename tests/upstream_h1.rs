@@ -203,12 +203,13 @@ async fn close_delimited_body() {
 }
 
 /// HEAD, 204 and 304 answers have no body whatever their headers say, and
-/// leave the connection reusable; 1xx interim answers are skipped.
+/// leave the connection reusable; 1xx interim answers are skipped; an empty
+/// field value passes.
 #[tokio::test]
 async fn bodiless_answers_and_interim_responses() {
     let origin = RawOrigin::start(&[
         ("/head", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")),
-        ("/204", Script::Answer(b"HTTP/1.1 204 No Content\r\n\r\n")),
+        ("/204", Script::Answer(b"HTTP/1.1 204 No Content\r\nx-empty:\r\n\r\n")),
         ("/304", Script::Answer(b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n")),
         (
             "/early",
@@ -221,8 +222,9 @@ async fn bodiless_answers_and_interim_responses() {
     let (status, headers, body, _) = fetch(&mut c, "HEAD", "/head").await.unwrap();
     assert_eq!((status, body.len()), (200, 0));
     assert_eq!(headers["content-length"], "1234");
-    let (status, _, body, _) = fetch(&mut c, "GET", "/204").await.unwrap();
+    let (status, headers, body, _) = fetch(&mut c, "GET", "/204").await.unwrap();
     assert_eq!((status, body.len()), (204, 0));
+    assert_eq!(headers["x-empty"], "", "an empty field value is kept");
     let (status, headers, _, _) = fetch(&mut c, "GET", "/304").await.unwrap();
     assert_eq!(status, 304);
     assert_eq!(headers["etag"], "\"x\"");

@@ -88,3 +88,20 @@ pub fn spawn(
     }
     Ok(threads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted sockets inherit the listener's TCP_NODELAY, which is why the
+    /// data plane sets it once per listening socket, not per connection.
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let listener = TcpListener::from_std(sockets.into_iter().next().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}

@@ -235,6 +235,13 @@ impl Connection {
         }
     }
 
+    /// Whether a request head (the first one timed from the connection's
+    /// opening) has taken longer than `header_read_timeout`.
+    fn head_late(&self) -> bool {
+        let a = &self.client.activity;
+        a.waiting_for_first_request() >= self.header_read_timeout || a.reading_head_for() >= self.header_read_timeout
+    }
+
     /// Serves `io` with hyper until the connection ends; `true` when it ended
     /// because it was parked (only when `parkable`), and the socket is to be kept.
     async fn serve<IO>(&self, io: IO, parkable: bool) -> bool
@@ -277,10 +284,7 @@ impl Connection {
                     r = &mut sniffing => break r,
                     _ = self.stop.cancelled() => return false,
                     _ = &mut tick => {
-                        if activity.waiting_for_first_request() >= self.header_read_timeout
-                            || activity.reading_head_for() >= self.header_read_timeout
-                            || activity.idle_for() >= self.idle_timeout
-                        {
+                        if self.head_late() || activity.idle_for() >= self.idle_timeout {
                             tracing::debug!(%peer, "no request in time (header_read_timeout or idle_timeout); closing");
                             return false;
                         }
@@ -325,9 +329,7 @@ impl Connection {
                     tick.as_mut().reset(next_tick(&activity));
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.
-                    if activity.waiting_for_first_request() >= self.header_read_timeout
-                        || activity.reading_head_for() >= self.header_read_timeout
-                    {
+                    if self.head_late() {
                         tracing::debug!(%peer, "request head not received within header_read_timeout; closing");
                         activity.set_parking(false);
                         break;

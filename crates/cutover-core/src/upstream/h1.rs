@@ -59,7 +59,7 @@ pub enum Error {
     Stale(Option<io::Error>),
     /// Reading or writing failed during the answer.
     #[error("upstream connection failed: {0}")]
-    Io(#[from] io::Error),
+    Io(#[source] io::Error),
     /// The upstream's answer is not valid HTTP/1.1, or too large.
     #[error("invalid response from the upstream: {0}")]
     Invalid(&'static str),
@@ -196,14 +196,21 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let (Some(code), Some(minor)) = (parsed.code, parsed.version) else {
         return Err(Error::Invalid("malformed response head"));
     };
-    // Where each name and value sits in `buf`, so that the values can share its bytes.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // Where each name and value sits in the head, so that the values can share
+    // its bytes. (The head is at most MAX_HEAD_BYTES plus one read: u32 offsets.)
+    let offset = |part: &[u8]| {
+        let at = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+        (at + part.len() <= len).then_some((at as u32, part.len() as u32))
+    };
+    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let (name, value) = (f.name.as_ptr() as usize - base, f.value.as_ptr() as usize - base);
-        // The head is at most MAX_HEAD_BYTES plus one read: offsets fit in u32.
-        *span = (name as u32, f.name.len() as u32, value as u32, f.value.len() as u32);
+        // An empty value may point anywhere: it shares nothing.
+        let value = if f.value.is_empty() { Some((0, 0)) } else { offset(f.value) };
+        let (Some(name), Some(value)) = (offset(f.name.as_bytes()), value) else {
+            return Err(Error::Invalid("malformed response head"));
+        };
+        *span = (name, value);
     }
     let head = buf.split_to(len).freeze();
     match code {
@@ -215,12 +222,11 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let (mut chunked, mut encoded, mut close, mut keep_alive) = (false, false, false, false);
-    for &(n, nl, v, vl) in &spans[..count] {
-        let (n, v) = (n as usize, v as usize);
-        let name =
-            HeaderName::from_bytes(&head[n..n + nl as usize]).map_err(|_| Error::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl as usize))
-            .map_err(|_| Error::Invalid("invalid header value"))?;
+    let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
+    for &(n, v) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[range(n)]).map_err(|_| Error::Invalid("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(range(v))).map_err(|_| Error::Invalid("invalid header value"))?;
         if name == CONTENT_LENGTH {
             for part in value.as_bytes().split(|&b| b == b',') {
                 let n = parse_length(part).ok_or(Error::Invalid("invalid Content-Length"))?;
@@ -452,12 +458,11 @@ impl http_body::Body for ResponseBody {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(true)) => {}
                     Poll::Ready(Ok(false)) => {
-                        if matches!(this.framing, Framing::UntilClose) {
-                            this.finish(false);
-                            return Poll::Ready(None);
-                        }
+                        let complete = matches!(this.framing, Framing::UntilClose);
                         this.finish(false);
-                        return Poll::Ready(Some(Err(Error::Invalid("connection closed before the end of the body"))));
+                        return Poll::Ready(
+                            (!complete).then_some(Err(Error::Invalid("connection closed before the end of the body"))),
+                        );
                     }
                     Poll::Ready(Err(e)) => {
                         this.finish(false);

@@ -193,9 +193,14 @@ impl Pool {
         Self { idle, direct, idle_timeout, h2: ArcSwapOption::empty() }
     }
 
-    /// This worker's queue.
+    /// This worker's queue of hyper's connections.
     fn local(&self) -> &ArrayQueue<Idle> {
         &self.idle[worker() % self.idle.len()]
+    }
+
+    /// This worker's queue of cutover's own connections.
+    fn local_direct(&self) -> &ArrayQueue<IdleConn> {
+        &self.direct[worker() % self.direct.len()]
     }
 
     /// The shared HTTP/2 connection, when open and usable.
@@ -228,8 +233,7 @@ impl Pool {
 
     /// Takes a live idle connection of cutover's own client, if any.
     pub fn checkout_h1(&self) -> Option<h1::Conn> {
-        let queue = &self.direct[worker() % self.direct.len()];
-        while let Some(mut c) = queue.pop() {
+        while let Some(mut c) = self.local_direct().pop() {
             if c.since.elapsed() <= self.idle_timeout && c.conn.is_usable() {
                 return Some(c.conn);
             }
@@ -239,39 +243,36 @@ impl Pool {
 
     /// Returns a connection of cutover's own client whose exchange is complete.
     pub fn checkin_h1(&self, conn: h1::Conn) {
-        let queue = &self.direct[worker() % self.direct.len()];
-        let _ = queue.push(IdleConn { conn, since: Instant::now() });
+        let _ = self.local_direct().push(IdleConn { conn, since: Instant::now() });
     }
 
     /// Closes idle connections that expired or that the upstream closed.
     pub fn sweep(&self) {
         for queue in self.direct.iter() {
-            for _ in 0..queue.len() {
-                match queue.pop() {
-                    Some(c) if c.since.elapsed() <= self.idle_timeout => {
-                        let _ = queue.push(c);
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
+            retain(queue, |c| c.since.elapsed() <= self.idle_timeout);
         }
         for queue in self.idle.iter() {
-            for _ in 0..queue.len() {
-                match queue.pop() {
-                    Some(c) if c.usable(self.idle_timeout) => {
-                        let _ = queue.push(c);
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
+            retain(queue, |c| c.usable(self.idle_timeout));
         }
     }
 
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(ArrayQueue::len).sum::<usize>() + self.direct.iter().map(ArrayQueue::len).sum::<usize>()
+    }
+}
+
+/// Keeps the entries of `queue` for which `keep` holds (one pass; entries
+/// pushed meanwhile by a worker may be looked at again next time).
+fn retain<T>(queue: &ArrayQueue<T>, keep: impl Fn(&T) -> bool) {
+    for _ in 0..queue.len() {
+        match queue.pop() {
+            Some(c) if keep(&c) => {
+                let _ = queue.push(c);
+            }
+            Some(_) => {}
+            None => break,
+        }
     }
 }
 
