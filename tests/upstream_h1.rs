@@ -185,6 +185,32 @@ async fn keep_alive_reuses_one_upstream_connection() {
     assert_eq!(origin.connections(), 1);
 }
 
+/// The upstream's hop-by-hop fields, and the fields its `Connection` names,
+/// stay on the upstream connection; the rest of the head reaches the client.
+#[tokio::test]
+async fn hop_by_hop_response_fields_stay_upstream() {
+    let origin = RawOrigin::start(&[(
+        "/hop",
+        Script::Answer(
+            b"HTTP/1.1 200 OK\r\nx-secret: 1\r\nconnection: keep-alive, x-secret\r\nkeep-alive: timeout=5\r\n\
+              proxy-connection: keep-alive\r\nupgrade: foo\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\nok",
+        ),
+    )])
+    .await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    for _ in 0..2 {
+        let (status, headers, body, _) = fetch(&mut c, "GET", "/hop").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        assert_eq!(headers["x-kept"], "yes");
+        assert_eq!(headers["content-length"], "2");
+        for gone in ["x-secret", "keep-alive", "proxy-connection", "upgrade", "connection"] {
+            assert!(headers.get(gone).is_none(), "{gone} reached the client: {headers:?}");
+        }
+    }
+    assert_eq!(origin.connections(), 1, "the upstream connection was not reused");
+}
+
 /// A body that ends when the upstream closes is relayed whole, and that
 /// connection is not pooled.
 #[tokio::test]

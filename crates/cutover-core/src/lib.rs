@@ -8,6 +8,7 @@
 //!   one at a time per site (validate → gate → persist → publish → history).
 //! - [`state`]: the durable state file; [`health`]: active probes.
 //! - [`view`]: the JSON shapes the admin API answers with.
+//! - [`hop_by_hop`]: the header fields that belong to one connection.
 //!
 //! No HTTP server lives here: the data plane is `cutover-proxy`, the admin API
 //! `cutover-admin`.
@@ -17,6 +18,7 @@ pub mod endpoint;
 pub mod error;
 pub mod health;
 pub mod history;
+pub mod hop_by_hop;
 pub mod pause;
 pub mod routing;
 pub mod smoke;

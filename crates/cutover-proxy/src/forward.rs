@@ -229,8 +229,9 @@ impl Proxy {
         let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
         let protocol = routed.target.protocol;
         if upgrade.is_none() && protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body()) {
-            let (parts, _) = prepare(req, &conn, &routed, &mut guard, None, protocol).into_parts();
-            let head = h1::encode_head(&parts);
+            let (mut parts, _) = req.into_parts();
+            let added = prepare(&mut parts, &conn, &routed, &mut guard, None, protocol);
+            let head = h1::encode_head(&parts, added.iter());
             return Ok(match self.send_direct(&routed, &head, &parts.method, &mut guard).await {
                 Ok(resp) => {
                     guard.status = resp.status().as_u16();
@@ -241,7 +242,10 @@ impl Proxy {
                 Err(e) => failure(e, &routed.target, guard),
             });
         }
-        let req = prepare(req, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol);
+        let (mut parts, body) = req.into_parts();
+        prepare(&mut parts, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
+            .insert_into(&mut parts.headers);
+        let req = Request::from_parts(parts, upstream::RequestBody::new(body));
         let request_progress = req.body().progress();
         let sent = Box::pin(self.send(&routed, req, &mut guard, upgrade.is_some())).await;
         let (mut resp, via, endpoint) = match sent {
@@ -258,6 +262,7 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop_response(&mut parts.headers);
         finish_head(&mut parts, &pick, &routed);
         let sender = match via {
             Via::Http1(s) => Some(s),
@@ -396,10 +401,10 @@ impl Proxy {
     }
 }
 
-/// Rewrites an upstream's response head for the client: hop-by-hop fields
-/// out, the preview's `x-cutover-served-by` and a new canary bucket's cookie in.
+/// Completes an upstream's response head (its hop-by-hop fields already
+/// removed) for the client: the preview's `x-cutover-served-by` and a new
+/// canary bucket's cookie in.
 fn finish_head(parts: &mut http::response::Parts, pick: &modes::Pick, routed: &Routed) {
-    headers::remove_hop_by_hop_response(&mut parts.headers);
     if pick.preview {
         if let Some(v) = modes::served_by(&pick.target) {
             parts.headers.insert(modes::SERVED_BY.clone(), v);
@@ -463,16 +468,16 @@ fn failure(e: ForwardError, target: &TargetPool, mut guard: RequestGuard) -> Res
     local(status, msg, guard)
 }
 
-/// Rewrites the request head for the upstream.
+/// Rewrites the request head for the upstream; returns the fields cutover
+/// adds (forwarded headers, request id), which are not in `parts` yet.
 fn prepare(
-    req: Request<Incoming>,
+    parts: &mut http::request::Parts,
     conn: &ClientConn,
     routed: &Routed,
     guard: &mut RequestGuard,
     upgrade: Option<&HeaderValue>,
     protocol: Protocol,
-) -> Request<UpstreamBody> {
-    let (mut parts, body) = req.into_parts();
+) -> headers::Added {
     // An absolute-form target or an h2 :authority becomes the Host header.
     if let Some(authority) = parts.uri.authority() {
         if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
@@ -482,12 +487,16 @@ fn prepare(
     let wants_trailers = parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::drop_underscore_names(&mut parts.headers);
-    // Preview routing is cutover's business, and the token a secret. (One pass
-    // over the names is cheaper than two removals by name, which rarely find anything.)
+    // Preview routing is cutover's business, and the token a secret. One pass
+    // over the names finds them and the fields cutover sets: cheaper than a
+    // lookup by name each, since they are rarely there.
     let preview = routed.site.config.preview.header.as_str();
-    let (named, token) = parts.headers.keys().fold((false, false), |(n, t), k| {
-        (n || k.as_str().eq_ignore_ascii_case(preview), t || *k == modes::PREVIEW_TOKEN)
-    });
+    let (mut named, mut token, mut incoming) = (false, false, headers::Incoming::default());
+    for k in parts.headers.keys() {
+        named |= k.as_str().eq_ignore_ascii_case(preview);
+        token |= *k == modes::PREVIEW_TOKEN;
+        incoming.note(k);
+    }
     if named {
         parts.headers.remove(preview);
     }
@@ -495,8 +504,17 @@ fn prepare(
         parts.headers.remove(&modes::PREVIEW_TOKEN);
     }
     let host = parts.headers.get(HOST).cloned();
-    headers::set_forwarded_value(&mut parts.headers, &conn.peer_value, routed.trusted, conn.scheme, host.as_ref());
-    guard.set_request_id(headers::ensure_request_id(&mut parts.headers));
+    let mut added = headers::Added::default();
+    headers::add_forwarded(
+        &mut parts.headers,
+        incoming,
+        &conn.peer_value,
+        routed.trusted,
+        conn.scheme,
+        host.as_ref(),
+        &mut added,
+    );
+    guard.set_request_id(headers::add_request_id(&mut parts.headers, incoming, &mut added));
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {
         Protocol::H2 if upgrade.is_none() => {
@@ -523,7 +541,7 @@ fn prepare(
     if wants_trailers {
         parts.headers.insert(TE, HeaderValue::from_static("trailers"));
     }
-    Request::from_parts(parts, upstream::RequestBody::new(body))
+    added
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (never `h2c`).
@@ -594,18 +612,26 @@ pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static s
     None
 }
 
-/// `uri-host [ ":" port ]` (RFC 9112 §3.2): `Authority` alone also accepts
-/// userinfo (`shop.test@evil.test`, which would be routed by the wrong part)
-/// and a non-numeric port.
+/// `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 3986 §3.2.2): an IP literal in
+/// brackets or a non-empty reg-name (IPv4 addresses are reg-names too), then
+/// an optional colon and digits. No userinfo (`shop.test@evil.test` would be
+/// routed by the wrong part), no other character. Checked byte by byte: this
+/// runs on every request.
 fn valid_host(h: &[u8]) -> bool {
-    let Some(a) = std::str::from_utf8(h).ok().and_then(|h| h.parse::<Authority>().ok()) else {
-        return false;
+    let (host, port) = match h.first() {
+        Some(b'[') => match h.iter().position(|&b| b == b']') {
+            Some(end) => (&h[..=end], &h[end + 1..]),
+            None => return false,
+        },
+        _ => h.split_at(h.iter().position(|&b| b == b':').unwrap_or(h.len())),
     };
-    if a.as_str().contains('@') {
-        return false;
-    }
-    let port = &a.as_str()[a.host().len()..];
-    port.is_empty() || (port.starts_with(':') && port[1..].bytes().all(|b| b.is_ascii_digit()))
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty() && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        _ => !host.is_empty() && host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)),
+    };
+    host_ok && (port.is_empty() || (port[0] == b':' && port[1..].iter().all(u8::is_ascii_digit)))
 }
 
 /// A response made by cutover itself.
@@ -614,4 +640,34 @@ pub fn local(status: StatusCode, body: &'static str, guard: RequestGuard) -> Res
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn hosts_are_uri_host_and_port() {
+        for ok in ["shop.test", "shop.test:8080", "127.0.0.1:18190", "[::1]:80", "[::1]", "a-b_c~d", "shop.test:"] {
+            assert!(valid_host(ok.as_bytes()), "{ok} refused");
+        }
+        let bad: [&[u8]; 13] = [
+            b"",
+            b"a b",
+            b"shop\xff.test",
+            b"shop.test@evil.test",
+            b"shop.test:abc",
+            b"shop.test:+80",
+            b"[::1",
+            b"[]",
+            b"[::1]x",
+            b"a:b:c",
+            b":80",
+            b"[zz]",
+            b"shop/test",
+        ];
+        for h in bad {
+            assert!(!valid_host(h), "{} accepted", h.escape_ascii());
+        }
+    }
 }

@@ -4,16 +4,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use cutover_core::hop_by_hop;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TRAILER};
 
-/// `Keep-Alive`
-pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-/// `Proxy-Connection`
-pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// `Proxy-Authorization` (credentials for this hop only)
-pub static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
-/// `HTTP2-Settings` (h2c upgrade)
-pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `X-Forwarded-For`
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`
@@ -23,54 +16,12 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// `X-Request-Id`
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Fields that must never be removed because `Connection` names them: removing
-/// them would change the message's framing or routing.
-fn protected(name: &str) -> bool {
-    name.eq_ignore_ascii_case("host")
-        || name.eq_ignore_ascii_case("content-length")
-        || name.eq_ignore_ascii_case("x-request-id")
-}
-
-/// The fixed hop-by-hop fields (SPEC §3); `Connection` first.
-static HOP_BY_HOP: [&HeaderName; 9] = [
-    &CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &PROXY_AUTHORIZATION,
-    &HTTP2_SETTINGS,
-    &TE,
-    &TRAILER,
-    &TRANSFER_ENCODING,
-    &UPGRADE,
-];
-
-/// `name`'s index in [`HOP_BY_HOP`].
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-connection" => 2,
-        "proxy-authorization" => 3,
-        "http2-settings" => 4,
-        "te" => 5,
-        "trailer" => 6,
-        "transfer-encoding" => 7,
-        "upgrade" => 8,
-        _ => return None,
-    })
-}
-
-/// Whether `name` (any case) is one of the fixed hop-by-hop fields.
-fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
-}
-
 /// Removes hop-by-hop headers, including every field named in `Connection`.
 ///
 /// One pass over the names finds which are present (usually none, or just
 /// `Connection`), which is cheaper than a hash probe per hop-by-hop name.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let present = headers.keys().filter_map(hop_by_hop_index).fold(0u16, |bits, i| bits | 1 << i);
+    let present = headers.keys().filter_map(hop_by_hop::index).fold(0u16, |bits, i| bits | 1 << i);
     if present == 0 {
         return;
     }
@@ -78,19 +29,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `close` names no field, and the fixed hop-by-hop fields go below:
-            // usually nothing is left, and nothing is allocated.
-            .filter(|n| !n.is_empty() && !protected(n) && !n.eq_ignore_ascii_case("close") && !is_hop_by_hop(n))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .flat_map(|v| hop_by_hop::named_by_connection(v.as_bytes()))
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in hop_by_hop::FIELDS.iter().enumerate() {
         if present & 1 << i != 0 {
             headers.remove(*name);
         }
@@ -119,8 +65,110 @@ pub fn drop_underscore_names(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host`. Incoming values are kept (and the
-/// peer appended to `X-Forwarded-For`) only when the peer is trusted.
+/// Which of the fields cutover sets came with the request, from one pass
+/// over its names ([`Incoming::note`]): an absent one costs no lookup.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Incoming {
+    xff: bool,
+    proto: bool,
+    host: bool,
+    request_id: bool,
+}
+
+impl Incoming {
+    /// What `headers` has.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut incoming = Incoming::default();
+        headers.keys().for_each(|k| incoming.note(k));
+        incoming
+    }
+
+    /// Takes note of one field name.
+    pub fn note(&mut self, name: &HeaderName) {
+        self.xff |= *name == X_FORWARDED_FOR;
+        self.proto |= *name == X_FORWARDED_PROTO;
+        self.host |= *name == X_FORWARDED_HOST;
+        self.request_id |= *name == X_REQUEST_ID;
+    }
+}
+
+/// The fields cutover adds to a request for its upstream (`X-Forwarded-*`,
+/// `X-Request-Id`). hyper's client gets them in the map ([`Added::insert_into`]);
+/// cutover's own writes them after the map's fields ([`Added::iter`]), so the
+/// map is neither probed nor grown for them.
+#[derive(Debug, Default)]
+pub struct Added {
+    fields: [Option<(&'static HeaderName, HeaderValue)>; 4],
+}
+
+impl Added {
+    fn push(&mut self, name: &'static HeaderName, value: HeaderValue) {
+        if let Some(slot) = self.fields.iter_mut().find(|f| f.is_none()) {
+            *slot = Some((name, value));
+        }
+    }
+
+    /// The added fields, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> + Clone {
+        self.fields.iter().flatten().map(|(n, v)| (*n, v))
+    }
+
+    /// Puts the added fields into `headers`, replacing any of the same name.
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields.into_iter().flatten() {
+            headers.insert(name.clone(), value);
+        }
+    }
+}
+
+/// `X-Forwarded-For/-Proto/-Host` for the upstream. Incoming values are kept
+/// (and the peer appended to `X-Forwarded-For`) only when the peer is
+/// trusted; otherwise they leave `headers` and cutover's go into `added`.
+/// `peer` is the address formatted by [`peer_value`].
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    incoming: Incoming,
+    peer: &HeaderValue,
+    trusted: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+    added: &mut Added,
+) {
+    let xff = match (trusted, incoming.xff) {
+        (true, true) => {
+            let mut buf = BytesMut::new();
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                buf.put_slice(v.as_bytes());
+                buf.put_slice(b", ");
+            }
+            buf.put_slice(peer.as_bytes());
+            HeaderValue::from_maybe_shared(buf.freeze()).ok()
+        }
+        _ => Some(peer.clone()),
+    };
+    if incoming.xff {
+        headers.remove(&X_FORWARDED_FOR);
+    }
+    if let Some(xff) = xff {
+        added.push(&X_FORWARDED_FOR, xff);
+    }
+    if !(trusted && incoming.proto) {
+        if incoming.proto {
+            headers.remove(&X_FORWARDED_PROTO);
+        }
+        added.push(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted && incoming.host) {
+        if incoming.host {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        if let Some(h) = host {
+            added.push(&X_FORWARDED_HOST, h.clone());
+        }
+    }
+}
+
+/// [`add_forwarded`] straight into the map.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -128,52 +176,15 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    set_forwarded_value(headers, &peer_value(peer), trusted, proto, host);
+    let mut added = Added::default();
+    add_forwarded(headers, Incoming::of(headers), &peer_value(peer), trusted, proto, host, &mut added);
+    added.insert_into(headers);
 }
 
 /// The peer address as a header value (made once per client connection).
 pub fn peer_value(peer: IpAddr) -> HeaderValue {
     let mut buf = [0u8; 45];
     HeaderValue::from_str(format_ip(peer, &mut buf)).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-/// [`set_forwarded`] with the peer address already formatted by [`peer_value`].
-pub fn set_forwarded_value(
-    headers: &mut HeaderMap,
-    peer: &HeaderValue,
-    trusted: bool,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-) {
-    // Up to three inserts here and `X-Request-Id` next: grow the map at most once.
-    // (A map at http's size limit already fails the inserts below the same way.)
-    let _ = headers.try_reserve(4);
-    let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
-        let mut buf = BytesMut::new();
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            if !buf.is_empty() {
-                buf.put_slice(b", ");
-            }
-            buf.put_slice(v.as_bytes());
-        }
-        buf.put_slice(b", ");
-        buf.put_slice(peer.as_bytes());
-        HeaderValue::from_maybe_shared(buf.freeze()).ok()
-    } else {
-        Some(peer.clone())
-    };
-    if let Some(xff) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), xff);
-    }
-    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    }
-    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match host {
-            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
-    }
 }
 
 fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
@@ -184,16 +195,28 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
     std::str::from_utf8(&buf[..len]).unwrap_or("0.0.0.0")
 }
 
-/// Keeps a well-formed incoming `X-Request-Id` or sets a new one; returns it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
+/// Keeps a well-formed incoming `X-Request-Id`, or removes it and adds a new
+/// one to `added`; returns the request's id.
+pub fn add_request_id(headers: &mut HeaderMap, incoming: Incoming, added: &mut Added) -> HeaderValue {
+    if incoming.request_id {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            let b = v.as_bytes();
+            if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
+                return v.clone();
+            }
         }
+        headers.remove(&X_REQUEST_ID);
     }
     let id = new_request_id();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    added.push(&X_REQUEST_ID, id.clone());
+    id
+}
+
+/// [`add_request_id`] straight into the map.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut added = Added::default();
+    let id = add_request_id(headers, Incoming::of(headers), &mut added);
+    added.insert_into(headers);
     id
 }
 

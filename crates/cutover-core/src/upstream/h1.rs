@@ -28,6 +28,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 use super::Stream;
+use crate::hop_by_hop;
 use crate::Endpoint;
 
 /// The largest response head accepted.
@@ -93,17 +94,22 @@ impl Conn {
     }
 }
 
-/// Encodes the head of a request without a body (`parts.uri` in origin form).
-/// `POST`, `PUT` and `PATCH` without a length get `content-length: 0`.
-pub fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
+/// Encodes the head of a request without a body (`parts.uri` in origin form):
+/// the map's fields, then the `added` ones (fields the proxy sets, which need
+/// not go through the map). `POST`, `PUT` and `PATCH` without a length get
+/// `content-length: 0`.
+pub fn encode_head<'a>(
+    parts: &'a http::request::Parts,
+    added: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + Clone,
+) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fields: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let fields: usize = parts.headers.iter().chain(added.clone()).map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 40);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in parts.headers.iter().chain(added) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -120,6 +126,7 @@ pub fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
 /// Sends `head` (a request without a body) on `conn` and reads the response
 /// head. The body reads the rest and returns the connection to `endpoint`'s
 /// pool when it ended cleanly. `is_head`: the request was `HEAD` (no body follows).
+/// The response's head comes without hop-by-hop fields ([`hop_by_hop`]; `Trailer` stays).
 pub async fn exchange(
     mut conn: Conn,
     head: &[u8],
@@ -222,6 +229,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let (mut chunked, mut encoded, mut close, mut keep_alive) = (false, false, false, false);
+    // Fields `Connection` names (rarely any: no allocation then).
+    let mut named: Vec<HeaderName> = Vec::new();
     let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
     for &(n, v) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[range(n)]).map_err(|_| Error::Invalid("invalid header name"))?;
@@ -247,8 +256,17 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
+            named.extend(
+                hop_by_hop::named_by_connection(value.as_bytes()).filter_map(|n| HeaderName::from_bytes(n).ok()),
+            );
         }
-        headers.append(name, value);
+        // Hop-by-hop fields stay on this connection (`Trailer` declares the trailers the client gets).
+        if hop_by_hop::index(&name).is_none_or(|i| i == hop_by_hop::TRAILER_INDEX) {
+            headers.append(name, value);
+        }
+    }
+    for name in named {
+        headers.remove(name);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     let mut reusable = if minor == 0 { keep_alive && !close } else { !close };

@@ -1,0 +1,85 @@
+//! Header fields that belong to one connection, not to the message (RFC 9110
+//! §7.6.1, SPEC §3): the fixed list, and the rules for fields that
+//! `Connection` names. The data plane strips them from requests
+//! (`cutover-proxy`'s `headers`), the upstream client from responses as it
+//! reads them.
+
+use http::header::{HeaderName, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+/// `Keep-Alive`
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`
+pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `Proxy-Authorization` (credentials for this hop only)
+pub static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+/// `HTTP2-Settings` (h2c upgrade)
+pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// The fixed hop-by-hop fields; `Connection` first, `Trailer` at [`TRAILER_INDEX`].
+pub static FIELDS: [&HeaderName; 9] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHORIZATION,
+    &HTTP2_SETTINGS,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+
+/// Where `Trailer` is in [`FIELDS`]: a response keeps it, since hyper sends
+/// HTTP/1.1 trailers only when the response declares them there.
+pub const TRAILER_INDEX: usize = 6;
+
+/// `name`'s index in [`FIELDS`].
+pub fn index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authorization" => 3,
+        "http2-settings" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
+/// The names in one `Connection` value that name a field to remove as well:
+/// not `close`, not a fixed hop-by-hop field (those go anyway), and never a
+/// field whose removal would change the message's framing or routing (`Host`,
+/// `Content-Length`, `X-Request-Id`). Usually none: nothing is allocated.
+pub fn named_by_connection(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|n| {
+        !n.is_empty()
+            && !n.eq_ignore_ascii_case(b"close")
+            && !FIELDS.iter().any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(n))
+            && !n.eq_ignore_ascii_case(b"host")
+            && !n.eq_ignore_ascii_case(b"content-length")
+            && !n.eq_ignore_ascii_case(b"x-request-id")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_matches_the_list() {
+        for (i, name) in FIELDS.iter().enumerate() {
+            assert_eq!(index(name), Some(i));
+        }
+        assert_eq!(FIELDS[TRAILER_INDEX], &TRAILER);
+        assert_eq!(index(&HeaderName::from_static("x-kept")), None);
+    }
+
+    #[test]
+    fn connection_names_only_removable_fields() {
+        let named: Vec<&[u8]> =
+            named_by_connection(b"close, X-Secret , keep-alive,Host,content-length, ,x-request-id,upgrade").collect();
+        assert_eq!(named, [&b"X-Secret"[..]]);
+    }
+}
