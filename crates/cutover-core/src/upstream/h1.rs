@@ -252,13 +252,15 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
                 .next()
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == CONNECTION {
+            let mut other = false;
             for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let (c, k) = (token.eq_ignore_ascii_case(b"close"), token.eq_ignore_ascii_case(b"keep-alive"));
+                (close, keep_alive, other) = (close || c, keep_alive || k, other || !(c || k));
             }
-            named.extend(
-                hop_by_hop::named_by_connection(value.as_bytes()).filter_map(|n| HeaderName::from_bytes(n).ok()),
-            );
+            if other {
+                let names = hop_by_hop::named_by_connection(value.as_bytes());
+                named.extend(names.filter_map(|n| HeaderName::from_bytes(n).ok()));
+            }
         }
         // Hop-by-hop fields stay on this connection (`Trailer` declares the trailers the client gets).
         if hop_by_hop::index(&name).is_none_or(|i| i == hop_by_hop::TRAILER_INDEX) {
