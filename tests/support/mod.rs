@@ -33,6 +33,8 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// Which of the origin's connections (numbered from 0 as accepted) carried it.
+    pub conn: usize,
 }
 
 /// A real HTTP origin on 127.0.0.1 that answers with its name.
@@ -113,10 +115,11 @@ impl Origin {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                     _ = stop.cancelled() => return,
                 };
-                connections.fetch_add(1, Ordering::Relaxed);
+                let conn = connections.fetch_add(1, Ordering::Relaxed);
                 let (name, seen, stop, faults) = (name.clone(), seen.clone(), stop.clone(), faults.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| origin_answer(req, name.clone(), seen.clone(), faults.clone()));
+                    let service =
+                        service_fn(move |req| origin_answer(req, conn, name.clone(), seen.clone(), faults.clone()));
                     let builder = auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::select! {
@@ -142,6 +145,14 @@ impl Origin {
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
+
+    /// How many connections carried requests (health probes excluded).
+    pub fn data_connections(&self) -> usize {
+        let mut conns: Vec<usize> = self.seen.lock().unwrap().iter().map(|s| s.conn).collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns.len()
+    }
 }
 
 impl Drop for Origin {
@@ -164,6 +175,7 @@ fn query(req: &Request<Incoming>) -> HashMap<String, u64> {
 
 async fn origin_answer(
     req: Request<Incoming>,
+    conn: usize,
     name: Arc<str>,
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Faults>,
@@ -176,7 +188,7 @@ async fn origin_answer(
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     if !probe {
-        seen.lock().unwrap().push(Seen { version, method, path: path.clone(), headers, body_len: body.len() });
+        seen.lock().unwrap().push(Seen { version, method, path: path.clone(), headers, body_len: body.len(), conn });
     }
     let full = |b: Bytes| Full::new(b).boxed();
     let resp = if probe {
