@@ -4,15 +4,17 @@
 //! HTTP/1.x. hyper-util's auto builder finds out by reading 24 bytes, which
 //! costs a second read system call for the rest of the request head and makes
 //! hyper grow (copy) its read buffer on every new connection. Here the first
-//! read takes whatever the client sent (one system call for a whole request
-//! head, usually), and [`Prefixed`] hands those bytes to hyper before the socket.
+//! read takes whatever the client sent, up to 4 KiB (one system call for a
+//! whole request head, usually), and [`Prefixed`] hands those bytes to hyper
+//! before the socket.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -31,20 +33,33 @@ pub enum Speaks {
 /// Reads the first bytes of `io` until the version is known. `None` when the
 /// client closed first.
 pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<(Speaks, Bytes)>> {
-    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let mut head = Bytes::new();
     loop {
-        if io.read_buf(&mut buf).await? == 0 {
+        let chunk = std::future::poll_fn(|cx| read_some(Pin::new(&mut *io), cx)).await?;
+        if chunk.is_empty() {
             return Ok(None);
         }
-        let k = buf.len().min(H2_PREFACE.len());
-        if buf[..k] != H2_PREFACE[..k] {
-            return Ok(Some((Speaks::Http1, buf.freeze())));
+        // Only a preface that comes in pieces gets here with bytes already read.
+        head = if head.is_empty() { chunk } else { [&head[..], &chunk[..]].concat().into() };
+        let k = head.len().min(H2_PREFACE.len());
+        if head[..k] != H2_PREFACE[..k] {
+            return Ok(Some((Speaks::Http1, head)));
         }
         if k == H2_PREFACE.len() {
-            return Ok(Some((Speaks::Http2, buf.freeze())));
+            return Ok(Some((Speaks::Http2, head)));
         }
-        buf.reserve(H2_PREFACE.len());
     }
+}
+
+/// One read, into a buffer on the stack that lives only for this poll: a
+/// connection waiting for its first bytes holds no buffer, and what was read
+/// is copied into an allocation of its own size (small and cheap for a
+/// typical request head).
+fn read_some<T: AsyncRead>(io: Pin<&mut T>, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut buf = ReadBuf::uninit(&mut stack);
+    ready!(io.poll_read(cx, &mut buf))?;
+    Poll::Ready(Ok(Bytes::copy_from_slice(buf.filled())))
 }
 
 /// An IO stream that first yields `prefix` (bytes already read from it).
@@ -106,7 +121,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn sniffed(chunks: &[&[u8]]) -> Option<(Speaks, Bytes)> {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
