@@ -15,6 +15,7 @@
 #   WRK_ARGS="-t1 -c8 -d5s" TOP=40 bash benches/instructions.sh
 #   OUT=/tmp/cg.out bash benches/instructions.sh   # keep the dump for callgrind_annotate
 #   CLOSE=1 bash benches/instructions.sh            # a new connection per request (peers.sh's (c))
+#   PROXY=nginx bash benches/instructions.sh       # nginx as the proxy, counted the same way
 #
 # Needs valgrind, nginx, wrk, curl (installed with apt-get when missing, as root).
 set -euo pipefail
@@ -71,8 +72,36 @@ sites:
     targets:
       blue: { endpoints: ["127.0.0.1:18181"] }
 EOF
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$T/cg.out" "$BIN" serve --config "$T/cutover.yaml" \
-  >"$T/cutover.log" 2>&1 &
+# PROXY=nginx: nginx as the proxy instead (one worker in the foreground, set up as peers.sh sets it up).
+mkdir -p "$T/proxy"
+cat >"$T/proxy.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $T/proxy/nginx.pid;
+error_log $T/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $T/proxy; proxy_temp_path $T/proxy; fastcgi_temp_path $T/proxy; uwsgi_temp_path $T/proxy; scgi_temp_path $T/proxy;
+  keepalive_timeout 300s; keepalive_requests 100000000;
+  upstream origin { server 127.0.0.1:18181; keepalive 1024; keepalive_requests 100000000; keepalive_timeout 300s; }
+  server {
+    listen 127.0.0.1:18190;
+    location / {
+      proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+}
+EOF
+if [[ ${PROXY:-cutover} == nginx ]]; then
+  valgrind --tool=callgrind --callgrind-out-file="$T/cg.out" nginx -c "$T/proxy.conf" >"$T/proxy.log" 2>&1 &
+else
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$T/cg.out" "$BIN" serve --config "$T/cutover.yaml" \
+    >"$T/cutover.log" 2>&1 &
+fi
 pids+=($!)
 for _ in $(seq 150); do curl -s -o /dev/null http://127.0.0.1:18190/ && break; sleep 0.2; done
 # shellcheck disable=SC2086
