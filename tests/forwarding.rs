@@ -74,6 +74,36 @@ async fn trusted_proxy_forwarded_headers_are_kept() {
     assert_eq!(h["x-request-id"], "trace-abc");
 }
 
+/// Repeated forwarded fields from a trusted proxy are joined into one
+/// `X-Forwarded-For`; a malformed `X-Request-Id` is replaced, not kept beside
+/// the new one; both for a bodiless request (cutover's own upstream client)
+/// and one with a body (hyper's).
+#[tokio::test]
+async fn repeated_forwarded_fields_and_a_bad_request_id() {
+    let (p, blue) = one_site("trusted_proxies: [127.0.0.0/8]").await;
+    for (method, body) in [("GET", ""), ("POST", "Content-Length: 2\r\n\r\nhi")] {
+        let head = format!(
+            "{method} / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Request-Id: has space\r\nX-Forwarded-Host: edge.test\r\nConnection: close\r\n{}",
+            if body.is_empty() { "\r\n" } else { body }
+        );
+        let answer = raw_exchange(p.addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer:?}");
+    }
+    let seen = blue.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let all =
+            |name: &str| s.headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(all("x-forwarded-for"), ["203.0.113.7, 10.0.0.1, 127.0.0.1"], "{}", s.method);
+        assert_eq!(all("x-forwarded-host"), ["edge.test"], "{}", s.method);
+        assert_eq!(all("x-forwarded-proto"), ["http"], "{}", s.method);
+        let ids = all("x-request-id");
+        assert_eq!(ids.len(), 1, "{}: {ids:?}", s.method);
+        assert!(ids[0].len() == 32 && ids[0].bytes().all(|b| b.is_ascii_hexdigit()), "{}: {ids:?}", s.method);
+    }
+}
+
 /// Hosts match without port and in any case; an unknown host is 404 and
 /// nothing is forwarded; an absolute-form URI is routed by its authority.
 #[tokio::test]
