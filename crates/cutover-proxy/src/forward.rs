@@ -229,10 +229,13 @@ impl Proxy {
         let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
         let protocol = routed.target.protocol;
         if upgrade.is_none() && protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body()) {
-            let (mut parts, _) = req.into_parts();
-            let added = prepare(&mut parts, &conn, &routed, &mut guard, None, protocol);
-            let head = h1::encode_head(&parts, added.iter());
-            return Ok(match self.send_direct(&routed, &head, &parts.method, &mut guard).await {
+            // In a block, so that the request's parts are not kept in the future across the await.
+            let (head, method) = {
+                let (mut parts, _) = req.into_parts();
+                let added = prepare(&mut parts, &conn, &routed, &mut guard, None, protocol);
+                (h1::encode_head(&parts, added.iter()), parts.method)
+            };
+            return Ok(match self.send_direct(&routed, &head, &method, &mut guard).await {
                 Ok(resp) => {
                     guard.status = resp.status().as_u16();
                     let (mut parts, body) = resp.into_parts();
