@@ -7,6 +7,12 @@
 //!   through (`remove_hop_by_hop`, `drop_underscore_names`, `set_forwarded`,
 //!   `ensure_request_id`) take well under 1 µs on a realistic browser request
 //!   of about eight fields.
+//! * `headers/encode_added` vs `headers/encode_inserted`: for a request
+//!   without a body, cutover's own upstream client writes the forwarded
+//!   fields and the request id after the map's fields instead of inserting
+//!   them into the map (`headers::Added`), then encodes the upstream head.
+//!   Writing them saves the map's hash probes, inserts and growth: the
+//!   `added` form is cheaper, by a few hundred ns.
 //! * `proxy/round_trip` vs `proxy/direct`: the proxy adds tens of µs per
 //!   request on loopback (one more HTTP/1.1 parse and serialise on each side,
 //!   a routing lookup, a pooled upstream connection, and two more loopback
@@ -20,6 +26,9 @@
 //! * `headers/rewrite_cloned_map` the same on a `HeaderMap::clone()`, which
 //!   has no spare capacity (the first insert reallocates).
 //! * `headers/step/*`      each rule alone; `step/none` is the harness alone.
+//! * `headers/encode_inserted`, `headers/encode_added` the four rules and
+//!   `h1::encode_head`, with the added fields inserted into the map or
+//!   written after it.
 //! * `proxy/direct`        one GET on a kept-alive HTTP/1.1 connection straight
 //!   to the origin (a minimal hyper server answering `ok`).
 //! * `proxy/round_trip`    the same GET on a kept-alive connection to a real
@@ -44,9 +53,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use cutover_core::state::FileStore;
+use cutover_core::upstream::h1;
 use cutover_core::Controller;
 use cutover_metrics::Metrics;
-use cutover_proxy::headers::{drop_underscore_names, ensure_request_id, remove_hop_by_hop, set_forwarded};
+use cutover_proxy::headers::{
+    add_forwarded, add_request_id, drop_underscore_names, ensure_request_id, peer_value, remove_hop_by_hop,
+    set_forwarded, Added, Incoming as IncomingFields,
+};
 use cutover_proxy::ListenerConfig;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
@@ -82,6 +95,31 @@ fn rewrite(headers: &mut HeaderMap, peer: IpAddr) -> HeaderValue {
     let host = headers.get(http::header::HOST).cloned();
     set_forwarded(headers, peer, false, "http", host.as_ref());
     ensure_request_id(headers)
+}
+
+/// The request's parts around `headers`, as the proxy has them (origin form).
+fn parts_with(headers: HeaderMap) -> http::request::Parts {
+    let (mut parts, ()) = Request::get("/products?page=2").body(()).expect("request").into_parts();
+    parts.headers = headers;
+    parts
+}
+
+/// The rules with the added fields inserted into the map, then the upstream head.
+fn encode_inserted(parts: &mut http::request::Parts, peer: IpAddr) -> Vec<u8> {
+    rewrite(&mut parts.headers, peer);
+    h1::encode_head(parts, std::iter::empty())
+}
+
+/// The rules with the added fields written after the map's (what the proxy does).
+fn encode_added(parts: &mut http::request::Parts, peer: &HeaderValue) -> Vec<u8> {
+    remove_hop_by_hop(&mut parts.headers);
+    drop_underscore_names(&mut parts.headers);
+    let incoming = IncomingFields::of(&parts.headers);
+    let host = parts.headers.get(http::header::HOST).cloned();
+    let mut added = Added::default();
+    add_forwarded(&mut parts.headers, incoming, peer, false, "http", host.as_ref(), &mut added);
+    add_request_id(&mut parts.headers, incoming, &mut added);
+    h1::encode_head(parts, added.iter())
 }
 
 /// A copy of `base` allocated the way hyper's HTTP/1 parser allocates a
@@ -174,6 +212,40 @@ fn headers(c: &mut Criterion) {
             |mut h| {
                 let id = ensure_request_id(black_box(&mut h));
                 (h, id)
+            },
+            BATCH,
+        )
+    });
+    // The whole rewrite plus the upstream head, both ways; same fields either way
+    // (up to the request id, which is new each time).
+    let peer_header = peer_value(peer);
+    let strip_id = |head: Vec<u8>| -> Vec<String> {
+        let text = String::from_utf8(head).expect("ascii head");
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| !l.starts_with("x-request-id")).map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        strip_id(encode_inserted(&mut parts_with(as_parsed(&base)), peer)),
+        strip_id(encode_added(&mut parts_with(as_parsed(&base)), &peer_header)),
+    );
+    g.bench_function("encode_inserted", |b| {
+        b.iter_batched(
+            || parts_with(as_parsed(&base)),
+            |mut p| {
+                let head = encode_inserted(black_box(&mut p), black_box(peer));
+                (p, head)
+            },
+            BATCH,
+        )
+    });
+    g.bench_function("encode_added", |b| {
+        b.iter_batched(
+            || parts_with(as_parsed(&base)),
+            |mut p| {
+                let head = encode_added(black_box(&mut p), black_box(&peer_header));
+                (p, head)
             },
             BATCH,
         )
