@@ -58,7 +58,7 @@ use cutover_core::Controller;
 use cutover_metrics::Metrics;
 use cutover_proxy::headers::{
     add_forwarded, add_request_id, drop_underscore_names, ensure_request_id, peer_value, remove_hop_by_hop,
-    set_forwarded, Added, Incoming as IncomingFields,
+    set_forwarded, Added, Present,
 };
 use cutover_proxy::ListenerConfig;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -114,7 +114,7 @@ fn encode_inserted(parts: &mut http::request::Parts, peer: IpAddr) -> Vec<u8> {
 fn encode_added(parts: &mut http::request::Parts, peer: &HeaderValue) -> Vec<u8> {
     remove_hop_by_hop(&mut parts.headers);
     drop_underscore_names(&mut parts.headers);
-    let incoming = IncomingFields::of(&parts.headers);
+    let incoming = Present::of(&parts.headers);
     let host = parts.headers.get(http::header::HOST).cloned();
     let mut added = Added::default();
     add_forwarded(&mut parts.headers, incoming, peer, false, "http", host.as_ref(), &mut added);

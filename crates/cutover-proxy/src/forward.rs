@@ -494,7 +494,7 @@ fn prepare(
     // over the names finds them and the fields cutover sets: cheaper than a
     // lookup by name each, since they are rarely there.
     let preview = routed.site.config.preview.header.as_str();
-    let (mut named, mut token, mut incoming) = (false, false, headers::Incoming::default());
+    let (mut named, mut token, mut incoming) = (false, false, headers::Present::default());
     for k in parts.headers.keys() {
         named |= k.as_str().eq_ignore_ascii_case(preview);
         token |= *k == modes::PREVIEW_TOKEN;

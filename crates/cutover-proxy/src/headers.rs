@@ -66,21 +66,21 @@ pub fn drop_underscore_names(headers: &mut HeaderMap) {
 }
 
 /// Which of the fields cutover sets came with the request, from one pass
-/// over its names ([`Incoming::note`]): an absent one costs no lookup.
+/// over its names ([`Present::note`]): an absent one costs no lookup.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Incoming {
+pub struct Present {
     xff: bool,
     proto: bool,
     host: bool,
     request_id: bool,
 }
 
-impl Incoming {
+impl Present {
     /// What `headers` has.
     pub fn of(headers: &HeaderMap) -> Self {
-        let mut incoming = Incoming::default();
-        headers.keys().for_each(|k| incoming.note(k));
-        incoming
+        let mut present = Present::default();
+        headers.keys().for_each(|k| present.note(k));
+        present
     }
 
     /// Takes note of one field name.
@@ -127,7 +127,7 @@ impl Added {
 /// `peer` is the address formatted by [`peer_value`].
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    incoming: Incoming,
+    incoming: Present,
     peer: &HeaderValue,
     trusted: bool,
     proto: &'static str,
@@ -177,7 +177,7 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
 ) {
     let mut added = Added::default();
-    add_forwarded(headers, Incoming::of(headers), &peer_value(peer), trusted, proto, host, &mut added);
+    add_forwarded(headers, Present::of(headers), &peer_value(peer), trusted, proto, host, &mut added);
     added.insert_into(headers);
 }
 
@@ -197,7 +197,7 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
 
 /// Keeps a well-formed incoming `X-Request-Id`, or removes it and adds a new
 /// one to `added`; returns the request's id.
-pub fn add_request_id(headers: &mut HeaderMap, incoming: Incoming, added: &mut Added) -> HeaderValue {
+pub fn add_request_id(headers: &mut HeaderMap, incoming: Present, added: &mut Added) -> HeaderValue {
     if incoming.request_id {
         if let Some(v) = headers.get(&X_REQUEST_ID) {
             let b = v.as_bytes();
@@ -215,7 +215,7 @@ pub fn add_request_id(headers: &mut HeaderMap, incoming: Incoming, added: &mut A
 /// [`add_request_id`] straight into the map.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     let mut added = Added::default();
-    let id = add_request_id(headers, Incoming::of(headers), &mut added);
+    let id = add_request_id(headers, Present::of(headers), &mut added);
     added.insert_into(headers);
     id
 }
