@@ -56,6 +56,26 @@ async fn hop_by_hop_removed_and_forwarded_headers_set() {
     assert_eq!(h["x-request-id"].len(), 32);
 }
 
+/// The origin's hop-by-hop response fields stay upstream on both client
+/// paths: a bodiless GET (cutover's own upstream client drops them as it reads
+/// the head) and a POST with a body (hyper's client; cutover strips the map).
+#[tokio::test]
+async fn hop_by_hop_response_fields_removed_on_both_upstream_paths() {
+    let (p, _blue) = one_site("").await;
+    let mut c = Client::connect(p.addr).await;
+    for req in [
+        Request::get("/").header("host", "shop.test").body(Full::default()).unwrap(),
+        Request::post("/echo").header("host", "shop.test").body(Full::new(Bytes::from_static(b"hi"))).unwrap(),
+    ] {
+        let method = req.method().clone();
+        let a = c.send(req).await.unwrap();
+        assert_eq!(a.status, 200, "{method}");
+        // Every answer of the test origin carries `Connection: keep-alive, x-origin-hop`.
+        assert!(a.headers.get("x-origin-hop").is_none(), "{method}: {:?}", a.headers);
+        assert!(a.headers.get("connection").is_none(), "{method}: {:?}", a.headers);
+    }
+}
+
 /// From a trusted proxy, `X-Forwarded-For` is appended to and the others kept.
 #[tokio::test]
 async fn trusted_proxy_forwarded_headers_are_kept() {
