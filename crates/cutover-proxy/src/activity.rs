@@ -35,6 +35,9 @@ pub struct Activity {
     /// Set while the connection is being parked: its next read without data
     /// is an end of stream for hyper, and its shutdown keeps the socket open.
     parking: AtomicBool,
+    /// Set when the connection is asked to finish (shutdown, `idle_timeout`):
+    /// cutover's own HTTP/1.1 server closes it after the response in flight.
+    closing: AtomicBool,
 }
 
 impl Activity {
@@ -50,6 +53,7 @@ impl Activity {
             write_blocked: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -126,6 +130,16 @@ impl Activity {
     /// Whether the connection is being parked.
     pub fn parking(&self) -> bool {
         self.parking.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection to finish after the response in flight (none: at once).
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection was asked to finish.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// How long the connection has been idle: no open request, no bytes moving.

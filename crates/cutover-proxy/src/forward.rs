@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
-use cutover_core::upstream::{self, h1, ConnectError, H2Sender, Sender, UpstreamBody};
+use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Sender, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
@@ -167,10 +167,11 @@ impl Proxy {
         &self.tunnels
     }
 
-    /// Handles one client request; never fails (errors become responses).
+    /// Handles one client request (its body already wrapped for the upstream,
+    /// [`RequestBody::new`]); never fails (errors become responses).
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: ClientConn,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
@@ -248,7 +249,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         prepare(&mut parts, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
             .insert_into(&mut parts.headers);
-        let req = Request::from_parts(parts, upstream::RequestBody::new(body));
+        let req = Request::from_parts(parts, body);
         let request_progress = req.body().progress();
         let sent = Box::pin(self.send(&routed, req, &mut guard, upgrade.is_some())).await;
         let (mut resp, via, endpoint) = match sent {
@@ -276,7 +277,7 @@ impl Proxy {
 
     /// Finds the site for `req` with one snapshot load (the live target for
     /// now; [`modes::pick`] may choose another), and the target a preview host names.
-    fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<(Routed, Option<Box<str>>)> {
+    fn route<B>(&self, req: &Request<B>, peer: SocketAddr) -> Option<(Routed, Option<Box<str>>)> {
         // HTTP/1.0 may come without Host: the `*` site serves it, if there is one.
         let host = request_host(req).unwrap_or_default();
         let table = self.table.load();

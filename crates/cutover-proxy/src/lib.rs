@@ -1,7 +1,9 @@
 //! cutover's data plane.
 //!
-//! - [`server`]: the accept loop and per-connection hyper server (HTTP/1.1
+//! - [`server`]: the accept loop and per-connection server (HTTP/1.1
 //!   and h2c), connection limit, graceful shutdown.
+//! - `h1_server`: cutover's own HTTP/1.1 server for `GET` and `HEAD` without
+//!   a body; anything else goes on to hyper's.
 //! - [`forward`]: the life of one request: route through one snapshot, pick
 //!   an endpoint, forward, retry a connection that could not be made.
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
@@ -18,6 +20,7 @@
 pub mod activity;
 pub mod body;
 pub mod forward;
+mod h1_server;
 pub mod headers;
 pub mod modes;
 pub mod server;

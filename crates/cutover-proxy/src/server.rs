@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cutover_config::Limits;
+use cutover_core::upstream::RequestBody;
 use cutover_metrics::IntGauge;
 use http::Request;
 use hyper::body::Incoming;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::{Activity, Tracked};
 use crate::forward::{ClientConn, Proxy};
+use crate::h1_server;
 use crate::sniff::{sniff, Prefixed, Speaks};
 use crate::tls::TlsStore;
 
@@ -250,11 +252,13 @@ impl Connection {
     {
         let peer = self.client.peer;
         let activity = self.client.activity.clone();
-        let (proxy, client) = (self.proxy.clone(), self.client.clone());
-        let service = service_fn(move |req: Request<Incoming>| {
-            let (proxy, client) = (proxy.clone(), client.clone());
-            async move { proxy.handle(req, client).await }
-        });
+        let service = || {
+            let (proxy, client) = (self.proxy.clone(), self.client.clone());
+            service_fn(move |req: Request<Incoming>| {
+                let (proxy, client) = (proxy.clone(), client.clone());
+                async move { proxy.handle(req.map(RequestBody::new), client).await }
+            })
+        };
         // One watchdog timer for the connection's whole life, reset at each
         // tick: every PARK_AFTER while it is quiet (so an idle one is parked
         // soon), at most every second while it is busy (more than one request
@@ -301,29 +305,41 @@ impl Connection {
                 return false;
             }
         };
-        let io = TokioIo::new(Prefixed::new(prefix, io));
-        // Boxed, so that a parked connection's task keeps none of hyper's state.
+        // Boxed, so that a parked connection's task keeps none of the server's state.
         let mut conn = match speaks {
-            Speaks::Http1 => Served::H1(Box::pin(self.builder.h1.serve_connection(io, service).with_upgrades())),
+            Speaks::Http1 => {
+                let limit = self.builder.max_head;
+                Served::Own(Box::pin(h1_server::serve(io, prefix, &self.proxy, &self.client, limit)))
+            }
             Speaks::Http2 => {
                 activity.mark_multiplexed();
-                Served::H2(Box::pin(self.builder.h2.serve_connection(io, service)))
+                let io = TokioIo::new(Prefixed::new(prefix, io));
+                Served::H2(Box::pin(self.builder.h2.serve_connection(io, service())))
             }
         };
         let mut closing = false;
         loop {
             tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
+                r = &mut conn => match r {
+                    Outcome::Ended(Ok(())) => break,
+                    Outcome::Ended(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         activity.set_parking(false);
+                        break;
                     }
-                    break;
-                }
+                    // A request cutover's own server does not take: hyper serves the rest.
+                    Outcome::Handoff(io, rest) => {
+                        let io = TokioIo::new(Prefixed::new(rest, io));
+                        conn = Served::H1(Box::pin(self.builder.h1.serve_connection(io, service()).with_upgrades()));
+                        if closing {
+                            graceful_shutdown!(conn, activity);
+                        }
+                    }
+                },
                 _ = self.stop.cancelled(), if !closing => {
                     closing = true;
                     activity.set_parking(false);
-                    graceful_shutdown!(conn);
+                    graceful_shutdown!(conn, activity);
                 }
                 _ = &mut tick, if !closing => {
                     tick.as_mut().reset(next_tick(&activity));
@@ -337,7 +353,7 @@ impl Connection {
                     if activity.idle_for() >= self.idle_timeout {
                         closing = true;
                         activity.set_parking(false);
-                        graceful_shutdown!(conn);
+                        graceful_shutdown!(conn, activity);
                     } else if parkable && activity.parkable(PARK_AFTER) {
                         // hyper's next read gets an end of stream and lets go.
                         activity.set_parking(true);
@@ -356,6 +372,8 @@ impl Connection {
 struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// The largest request head cutover's own HTTP/1.1 server reads (larger: hyper's).
+    max_head: usize,
 }
 
 impl Builders {
@@ -371,37 +389,56 @@ impl Builders {
             .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024);
-        Self { h1, h2 }
+        Self { h1, h2, max_head: limits.max_header_bytes }
     }
 }
 
-/// One client connection's hyper server, HTTP/1.1 or HTTP/2.
-enum Served<A, B> {
+/// One client connection's server: cutover's own HTTP/1.1 server first, then
+/// hyper's HTTP/1.1 server if a request needs it, or hyper's HTTP/2 server.
+enum Served<A, B, C> {
     H1(Pin<Box<A>>),
     H2(Pin<Box<B>>),
+    Own(Pin<Box<C>>),
 }
 
-impl<A, B> Future for Served<A, B>
+/// How a [`Served`] connection's server finished.
+enum Outcome<IO> {
+    /// The connection is done (an error: it broke).
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    /// cutover's own server hands the connection to hyper's, these bytes first.
+    Handoff(IO, bytes::Bytes),
+}
+
+impl<A, B, C, IO> Future for Served<A, B, C>
 where
     A: Future<Output = hyper::Result<()>>,
     B: Future<Output = hyper::Result<()>>,
+    C: Future<Output = std::io::Result<h1_server::Ended<IO>>>,
 {
-    type Output = hyper::Result<()>;
+    type Output = Outcome<IO>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let ended = |r: hyper::Result<()>| Outcome::Ended(r.map_err(Into::into));
         match self.get_mut() {
-            Served::H1(c) => c.as_mut().poll(cx),
-            Served::H2(c) => c.as_mut().poll(cx),
+            Served::H1(c) => c.as_mut().poll(cx).map(ended),
+            Served::H2(c) => c.as_mut().poll(cx).map(ended),
+            Served::Own(c) => c.as_mut().poll(cx).map(|r| match r {
+                Ok(h1_server::Ended::Closed) => Outcome::Ended(Ok(())),
+                Ok(h1_server::Ended::Handoff(io, rest)) => Outcome::Handoff(io, rest),
+                Err(e) => Outcome::Ended(Err(e.into())),
+            }),
         }
     }
 }
 
-/// Asks a [`Served`] connection to finish: h1 after its in-flight response, h2 with GOAWAY.
+/// Asks a [`Served`] connection to finish: h1 after its in-flight response,
+/// h2 with GOAWAY. (A macro: hyper's connections have no common trait for it.)
 macro_rules! graceful_shutdown {
-    ($conn:expr) => {
+    ($conn:expr, $activity:expr) => {
         match &mut $conn {
             Served::H1(c) => c.as_mut().graceful_shutdown(),
             Served::H2(c) => c.as_mut().graceful_shutdown(),
+            Served::Own(_) => $activity.set_closing(),
         }
     };
 }

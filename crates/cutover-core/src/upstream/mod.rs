@@ -56,7 +56,8 @@ impl BodyProgress {
 /// is not a slow upstream) and the connection is reused only once it was sent.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: a request that has no body (read by cutover's own HTTP/1.1 server).
+    inner: Option<Incoming>,
     progress: Option<std::sync::Arc<BodyProgress>>,
 }
 
@@ -71,7 +72,12 @@ impl RequestBody {
                 done: std::sync::atomic::AtomicBool::new(false),
             })
         });
-        Self { inner, progress }
+        Self { inner: Some(inner), progress }
+    }
+
+    /// The body of a request that has none.
+    pub fn empty() -> Self {
+        Self { inner: None, progress: None }
     }
 
     /// Its progress, when it has content.
@@ -89,10 +95,11 @@ impl http_body::Body for RequestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = &mut this.inner else { return std::task::Poll::Ready(None) };
+        let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
         if let (std::task::Poll::Ready(frame), Some(p)) = (&polled, &this.progress) {
             p.touch();
-            if frame.is_none() || this.inner.is_end_stream() {
+            if frame.is_none() || inner.is_end_stream() {
                 p.done.store(true, std::sync::atomic::Ordering::Release);
             }
         }
@@ -100,11 +107,11 @@ impl http_body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 

@@ -1,0 +1,420 @@
+//! cutover's own HTTP/1.1 server for the everyday request: `GET` or `HEAD`
+//! over HTTP/1.1, without a body, an upgrade or an `Expect`.
+//!
+//! It parses the head straight into the request that is forwarded, and
+//! writes the response head and its first bytes with one system call. It
+//! judges nothing else: a request it does not take (a body, an upgrade,
+//! HTTP/1.0, any other method, a head that does not parse or is too large)
+//! hands the connection, with every byte read so far, to hyper's HTTP/1.1
+//! server for the rest of its life, so hyper still answers every malformed
+//! request and every framing question. Responses follow hyper's rules:
+//! `Content-Length` from the head or the body's exact size, else chunked;
+//! no body for `HEAD`, `204` and `304`; a `Date` when the response has none;
+//! `Connection: close` when the client or the server ends the connection;
+//! trailers only when chunked and declared in `Trailer`.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use cutover_core::upstream::RequestBody;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::activity::Activity;
+use crate::body::ProxyBody;
+use crate::forward::{ClientConn, Proxy};
+
+/// Header fields in a request head (hyper's limit too: more goes to hyper, which answers 431).
+const MAX_HEADERS: usize = 100;
+/// The longest request target (hyper's limit: longer ones get its 414).
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+/// What one read asks for.
+const READ_SIZE: usize = 4096;
+/// Body bytes copied behind the head (or a previous frame) to go out in the
+/// same write; larger frames are written from their own buffer.
+const COALESCE: usize = 16 * 1024;
+
+/// How a connection left this server.
+pub enum Ended<IO> {
+    /// It is done: closed by either side, asked to finish, or parked.
+    Closed,
+    /// A request this server does not take: hyper serves the connection from
+    /// here, reading these bytes first.
+    Handoff(IO, Bytes),
+}
+
+/// Serves `io`, whose first bytes (`first`) were already read, until the
+/// connection ends or a request needs hyper. `limit`: the largest request head.
+pub async fn serve<IO>(
+    mut io: IO,
+    first: Bytes,
+    proxy: &Proxy,
+    client: &ClientConn,
+    limit: usize,
+) -> io::Result<Ended<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = &*client.activity;
+    let mut buf = BytesMut::from(first);
+    let mut out = Vec::new();
+    loop {
+        let (req, close) = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, limit) {
+                    Parsed::Request(req, close) => break (*req, close),
+                    Parsed::Partial => {}
+                    Parsed::NotMine => return Ok(Ended::Handoff(io, buf.freeze())),
+                }
+            }
+            if !poll_fn(|cx| read(Pin::new(&mut io), cx, &mut buf, activity)).await? {
+                return Ok(Ended::Closed);
+            }
+        };
+        let is_head = req.method() == Method::HEAD;
+        let Ok(resp) = proxy.handle(req, client.clone()).await;
+        let close = close || activity.closing();
+        if !respond(&mut io, resp, is_head, close, &mut out).await? {
+            let _ = io.shutdown().await;
+            return Ok(Ended::Closed);
+        }
+        if buf.is_empty() {
+            // A waiting connection holds no buffer; the next read brings one of its size.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Reads more of a request head into `buf`; `false` at the end of the stream
+/// or when the connection is asked to finish.
+fn read<IO: AsyncRead>(
+    io: Pin<&mut IO>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    activity: &Activity,
+) -> Poll<io::Result<bool>> {
+    if activity.closing() {
+        return Poll::Ready(Ok(false));
+    }
+    if buf.is_empty() {
+        // Into the stack, then into an allocation of the size read: usually
+        // a whole head, and nothing held while the connection waits.
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        std::task::ready!(io.poll_read(cx, &mut rb))?;
+        *buf = BytesMut::from(rb.filled());
+        return Poll::Ready(Ok(!buf.is_empty()));
+    }
+    buf.reserve(READ_SIZE);
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(io, cx, buf))?;
+    Poll::Ready(Ok(n > 0))
+}
+
+/// What the start of the read buffer holds.
+enum Parsed {
+    /// A request this server takes (the head consumed), and whether the client asked to close.
+    Request(Box<Request<RequestBody>>, bool),
+    /// Not a whole head yet.
+    Partial,
+    /// Something for hyper (nothing consumed).
+    NotMine,
+}
+
+/// Parses the request head at the start of `buf`, consuming it only when
+/// this server takes the request.
+fn parse(buf: &mut BytesMut, limit: usize) -> Parsed {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len <= limit => len,
+        Ok(httparse::Status::Partial) if buf.len() < limit => return Parsed::Partial,
+        _ => return Parsed::NotMine,
+    };
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::NotMine,
+    };
+    let (Some(path), Some(1)) = (req.path, req.version) else { return Parsed::NotMine };
+    if path.len() > MAX_URI_LEN {
+        return Parsed::NotMine;
+    }
+    let base = buf.as_ptr() as usize;
+    let span = |part: &[u8]| {
+        let at = (part.as_ptr() as usize).wrapping_sub(base);
+        (at + part.len() <= len).then_some((at as u32, part.len() as u32))
+    };
+    let Some(path) = span(path.as_bytes()) else { return Parsed::NotMine };
+    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
+    let count = req.headers.len();
+    let mut close = false;
+    for (slot, f) in spans.iter_mut().zip(req.headers.iter()) {
+        let name = f.name.as_bytes();
+        // A body, an upgrade or an expectation: hyper's business.
+        let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
+        if framing.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name)) {
+            return Parsed::NotMine;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            close |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        // An empty value may point anywhere: it shares nothing.
+        let value = if f.value.is_empty() { Some((0, 0)) } else { span(f.value) };
+        let (Some(n), Some(v)) = (span(name), value) else { return Parsed::NotMine };
+        *slot = (n, v);
+    }
+    let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
+    let head = buf.split_to(len).freeze();
+    let built = (|| {
+        let uri = Uri::from_maybe_shared(head.slice(range(path))).ok()?;
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(n, v) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[range(n)]).ok()?;
+            headers.append(name, HeaderValue::from_maybe_shared(head.slice(range(v))).ok()?);
+        }
+        Some((uri, headers))
+    })();
+    let Some((uri, headers)) = built else {
+        // httparse let it through, http does not: back to the buffer for hyper, which answers it.
+        let rest = std::mem::take(buf);
+        *buf = BytesMut::from(&[&head[..], &rest[..]].concat()[..]);
+        return Parsed::NotMine;
+    };
+    let mut request = Request::new(RequestBody::empty());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Request(Box::new(request), close)
+}
+
+/// How a response body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (`HEAD`, `204`, `304`, or a response cutover replaced).
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked.
+    Chunked,
+}
+
+/// Writes `resp` to the client; `true` when the connection can carry another request.
+async fn respond<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    resp: Response<ProxyBody>,
+    is_head: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    out.clear();
+    let head = encode_head(&parts, &body, is_head, close, out);
+    drop(parts);
+    let mut sent = 0u64;
+    let mut trailers = None;
+    if head.framing != Framing::None && !body.is_end_stream() {
+        loop {
+            // What is ready now goes out with what is already waiting; the rest after a write.
+            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    write_all(io, out, &[]).await?;
+                    out.clear();
+                    poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+            };
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(io::Error::other)?;
+            match frame.into_data() {
+                Ok(data) => {
+                    sent += data.len() as u64;
+                    if head.framing == Framing::Chunked {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    }
+                    if data.len() <= COALESCE {
+                        out.extend_from_slice(&data);
+                    } else {
+                        write_all(io, out, &data).await?;
+                        out.clear();
+                    }
+                    if head.framing == Framing::Chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if out.len() > COALESCE {
+                        write_all(io, out, &[]).await?;
+                        out.clear();
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+    }
+    // The request is done with its last byte read: its guard counts and logs
+    // it before that byte goes out (as with hyper), not after the client has it.
+    drop(body);
+    let complete = match head.framing {
+        Framing::Length(n) => sent == n,
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n");
+            if let (Some(fields), Some(allowed)) = (trailers, head.trailers) {
+                for (name, value) in fields.iter().filter(|(n, _)| allowed.contains(n)) {
+                    push_field(out, name.as_str(), value.as_bytes());
+                }
+            }
+            out.extend_from_slice(b"\r\n");
+            true
+        }
+        Framing::None => true,
+    };
+    if !complete {
+        // The body ended short of its length: the client must see the connection break.
+        return Err(io::Error::other("response body shorter than its Content-Length"));
+    }
+    write_all(io, out, &[]).await?;
+    io.flush().await?;
+    Ok(!head.close)
+}
+
+/// The response head as encoded, and what it decided.
+struct Head {
+    framing: Framing,
+    /// Whether the connection closes after this response.
+    close: bool,
+    /// The trailer fields `Trailer` declares (sent only when chunked).
+    trailers: Option<Vec<HeaderName>>,
+}
+
+/// Encodes the status line and fields of a response into `out`.
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &ProxyBody,
+    is_head: bool,
+    mut close: bool,
+    out: &mut Vec<u8>,
+) -> Head {
+    let status = parts.status;
+    if status.is_informational() {
+        // Only an upgrade answers 101, and upgrades go to hyper: never sent as a final answer.
+        out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        return Head { framing: Framing::None, close: true, trailers: None };
+    }
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if status == StatusCode::OK && reason.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        match reason {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    let no_body = is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let (mut length, mut wrote_length, mut wrote_date, mut says_close) = (None, false, false, false);
+    let mut trailers: Option<Vec<HeaderName>> = None;
+    for (name, value) in &parts.headers {
+        if *name == TRANSFER_ENCODING {
+            // The framing is this server's choice.
+            continue;
+        } else if *name == CONTENT_LENGTH {
+            if wrote_length {
+                continue;
+            }
+            wrote_length = true;
+            length = std::str::from_utf8(value.as_bytes()).ok().and_then(|s| s.parse::<u64>().ok());
+        } else if *name == CONNECTION {
+            says_close |= value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if *name == DATE {
+            wrote_date = true;
+        } else if *name == TRAILER {
+            if no_body {
+                continue;
+            }
+            let names =
+                value.as_bytes().split(|&b| b == b',').filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok());
+            trailers.get_or_insert_with(Vec::new).extend(names);
+        }
+        push_field(out, name.as_str(), value.as_bytes());
+    }
+    let framing = if no_body {
+        Framing::None
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        push_field(out, "content-length", itoa::Buffer::new().format(n).as_bytes());
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if wrote_length && length.is_none() && !no_body {
+        // A length nobody can read: the connection cannot be trusted after it.
+        close = true;
+    }
+    if close && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_date {
+        date(out);
+    }
+    out.extend_from_slice(b"\r\n");
+    Head { framing, close: close || says_close, trailers }
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a `Date` field for now, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            *value = httpdate::fmt_http_date(now);
+            *at = secs;
+        }
+        push_field(out, "date", value.as_bytes());
+    });
+}
+
+/// Writes `a` then `b`, in one system call when the stream takes both.
+async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let n = if a.is_empty() {
+            io.write(b).await?
+        } else if b.is_empty() {
+            io.write(a).await?
+        } else {
+            io.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
