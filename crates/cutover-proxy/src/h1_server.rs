@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use cutover_core::upstream::RequestBody;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -64,15 +64,15 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let activity = &*client.activity;
-    let mut buf = BytesMut::from(first);
+    let mut buf = first;
     let mut out = Vec::new();
     loop {
         let (req, close) = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, limit) {
-                    Parsed::Request(req, close) => break (*req, close),
-                    Parsed::Partial => {}
-                    Parsed::NotMine => return Ok(Ended::Handoff(io, buf.freeze())),
+                    Ok(Some(request)) => break request,
+                    Ok(None) => {}
+                    Err(NotMine) => return Ok(Ended::Handoff(io, buf)),
                 }
             }
             if !poll_fn(|cx| read(Pin::new(&mut io), cx, &mut buf, activity)).await? {
@@ -86,10 +86,6 @@ where
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
-        if buf.is_empty() {
-            // A waiting connection holds no buffer; the next read brings one of its size.
-            buf = BytesMut::new();
-        }
     }
 }
 
@@ -98,7 +94,7 @@ where
 fn read<IO: AsyncRead>(
     io: Pin<&mut IO>,
     cx: &mut Context<'_>,
-    buf: &mut BytesMut,
+    buf: &mut Bytes,
     activity: &Activity,
 ) -> Poll<io::Result<bool>> {
     if activity.closing() {
@@ -110,90 +106,81 @@ fn read<IO: AsyncRead>(
         let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
         let mut rb = ReadBuf::uninit(&mut stack);
         std::task::ready!(io.poll_read(cx, &mut rb))?;
-        *buf = BytesMut::from(rb.filled());
+        *buf = Bytes::copy_from_slice(rb.filled());
         return Poll::Ready(Ok(!buf.is_empty()));
     }
-    buf.reserve(READ_SIZE);
-    let n = std::task::ready!(tokio_util::io::poll_read_buf(io, cx, buf))?;
+    // Part of a head: the rest goes behind it (rare; no copy when the buffer is not shared).
+    let mut more = std::mem::take(buf).try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]));
+    more.reserve(READ_SIZE);
+    let polled = tokio_util::io::poll_read_buf(io, cx, &mut more);
+    *buf = more.freeze();
+    let n = std::task::ready!(polled)?;
     Poll::Ready(Ok(n > 0))
 }
 
-/// What the start of the read buffer holds.
-enum Parsed {
-    /// A request this server takes (the head consumed), and whether the client asked to close.
-    Request(Box<Request<RequestBody>>, bool),
-    /// Not a whole head yet.
-    Partial,
-    /// Something for hyper (nothing consumed).
-    NotMine,
-}
+/// A request this server does not take, for hyper.
+struct NotMine;
 
-/// Parses the request head at the start of `buf`, consuming it only when
-/// this server takes the request.
-fn parse(buf: &mut BytesMut, limit: usize) -> Parsed {
+/// Parses the request head at the start of `buf`: the request and whether
+/// the client asked to close (the head consumed), `None` when the head is not
+/// all there yet. The request's fields share `buf`'s bytes.
+fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, bool)>, NotMine> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) if len <= limit => len,
-        Ok(httparse::Status::Partial) if buf.len() < limit => return Parsed::Partial,
-        _ => return Parsed::NotMine,
+        Ok(httparse::Status::Partial) if buf.len() < limit => return Ok(None),
+        _ => return Err(NotMine),
     };
     let method = match req.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Parsed::NotMine,
+        _ => return Err(NotMine),
     };
-    let (Some(path), Some(1)) = (req.path, req.version) else { return Parsed::NotMine };
+    let (Some(path), Some(1)) = (req.path, req.version) else { return Err(NotMine) };
     if path.len() > MAX_URI_LEN {
-        return Parsed::NotMine;
+        return Err(NotMine);
     }
-    let base = buf.as_ptr() as usize;
-    let span = |part: &[u8]| {
-        let at = (part.as_ptr() as usize).wrapping_sub(base);
-        (at + part.len() <= len).then_some((at as u32, part.len() as u32))
-    };
-    let Some(path) = span(path.as_bytes()) else { return Parsed::NotMine };
-    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
-    let count = req.headers.len();
+    let uri = Uri::from_maybe_shared(shared(buf, path.as_bytes())?).map_err(|_| NotMine)?;
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut close = false;
-    for (slot, f) in spans.iter_mut().zip(req.headers.iter()) {
+    for f in req.headers.iter() {
         let name = f.name.as_bytes();
         // A body, an upgrade or an expectation: hyper's business.
         let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
         if framing.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name)) {
-            return Parsed::NotMine;
+            return Err(NotMine);
         }
-        if name.eq_ignore_ascii_case(b"connection") {
+        let name = HeaderName::from_bytes(name).map_err(|_| NotMine)?;
+        if name == CONNECTION {
             close |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
-        // An empty value may point anywhere: it shares nothing.
-        let value = if f.value.is_empty() { Some((0, 0)) } else { span(f.value) };
-        let (Some(n), Some(v)) = (span(name), value) else { return Parsed::NotMine };
-        *slot = (n, v);
+        let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine)?;
+        headers.append(name, value);
     }
-    let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
-    let head = buf.split_to(len).freeze();
-    let built = (|| {
-        let uri = Uri::from_maybe_shared(head.slice(range(path))).ok()?;
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(n, v) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[range(n)]).ok()?;
-            headers.append(name, HeaderValue::from_maybe_shared(head.slice(range(v))).ok()?);
-        }
-        Some((uri, headers))
-    })();
-    let Some((uri, headers)) = built else {
-        // httparse let it through, http does not: back to the buffer for hyper, which answers it.
-        let rest = std::mem::take(buf);
-        *buf = BytesMut::from(&[&head[..], &rest[..]].concat()[..]);
-        return Parsed::NotMine;
-    };
+    buf.advance(len);
+    if buf.is_empty() {
+        // Nothing pipelined: the connection keeps nothing of this read while it waits.
+        *buf = Bytes::new();
+    }
     let mut request = Request::new(RequestBody::empty());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Parsed::Request(Box::new(request), close)
+    Ok(Some((request, close)))
+}
+
+/// `part` (a slice of `buf` from httparse) as a `Bytes` sharing `buf`'s allocation.
+fn shared(buf: &Bytes, part: &[u8]) -> Result<Bytes, NotMine> {
+    if part.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let at = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).ok_or(NotMine)?;
+    if at + part.len() > buf.len() {
+        return Err(NotMine);
+    }
+    Ok(buf.slice(at..at + part.len()))
 }
 
 /// How a response body is framed on the wire.
