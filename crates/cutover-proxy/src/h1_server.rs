@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -228,7 +228,8 @@ async fn respond<IO: AsyncWrite + Unpin>(
                         if data.is_empty() {
                             continue;
                         }
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        // Writing into a Vec cannot fail.
+                        let _ = write!(out, "{:x}\r\n", data.len());
                     }
                     if data.len() <= COALESCE {
                         out.extend_from_slice(&data);
