@@ -222,3 +222,44 @@ async fn heads_in_pieces_and_a_large_one() {
     let paths: Vec<_> = blue.seen().iter().map(|s| s.path.clone()).collect();
     assert_eq!(paths, ["/pieces"]);
 }
+
+/// Every seed of the request-head fuzz corpus, sent raw and all at once, gets
+/// an HTTP answer or a closed connection, never a panic in the server that
+/// reads it; the proxy serves normally afterwards.
+#[tokio::test]
+async fn fuzz_seeds_sent_raw_never_panic_the_server() {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        default(info);
+    }));
+    let (p, _blue) = one_site().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/request_head");
+    let seeds: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+    assert!(seeds.len() >= 10, "the corpus has {} seeds", seeds.len());
+    let sent = seeds.into_iter().map(|seed| {
+        let addr = p.addr;
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&seed).await;
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // An answer, a close, or silence (a head still incomplete) within the limit.
+            while let Ok(Ok(n @ 1..)) = timeout(Duration::from_millis(500), s.read(&mut chunk)).await {
+                got.extend_from_slice(&chunk[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            assert!(got.is_empty() || got.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&got));
+        })
+    });
+    for task in sent.collect::<Vec<_>>() {
+        task.await.unwrap();
+    }
+    let mut c = Conn::open(&p).await;
+    c.send(GET).await;
+    assert_eq!(c.response(false).await.body, b"blue");
+    assert!(!PANICKED.load(std::sync::atomic::Ordering::SeqCst), "a connection task panicked (see stderr)");
+}
