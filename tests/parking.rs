@@ -1,7 +1,7 @@
-//! Parked idle HTTP/1.1 connections: after about a second with no request
-//! open and no byte moving, cutover drops hyper's connection state (its two
-//! 8 KiB buffers) and keeps only the socket; the next request gets a fresh
-//! hyper connection on the same socket. These tests check that nothing a
+//! Parked idle HTTP/1.1 connections: soon after going quiet (no request
+//! open and no byte moving), cutover drops the connection's server state
+//! (cutover's own, or hyper's with its two 8 KiB buffers) and keeps only the
+//! socket; the next request gets a fresh server on the same socket. These tests check that nothing a
 //! client can observe changes, except that an idle connection now lives until
 //! `idle_timeout` instead of being cut by hyper at `header_read_timeout`.
 
@@ -142,6 +142,24 @@ async fn half_sent_request_head_survives_the_park_delay() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"blue");
     assert!(blue.seen().iter().any(|r| r.path == "/half"));
+}
+
+/// A request followed in the same write by the start of a second head, the
+/// rest of which comes after the park delay: the waiting bytes keep the
+/// connection from being parked, and the second request is answered.
+#[tokio::test]
+async fn pipelined_half_head_survives_the_park_delay() {
+    let (blue, _p, mut s) = served_once("limits: { header_read_timeout: 10s }").await;
+    s.send(b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /second HTTP/1.1\r\nHo").await;
+    let (head, _) = s.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tokio::time::sleep(PARKED).await;
+    s.send(b"st: shop.test\r\n\r\n").await;
+    let (head, body) = s.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"blue");
+    let paths: Vec<String> = blue.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/page", "/first", "/second"]);
 }
 
 /// A parked connection is still closed at `idle_timeout`, counted from its last

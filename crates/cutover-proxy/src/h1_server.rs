@@ -92,7 +92,7 @@ where
 /// Reads more of a request head into `buf`; `false` at the end of the stream
 /// or when the connection is asked to finish.
 fn read<IO: AsyncRead>(
-    io: Pin<&mut IO>,
+    mut io: Pin<&mut IO>,
     cx: &mut Context<'_>,
     buf: &mut Bytes,
     activity: &Activity,
@@ -112,7 +112,12 @@ fn read<IO: AsyncRead>(
     // Part of a head: the rest goes behind it (rare; no copy when the buffer is not shared).
     let mut more = std::mem::take(buf).try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]));
     more.reserve(READ_SIZE);
-    let polled = tokio_util::io::poll_read_buf(io, cx, &mut more);
+    let mut polled = tokio_util::io::poll_read_buf(io.as_mut(), cx, &mut more);
+    if matches!(polled, Poll::Ready(Ok(0))) && activity.parking() {
+        // Parking, with part of a pipelined head waiting: not idle after all.
+        activity.set_parking(false);
+        polled = tokio_util::io::poll_read_buf(io, cx, &mut more);
+    }
     *buf = more.freeze();
     let n = std::task::ready!(polled)?;
     Poll::Ready(Ok(n > 0))
