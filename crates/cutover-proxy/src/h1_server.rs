@@ -298,6 +298,8 @@ fn encode_head(
     out: &mut Vec<u8>,
 ) -> Head {
     let status = parts.status;
+    // Room for a typical head (the Vec is reused on a kept-alive connection).
+    out.reserve(64 + parts.headers.len() * 48);
     if status.is_informational() {
         // Only an upgrade answers 101, and upgrades go to hyper: never sent as a final answer.
         out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
