@@ -220,6 +220,7 @@ async fn respond<IO: AsyncWrite + Unpin>(
                 Poll::Ready(f) => f,
                 Poll::Pending => {
                     write_all(io, out, &[]).await?;
+                    io.flush().await?;
                     out.clear();
                     poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
                 }
@@ -229,6 +230,10 @@ async fn respond<IO: AsyncWrite + Unpin>(
             match frame.into_data() {
                 Ok(data) => {
                     sent += data.len() as u64;
+                    if matches!(head.framing, Framing::Length(n) if sent > n) {
+                        // Never more than the length said: the excess would read as another response.
+                        return Err(io::Error::other("response body longer than its Content-Length"));
+                    }
                     if head.framing == Framing::Chunked {
                         if data.is_empty() {
                             continue;
@@ -412,4 +417,68 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8]) -> i
         b = &b[n - from_a..];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(status: u16, body: &'static str, fields: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes()), None));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in fields {
+            resp.headers_mut().append(*k, HeaderValue::from_static(v));
+        }
+        resp
+    }
+
+    async fn wire(resp: Response<ProxyBody>, is_head: bool, close: bool) -> (io::Result<bool>, String) {
+        let (mut written, mut out) = (Vec::new(), Vec::new());
+        let r = respond(&mut written, resp, is_head, close, &mut out).await;
+        (r, String::from_utf8(written).unwrap())
+    }
+
+    #[tokio::test]
+    async fn lengths_dates_and_close() {
+        let (r, w) = wire(local(200, "hello", &[("x-a", "1")]), false, false).await;
+        assert!(r.unwrap(), "kept alive");
+        assert!(w.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "), "{w}");
+        assert!(w.ends_with(" GMT\r\n\r\nhello"), "{w}");
+
+        let (r, w) = wire(local(404, "no", &[("date", "then")]), false, true).await;
+        assert!(!r.unwrap(), "closes");
+        assert_eq!(w, "HTTP/1.1 404 Not Found\r\ndate: then\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno");
+
+        // The response says close: the connection closes, and it is not said twice.
+        let (r, w) = wire(local(400, "", &[("connection", "close"), ("date", "d")]), false, false).await;
+        assert!(!r.unwrap());
+        assert_eq!(w, "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ndate: d\r\ncontent-length: 0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn no_body_for_head_204_and_304() {
+        let (_, w) = wire(local(200, "", &[("content-length", "42"), ("date", "d")]), true, false).await;
+        assert_eq!(
+            w, "HTTP/1.1 200 OK\r\ncontent-length: 42\r\ndate: d\r\n\r\n",
+            "HEAD keeps the length, sends nothing"
+        );
+        for status in [204, 304] {
+            let (r, w) = wire(local(status, "body", &[("date", "d")]), false, false).await;
+            assert!(r.unwrap());
+            assert!(w.ends_with("date: d\r\n\r\n") && !w.contains("content-length"), "{w}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_disagrees_with_its_length_breaks_the_connection() {
+        let (r, w) = wire(local(200, "hello", &[("content-length", "3"), ("date", "d")]), false, false).await;
+        assert!(r.is_err());
+        assert!(!w.contains("hel"), "no byte beyond the length is written: {w:?}");
+        let (r, _) = wire(local(200, "hi", &[("content-length", "3"), ("date", "d")]), false, false).await;
+        assert!(r.is_err(), "shorter than its length");
+        // Transfer-Encoding is this server's choice, never copied.
+        let (r, w) = wire(local(200, "hi", &[("transfer-encoding", "chunked"), ("date", "d")]), false, false).await;
+        assert!(r.unwrap());
+        assert_eq!(w, "HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 2\r\n\r\nhi");
+    }
 }

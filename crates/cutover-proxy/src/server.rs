@@ -1,17 +1,18 @@
 //! The data-plane server: a function of a bound listener and a shutdown future.
 //!
-//! Each accepted connection is served by hyper's HTTP/1.1 or HTTP/2 server,
-//! whichever its first bytes show ([`crate::sniff`]: h2c with prior knowledge
-//! on a plain listener). A watchdog closes connections idle for
+//! Each accepted connection is served over HTTP/1.1 or HTTP/2, whichever its
+//! first bytes show ([`crate::sniff`]: h2c with prior knowledge on a plain
+//! listener): HTTP/1.1 by cutover's own server (`h1_server`) until a request
+//! needs hyper's, HTTP/2 by hyper's. A watchdog closes connections idle for
 //! `idle_timeout` (no open request, no bytes moving), and connections whose
 //! request head took longer than `header_read_timeout` to arrive (a silent or
 //! slow client; the first head is timed from the connection's opening). That
 //! watchdog, one timer per connection, replaces hyper's own HTTP/1 header
 //! timer, which would cost a timer per request. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
-//! connection idle for `PARK_AFTER` (20 ms) is parked: hyper's connection (two 8 KiB
-//! buffers and its state) is dropped and the socket alone waits for the next
-//! request, which gets a fresh hyper connection. On shutdown the
+//! connection idle for `PARK_AFTER` (20 ms) is parked: its server state (after a
+//! hand-over, hyper's connection with two 8 KiB buffers) is dropped and the
+//! socket alone waits for the next request, which gets a fresh server. On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
 //! after its in-flight response, h2 gets GOAWAY), and the caller's deadline
 //! bounds the wait, upgraded tunnels included.

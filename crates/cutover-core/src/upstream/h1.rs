@@ -4,7 +4,7 @@
 //! hyper's client drives each connection in a task of its own and hands the
 //! request, the response head and every body chunk across channels. Here the
 //! request task itself writes the head and reads the response, and the
-//! response body reads the socket when hyper's server polls it: no second task,
+//! response body reads the socket when the client-side server polls it: no second task,
 //! no channel, no wake-up between them. A connection goes back to its
 //! endpoint's pool the moment its response was read to the end.
 //!
