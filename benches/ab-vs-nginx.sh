@@ -49,17 +49,9 @@ http { access_log off; client_body_temp_path $T/px; proxy_temp_path $T/px; fastc
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; proxy_max_temp_file_size 0; } } }
 EOF
-cat >"$T/cutover.yaml" <<EOF
-listen: { http: 127.0.0.1:18190 }
-admin: { listen: 127.0.0.1:18991 }
-state: { path: $T/state.json }
-sites:
-  - name: bench
-    hosts: ["*"]
-    live: blue
-    targets:
-      blue: { endpoints: ["127.0.0.1:18181"] }
-EOF
+# The same cutover configuration peers.sh runs, pointed at this origin.
+sed -e 's/{listen}/127.0.0.1:18190/' -e 's/{origin}/127.0.0.1:18181/' -e "s#{tmp}#$T#" \
+  "$(dirname "$0")/peers-cutover.yaml.tmpl" >"$T/cutover.yaml"
 nginx -c "$T/origin.conf"
 
 # user and system clock ticks summed over PIDs
@@ -85,7 +77,7 @@ for r in $(seq "${ROUNDS:-3}"); do
   measure "round $r nginx" http://127.0.0.1:18182/ $(pgrep -P "$(cat "$T/px/nginx.pid")")
   kill "$(cat "$T/px/nginx.pid")"; sleep 0.3
   for b in "${BINS[@]}"; do
-    rm -f "$T/state.json"
+    rm -f "$T/cutover-state.json"
     RUST_LOG=warn "$b" serve --config "$T/cutover.yaml" >/dev/null 2>&1 & pid=$!
     for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18190/ && break; sleep 0.1; done
     measure "round $r $b" http://127.0.0.1:18190/ "$pid"

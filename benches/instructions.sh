@@ -61,17 +61,9 @@ http {
 EOF
 nginx -c "$T/origin.conf"
 
-cat >"$T/cutover.yaml" <<EOF
-listen: { http: 127.0.0.1:18190 }
-admin: { listen: 127.0.0.1:18991 }
-state: { path: $T/state.json }
-sites:
-  - name: bench
-    hosts: ["*"]
-    live: blue
-    targets:
-      blue: { endpoints: ["127.0.0.1:18181"] }
-EOF
+# The same cutover configuration peers.sh runs, pointed at this origin.
+sed -e 's/{listen}/127.0.0.1:18190/' -e 's/{origin}/127.0.0.1:18181/' -e "s#{tmp}#$T#" \
+  "$(dirname "$0")/peers-cutover.yaml.tmpl" >"$T/cutover.yaml"
 # PROXY=nginx: nginx as the proxy instead (one worker in the foreground, set up as peers.sh sets it up).
 mkdir -p "$T/proxy"
 cat >"$T/proxy.conf" <<EOF
