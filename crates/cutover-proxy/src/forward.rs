@@ -172,12 +172,12 @@ impl Proxy {
     pub async fn handle(
         &self,
         mut req: Request<RequestBody>,
-        conn: ClientConn,
+        conn: &ClientConn,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
         let uri = req.uri().clone();
         if let Some((status, message)) = reject_bad_request(&req) {
-            let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
+            let mut guard = RequestGuard::new(None, Some(conn.activity.clone()), method, uri);
             guard.status = status.as_u16();
             // A request that could be read two ways leaves the connection in doubt: close it.
             let mut resp = local(status, message, guard);
@@ -188,21 +188,21 @@ impl Proxy {
         // live target of that moment.
         let (routed, pick) = loop {
             let Some((mut routed, preview_host)) = self.route(&req, conn.peer) else {
-                let mut guard = RequestGuard::new(None, Some(conn.activity), method, uri);
+                let mut guard = RequestGuard::new(None, Some(conn.activity.clone()), method, uri);
                 guard.status = 404;
                 return Ok(local(StatusCode::NOT_FOUND, "no site is configured for this host\n", guard));
             };
             if conn.scheme == "http" && routed.site.config.redirect_https && !routed.site.allowed_path(uri.path()) {
                 if let Some(r) = https_redirect(&req, routed.https_port) {
-                    return Ok(refused(r, routed.site, conn.activity, method, uri));
+                    return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
                 }
             }
             let pick = match modes::pick(&routed.site, preview_host.as_deref(), &req) {
                 Ok(p) => p,
-                Err(r) => return Ok(refused(r, routed.site, conn.activity, method, uri)),
+                Err(r) => return Ok(refused(r, routed.site, conn.activity.clone(), method, uri)),
             };
             if let Some(r) = modes::refusal(&routed.site, &pick.target, &req) {
-                return Ok(refused(r, routed.site, conn.activity, method, uri));
+                return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
             }
             let gate = &routed.site.pause;
             if !pick.preview && gate.is_paused() {
@@ -218,7 +218,7 @@ impl Proxy {
                         body: Bytes::from_static(body.as_bytes()),
                     };
                     r.headers.push((CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")));
-                    return Ok(refused(r, routed.site, conn.activity, method, uri));
+                    return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
                 }
                 continue;
             }
@@ -233,7 +233,7 @@ impl Proxy {
             // In a block, so that the request's parts are not kept in the future across the await.
             let (head, method) = {
                 let (mut parts, _) = req.into_parts();
-                let added = prepare(&mut parts, &conn, &routed, &mut guard, None, protocol);
+                let added = prepare(&mut parts, conn, &routed, &mut guard, None, protocol);
                 (h1::encode_head(&parts, added.iter()), parts.method)
             };
             return Ok(match self.send_direct(&routed, &head, &method, &mut guard).await {
@@ -247,7 +247,7 @@ impl Proxy {
             });
         }
         let (mut parts, body) = req.into_parts();
-        prepare(&mut parts, &conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
+        prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
             .insert_into(&mut parts.headers);
         let req = Request::from_parts(parts, body);
         let request_progress = req.body().progress();

@@ -80,7 +80,7 @@ where
             }
         };
         let is_head = req.method() == Method::HEAD;
-        let Ok(resp) = proxy.handle(req, client.clone()).await;
+        let Ok(resp) = proxy.handle(req, client).await;
         let close = close || activity.closing();
         if !respond(&mut io, resp, is_head, close, &mut out).await? {
             let _ = io.shutdown().await;
@@ -414,7 +414,8 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8]) -> i
         }
         let from_a = n.min(a.len());
         a = &a[from_a..];
-        b = &b[n - from_a..];
+        // (A stream never reports more than it was given; `min` keeps a broken one from panicking.)
+        b = &b[(n - from_a).min(b.len())..];
     }
     Ok(())
 }
