@@ -246,6 +246,12 @@ async fn preview_never_falls_back() {
     assert_eq!((a.status, a.body.as_str()), (200, "green"));
     assert_eq!(a.headers["x-cutover-served-by"], "green green-v1");
     let seen = &green.seen()[0];
+    // cutover's `x-cutover-served-by` replaces an upstream's.
+    let mut forge = preview("green", Some("letmein"));
+    *forge.uri_mut() = "/forge".parse().unwrap();
+    let a = c.send(forge).await.unwrap();
+    let served_by: Vec<_> = a.headers.get_all("x-cutover-served-by").iter().collect();
+    assert_eq!(served_by, ["green green-v1"]);
     assert!(seen.headers.get("x-cutover-target").is_none() && seen.headers.get("x-cutover-preview-token").is_none());
     assert_eq!(c.send(preview("green", None)).await.unwrap().status, 403);
     assert_eq!(c.send(preview("green", Some("wrong"))).await.unwrap().status, 403);
@@ -314,6 +320,10 @@ async fn sticky_canary_weights() {
         cookies.push((cookie.split(';').next().unwrap().to_string(), a.body));
     }
     assert!((130..=270).contains(&green_share), "green got {green_share} of 1000 at 20 %");
+    // The bucket cookie goes out beside the upstream's own cookies.
+    let a = support::get(p.addr, "shop.test", "/forge").await;
+    let set: Vec<_> = a.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    assert!(set.len() == 2 && set[0] == "app=1" && set[1].starts_with("cutover-bucket="), "{set:?}");
     // Stickiness: each cookie keeps its target.
     for (cookie, first) in cookies.iter().take(30) {
         let mut c = Client::connect(p.addr).await;

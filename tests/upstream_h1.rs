@@ -369,3 +369,67 @@ async fn abandoned_body_is_not_pooled() {
     assert_eq!((a.status, a.body.as_str()), (200, "ok"));
     assert_eq!(origin.connections(), 2, "the half-read connection was reused");
 }
+
+/// The upstream's fields reach the client as it sent them, whichever server
+/// writes the answer: cutover's own HTTP/1.1 server (which copies them in one
+/// piece), hyper's HTTP/1.1 server after a hand-over, and hyper's HTTP/2
+/// server (both get them in a map). Repeated fields stay repeated, an empty
+/// value stays empty, the upstream's `Date` is kept (not doubled), and a
+/// list-form `Content-Length` goes out as one number.
+#[tokio::test]
+async fn upstream_fields_reach_every_kind_of_client() {
+    const FIELDS: &[u8] = b"HTTP/1.1 200 OK\r\nServer: raw\r\nSet-Cookie: a=1\r\nX-Empty: \r\nset-cookie: b=2\r\n\
+        Content-Length: 2, 2\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nConnection: keep-alive\r\nX-Multi: 1\r\n\
+        x-multi: 2\r\n\r\nok";
+    let origin = RawOrigin::start(&[("/fields", Script::Answer(FIELDS))]).await;
+    let p = proxy_for(&origin).await;
+    let check = |via: &str, headers: &http::HeaderMap| {
+        let all = |name: &str| headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>();
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"], "{via}: {headers:?}");
+        assert_eq!(all("x-multi"), ["1", "2"], "{via}");
+        assert_eq!(all("x-empty"), [""], "{via}");
+        assert_eq!(all("server"), ["raw"], "{via}");
+        assert_eq!(all("date"), ["Mon, 01 Jan 2024 00:00:00 GMT"], "{via}");
+        assert!(headers.get("connection").is_none(), "{via}");
+        // (h2 has its own framing; hyper's client passes a list-form length on as it is.)
+        if !via.starts_with("h2") && !via.contains("hyper's client") {
+            assert_eq!(all("content-length"), ["2"], "{via}");
+        }
+    };
+
+    // cutover's own server: the bytes on the wire.
+    let raw = b"GET /fields HTTP/1.1\r\nhost: raw.test\r\nconnection: close\r\n\r\n";
+    let wire = support::raw_exchange(p.addr, raw).await;
+    let (head, body) = wire.split_once("\r\n\r\n").unwrap();
+    assert_eq!(body, "ok");
+    assert_eq!(head.matches("Content-Length").count() + head.matches("content-length").count(), 1, "{head}");
+    assert!(head.contains("\r\nSet-Cookie: a=1\r\n") && head.contains("\r\nX-Empty: \r\n"), "{head}");
+    let mut c = connect(p.addr).await;
+    let (status, headers, body, _) = fetch(&mut c, "GET", "/fields").await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    check("own server", &headers);
+    let (status, headers, body, _) = fetch(&mut c, "HEAD", "/fields").await.unwrap();
+    assert_eq!((status, body.len()), (200, 0));
+    check("own server, HEAD", &headers);
+
+    // hyper's HTTP/1.1 server: a POST with a body hands the connection over
+    // (and goes upstream with hyper's client); the GET after it is answered
+    // by cutover's client and hyper's server.
+    c.ready().await.unwrap();
+    let post = Request::post("/fields").header("host", "raw.test").body(Full::new(Bytes::from_static(b"x"))).unwrap();
+    let resp = c.send_request(post).await.unwrap();
+    check("hyper h1, POST through hyper's client", resp.headers());
+    assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
+    let (_, headers, _, _) = fetch(&mut c, "GET", "/fields").await.unwrap();
+    check("hyper h1, GET after the hand-over", &headers);
+
+    // hyper's HTTP/2 server.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let exec = hyper_util::rt::TokioExecutor::new();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(exec, TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let get = Request::get("http://raw.test/fields").body(Full::<Bytes>::default()).unwrap();
+    let resp = h2.send_request(get).await.unwrap();
+    check("h2", resp.headers());
+    assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
+}

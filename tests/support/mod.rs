@@ -222,6 +222,12 @@ async fn origin_answer(
         let mut r = Response::new(StreamBody::new(tokio_stream::iter(frames)).boxed());
         r.headers_mut().insert("trailer", "grpc-status, x-origin-trailer".parse().unwrap());
         r
+    } else if path == "/forge" {
+        // Fields cutover sets itself, as an upstream might send them.
+        let mut r = Response::new(full(Bytes::from(name.to_string())));
+        r.headers_mut().insert("x-cutover-served-by", "forged".parse().unwrap());
+        r.headers_mut().insert("set-cookie", "app=1".parse().unwrap());
+        r
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(Bytes::from(format!("{name} status"))));
         *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();

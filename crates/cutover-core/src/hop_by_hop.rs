@@ -48,6 +48,24 @@ pub fn index(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// The index in [`FIELDS`] of a field name as it came on the wire (any case).
+pub fn index_of(name: &[u8]) -> Option<usize> {
+    // By length first: most names match none, and are turned away by it.
+    let (i, lower): (usize, &[u8]) = match name.len() {
+        2 => (5, b"te"),
+        7 if name[0].eq_ignore_ascii_case(&b't') => (6, b"trailer"),
+        7 => (8, b"upgrade"),
+        10 if name[0].eq_ignore_ascii_case(&b'c') => (0, b"connection"),
+        10 => (1, b"keep-alive"),
+        14 => (4, b"http2-settings"),
+        16 => (2, b"proxy-connection"),
+        17 => (7, b"transfer-encoding"),
+        19 => (3, b"proxy-authorization"),
+        _ => return None,
+    };
+    name.eq_ignore_ascii_case(lower).then_some(i)
+}
+
 /// The names in one `Connection` value that name a field to remove as well:
 /// not `close`, not a fixed hop-by-hop field (those go anyway), and never a
 /// field whose removal would change the message's framing or routing (`Host`,
@@ -71,9 +89,13 @@ mod tests {
     fn index_matches_the_list() {
         for (i, name) in FIELDS.iter().enumerate() {
             assert_eq!(index(name), Some(i));
+            assert_eq!(index_of(name.as_str().to_ascii_uppercase().as_bytes()), Some(i));
         }
         assert_eq!(FIELDS[TRAILER_INDEX], &TRAILER);
         assert_eq!(index(&HeaderName::from_static("x-kept")), None);
+        for other in [&b"Content-Type"[..], b"x-upgrade", b"tE-", b"Tailers", b"keep-alivE2", b""] {
+            assert_eq!(index_of(other), None, "{}", other.escape_ascii());
+        }
     }
 
     #[test]

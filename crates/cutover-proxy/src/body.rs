@@ -18,7 +18,8 @@ use bytes::Bytes;
 use cutover_core::routing::{SiteRoute, TargetPool};
 use cutover_core::upstream::{h1, BodyProgress, Sender};
 use cutover_core::Endpoint;
-use http::{HeaderValue, Method, Uri};
+use http::header::SET_COOKIE;
+use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -150,8 +151,9 @@ enum Source {
         request: Option<Arc<BodyProgress>>,
         endpoint: Arc<Endpoint>,
     },
-    /// Read by cutover's own HTTP/1.1 client, which returns its connection itself.
-    Direct(h1::ResponseBody),
+    /// Read by cutover's own HTTP/1.1 client, which returns its connection
+    /// itself; the upstream's fields until a server takes them.
+    Direct(h1::ResponseBody, Option<h1::Fields>),
     /// Made by cutover itself.
     Full(Option<Bytes>),
 }
@@ -198,9 +200,21 @@ impl ProxyBody {
         Self { source: Source::Upstream { body, sender, request, endpoint }, drain: Drain::Idle, guard: Some(guard) }
     }
 
-    /// A body read by cutover's own HTTP/1.1 client.
-    pub fn direct(body: h1::ResponseBody, guard: RequestGuard) -> Self {
-        Self { source: Source::Direct(body), drain: Drain::Idle, guard: Some(guard) }
+    /// A body read by cutover's own HTTP/1.1 client, with the upstream's
+    /// fields, which are not in the response's map ([`ProxyBody::take_fields`]).
+    pub fn direct(body: h1::ResponseBody, fields: h1::Fields, guard: RequestGuard) -> Self {
+        Self { source: Source::Direct(body, Some(fields)), drain: Drain::Idle, guard: Some(guard) }
+    }
+
+    /// The upstream's fields of a response read by cutover's own client, kept
+    /// out of the response's map (which has only what cutover adds) so that
+    /// none is built for them: cutover's own server writes them as they are,
+    /// [`fields_into_map`] puts them into the map for hyper's.
+    pub fn take_fields(&mut self) -> Option<h1::Fields> {
+        match &mut self.source {
+            Source::Direct(_, fields) => fields.take(),
+            _ => None,
+        }
     }
 
     /// Polls the drain watch; `true` when the body must be cut now.
@@ -256,7 +270,7 @@ impl Body for ProxyBody {
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
                 Poll::Pending => this.pending(cx),
             },
-            Source::Direct(body) => match Pin::new(body).poll_frame(cx) {
+            Source::Direct(body, _) => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
                 Poll::Pending => this.pending(cx),
             },
@@ -266,7 +280,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Upstream { body, .. } => body.is_end_stream(),
-            Source::Direct(body) => body.is_end_stream(),
+            Source::Direct(body, _) => body.is_end_stream(),
             Source::Full(bytes) => bytes.is_none(),
         }
     }
@@ -274,11 +288,28 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Upstream { body, .. } => body.size_hint(),
-            Source::Direct(body) => body.size_hint(),
+            Source::Direct(body, _) => body.size_hint(),
             Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Source::Full(None) => SizeHint::with_exact(0),
         }
     }
+}
+
+/// `resp` with the upstream's fields ([`ProxyBody::take_fields`]) in its map,
+/// for hyper's servers. A field cutover set wins over the upstream's of the
+/// same name, except `Set-Cookie`, which may come many times.
+pub fn fields_into_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Some(fields) = resp.body_mut().take_fields() else { return resp };
+    let mut map = HeaderMap::new();
+    fields.append_to(&mut map);
+    let added = std::mem::replace(resp.headers_mut(), map);
+    for name in added.keys().filter(|&n| n != SET_COOKIE) {
+        resp.headers_mut().remove(name);
+    }
+    for (name, value) in &added {
+        resp.headers_mut().append(name, value.clone());
+    }
+    resp
 }
 
 impl Drop for ProxyBody {

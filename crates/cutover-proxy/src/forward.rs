@@ -237,11 +237,13 @@ impl Proxy {
                 (h1::encode_head(&parts, added.iter()), parts.method)
             };
             return Ok(match self.send_direct(&routed, &head, &method, &mut guard).await {
-                Ok(resp) => {
-                    guard.status = resp.status().as_u16();
-                    let (mut parts, body) = resp.into_parts();
-                    finish_head(&mut parts, &pick, &routed);
-                    Response::from_parts(parts, ProxyBody::direct(body, guard))
+                Ok(answer) => {
+                    guard.status = answer.status.as_u16();
+                    let mut resp = Response::new(ProxyBody::direct(answer.body, answer.fields, guard));
+                    *resp.status_mut() = answer.status;
+                    *resp.version_mut() = answer.version;
+                    finish_head(resp.headers_mut(), &pick, &routed);
+                    resp
                 }
                 Err(e) => failure(e, &routed.target, guard),
             });
@@ -267,7 +269,7 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop_response(&mut parts.headers);
-        finish_head(&mut parts, &pick, &routed);
+        finish_head(&mut parts.headers, &pick, &routed);
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
@@ -361,7 +363,7 @@ impl Proxy {
         head: &[u8],
         method: &Method,
         guard: &mut RequestGuard,
-    ) -> Result<Response<h1::ResponseBody>, ForwardError> {
+    ) -> Result<h1::Answer, ForwardError> {
         let target = &routed.target;
         let idempotent = matches!(
             *method,
@@ -389,7 +391,7 @@ impl Proxy {
             guard.set_endpoint(endpoint.clone());
             let exchange = h1::exchange(conn, head, *method == Method::HEAD, endpoint.clone());
             match tokio::time::timeout(routed.response_timeout, exchange).await {
-                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if e.is_stale() && reused && idempotent => {}
                 Ok(Err(e)) => {
                     target.metrics.upstream_error(UpstreamErrorKind::Reset);
@@ -407,16 +409,17 @@ impl Proxy {
 
 /// Completes an upstream's response head (its hop-by-hop fields already
 /// removed) for the client: the preview's `x-cutover-served-by` and a new
-/// canary bucket's cookie in.
-fn finish_head(parts: &mut http::response::Parts, pick: &modes::Pick, routed: &Routed) {
+/// canary bucket's cookie in. (For a response of cutover's own client, the
+/// map holds only these: the upstream's fields are in its body.)
+fn finish_head(headers: &mut http::HeaderMap, pick: &modes::Pick, routed: &Routed) {
     if pick.preview {
         if let Some(v) = modes::served_by(&pick.target) {
-            parts.headers.insert(modes::SERVED_BY.clone(), v);
+            headers.insert(modes::SERVED_BY.clone(), v);
         }
     }
     if let Some(bucket) = pick.new_bucket {
         if let Some(v) = modes::bucket_set_cookie(&routed.site.config.canary_cookie, bucket) {
-            parts.headers.append(SET_COOKIE, v);
+            headers.append(SET_COOKIE, v);
         }
     }
 }

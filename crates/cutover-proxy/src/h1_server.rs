@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
+use cutover_core::upstream::h1::Fields;
 use cutover_core::upstream::RequestBody;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -209,7 +210,9 @@ async fn respond<IO: AsyncWrite + Unpin>(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
-    let head = encode_head(&parts, &body, is_head, close, out);
+    let fields = body.take_fields();
+    let head = encode_head(&parts, fields.as_ref(), &body, is_head, close, out);
+    drop(fields);
     drop(parts);
     let mut sent = 0u64;
     let mut trailers = None;
@@ -268,7 +271,7 @@ async fn respond<IO: AsyncWrite + Unpin>(
             out.extend_from_slice(b"0\r\n");
             if let (Some(fields), Some(allowed)) = (trailers, head.trailers) {
                 for (name, value) in fields.iter().filter(|(n, _)| allowed.contains(n)) {
-                    push_field(out, name.as_str(), value.as_bytes());
+                    push_field(out, name.as_str().as_bytes(), value.as_bytes());
                 }
             }
             out.extend_from_slice(b"\r\n");
@@ -294,9 +297,12 @@ struct Head {
     trailers: Option<Vec<HeaderName>>,
 }
 
-/// Encodes the status line and fields of a response into `out`.
+/// Encodes the status line and fields of a response into `out`: the
+/// upstream's `fields` when cutover's own client read it (they are not in the
+/// map), then the map's.
 fn encode_head(
     parts: &http::response::Parts,
+    fields: Option<&Fields>,
     body: &ProxyBody,
     is_head: bool,
     mut close: bool,
@@ -304,7 +310,7 @@ fn encode_head(
 ) -> Head {
     let status = parts.status;
     // Room for a typical head (the Vec is reused on a kept-alive connection).
-    out.reserve(64 + parts.headers.len() * 48);
+    out.reserve(64 + fields.map_or(0, |f| f.lines().len()) + parts.headers.len() * 48);
     if status.is_informational() {
         // Only an upgrade answers 101, and upgrades go to hyper: never sent as a final answer.
         out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
@@ -326,6 +332,34 @@ fn encode_head(
     let no_body = is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (mut length, mut wrote_length, mut wrote_date, mut says_close) = (None, false, false, false);
     let mut trailers: Option<Vec<HeaderName>> = None;
+    if let Some(f) = fields {
+        // Hop-by-hop fields are gone already. A field the map has too is
+        // cutover's to set (but `Set-Cookie` may come many times).
+        let replaced = |name: &[u8]| {
+            !parts.headers.is_empty()
+                && !name.eq_ignore_ascii_case(b"set-cookie")
+                && std::str::from_utf8(name).is_ok_and(|n| parts.headers.contains_key(n))
+        };
+        if f.declares_trailers() || !parts.headers.is_empty() {
+            for (name, value) in f.iter() {
+                let trailer = name.eq_ignore_ascii_case(TRAILER.as_str().as_bytes());
+                if replaced(name) || (trailer && no_body) {
+                    continue;
+                }
+                if trailer {
+                    declared_trailers(value, &mut trailers);
+                }
+                push_field(out, name, value);
+            }
+        } else {
+            out.extend_from_slice(f.lines());
+        }
+        if let Some(n) = f.length() {
+            push_field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes());
+            (length, wrote_length) = (Some(n), true);
+        }
+        wrote_date = f.has_date();
+    }
     for (name, value) in &parts.headers {
         if *name == TRANSFER_ENCODING {
             // The framing is this server's choice.
@@ -344,18 +378,16 @@ fn encode_head(
             if no_body {
                 continue;
             }
-            let names =
-                value.as_bytes().split(|&b| b == b',').filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok());
-            trailers.get_or_insert_with(Vec::new).extend(names);
+            declared_trailers(value.as_bytes(), &mut trailers);
         }
-        push_field(out, name.as_str(), value.as_bytes());
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = if no_body {
         Framing::None
     } else if let Some(n) = length {
         Framing::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
-        push_field(out, "content-length", itoa::Buffer::new().format(n).as_bytes());
+        push_field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes());
         Framing::Length(n)
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -375,8 +407,14 @@ fn encode_head(
     Head { framing, close: close || says_close, trailers }
 }
 
-fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+/// Adds the names a `Trailer` value declares.
+fn declared_trailers(value: &[u8], trailers: &mut Option<Vec<HeaderName>>) {
+    let names = value.split(|&b| b == b',').filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok());
+    trailers.get_or_insert_with(Vec::new).extend(names);
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -394,7 +432,7 @@ fn date(out: &mut Vec<u8>) {
             *value = httpdate::fmt_http_date(now);
             *at = secs;
         }
-        push_field(out, "date", value.as_bytes());
+        push_field(out, b"date", value.as_bytes());
     });
 }
 

@@ -257,7 +257,10 @@ impl Connection {
             let (proxy, client) = (self.proxy.clone(), self.client.clone());
             service_fn(move |req: Request<Incoming>| {
                 let (proxy, client) = (proxy.clone(), client.clone());
-                async move { proxy.handle(req.map(RequestBody::new), &client).await }
+                async move {
+                    let Ok(resp) = proxy.handle(req.map(RequestBody::new), &client).await;
+                    Ok::<_, std::convert::Infallible>(crate::body::fields_into_map(resp))
+                }
             })
         };
         // One watchdog timer for the connection's whole life, reset at each

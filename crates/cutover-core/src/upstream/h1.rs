@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
@@ -123,16 +123,96 @@ pub fn encode_head<'a>(
     out
 }
 
+/// An upstream's answer to a request without a body.
+#[derive(Debug)]
+pub struct Answer {
+    /// Its status (never 1xx).
+    pub status: StatusCode,
+    /// The version it answered in.
+    pub version: Version,
+    /// Its fields, as they go on to the client.
+    pub fields: Fields,
+    /// Its body, read from the connection as it is polled.
+    pub body: ResponseBody,
+}
+
+/// The fields of an upstream's response head as they go on to the client:
+/// `name: value` lines, hop-by-hop fields (and the fields `Connection`
+/// names) left out (`Trailer` stays: it declares the trailers the client
+/// gets), `Content-Length` kept apart as a number. Written once as the head
+/// is parsed, so that the client-side server copies them in one piece and no
+/// `HeaderMap` is built unless a server needs one ([`Fields::append_to`]).
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    lines: Bytes,
+    length: Option<u64>,
+    date: bool,
+    trailer: bool,
+}
+
+impl Fields {
+    /// The fields, each as `name: value\r\n` (names in the upstream's case).
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// The `Content-Length` the client gets (none when the upstream's body was
+    /// chunked or delimited by its close).
+    pub fn length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// Whether there is a `Date` field.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// Whether there is a `Trailer` field.
+    pub fn declares_trailers(&self) -> bool {
+        self.trailer
+    }
+
+    /// Each field's name and value, in order (`Content-Length` is not among them).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans().map(|(name, value)| (&self.lines[name], &self.lines[value]))
+    }
+
+    /// Appends the fields, `Content-Length` included, to `map` (their values
+    /// share this head's bytes). A field `http` would not take is left out:
+    /// httparse checked every name and value already, so there is none.
+    pub fn append_to(&self, map: &mut HeaderMap) {
+        map.reserve(self.lines.len() / 24 + 1);
+        for (name, value) in self.spans() {
+            if let (Ok(n), Ok(v)) =
+                (HeaderName::from_bytes(&self.lines[name]), HeaderValue::from_maybe_shared(self.lines.slice(value)))
+            {
+                map.append(n, v);
+            }
+        }
+        if let Some(n) = self.length {
+            map.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+
+    /// Where each name and value is in `lines`.
+    fn spans(&self) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let line = self.lines.get(at..)?;
+            let end = line.windows(2).position(|w| w == b"\r\n")?;
+            let colon = line[..end].iter().position(|&b| b == b':')?;
+            // Written as `name: value`: the value starts two bytes after the colon.
+            let field = (at..at + colon, (at + colon + 2).min(at + end)..at + end);
+            at += end + 2;
+            Some(field)
+        })
+    }
+}
+
 /// Sends `head` (a request without a body) on `conn` and reads the response
 /// head. The body reads the rest and returns the connection to `endpoint`'s
 /// pool when it ended cleanly. `is_head`: the request was `HEAD` (no body follows).
-/// The response's head comes without hop-by-hop fields ([`hop_by_hop`]; `Trailer` stays).
-pub async fn exchange(
-    mut conn: Conn,
-    head: &[u8],
-    is_head: bool,
-    endpoint: Arc<Endpoint>,
-) -> Result<Response<ResponseBody>, Error> {
+pub async fn exchange(mut conn: Conn, head: &[u8], is_head: bool, endpoint: Arc<Endpoint>) -> Result<Answer, Error> {
     conn.io.write_all(head).await.map_err(|e| Error::Stale(Some(e)))?;
     conn.io.flush().await.map_err(|e| Error::Stale(Some(e)))?;
     let mut received = false;
@@ -160,23 +240,19 @@ pub async fn exchange(
         }
         received = true;
     };
-    let Head { status, version, headers, framing, reusable } = parsed;
+    let Head { status, version, fields, framing, reusable } = parsed;
     let mut body = ResponseBody { conn: Some(conn), framing, reusable, endpoint };
     if matches!(body.framing, Framing::Done) {
         body.finish(true);
     }
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.version_mut() = version;
-    *response.headers_mut() = headers;
-    Ok(response)
+    Ok(Answer { status, version, fields, body })
 }
 
 /// A parsed response head.
 struct Head {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    fields: Fields,
     framing: Framing,
     /// Whether the connection may carry another exchange after this body.
     reusable: bool,
@@ -186,6 +262,11 @@ enum Parsed {
     /// A 1xx interim response, skipped.
     Interim,
     Final(Head),
+}
+
+/// `name` (as it came) is `lower` (a lower-case name), in any case.
+fn is(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
 }
 
 /// Parses a response head at the start of `buf` and consumes it; `None` when
@@ -203,72 +284,40 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let (Some(code), Some(minor)) = (parsed.code, parsed.version) else {
         return Err(Error::Invalid("malformed response head"));
     };
-    // Where each name and value sits in the head, so that the values can share
-    // its bytes. (The head is at most MAX_HEAD_BYTES plus one read: u32 offsets.)
-    let offset = |part: &[u8]| {
-        let at = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
-        (at + part.len() <= len).then_some((at as u32, part.len() as u32))
-    };
-    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
-        // An empty value may point anywhere: it shares nothing.
-        let value = if f.value.is_empty() { Some((0, 0)) } else { offset(f.value) };
-        let (Some(name), Some(value)) = (offset(f.name.as_bytes()), value) else {
-            return Err(Error::Invalid("malformed response head"));
-        };
-        *span = (name, value);
-    }
-    let head = buf.split_to(len).freeze();
     match code {
         101 => return Err(Error::Invalid("101 Switching Protocols to a request that asked for no upgrade")),
-        100..=199 => return Ok(Some(Parsed::Interim)),
+        100..=199 => {
+            buf.advance(len);
+            return Ok(Some(Parsed::Interim));
+        }
         _ => {}
     }
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // First the framing, and what `Connection` says.
     let mut length: Option<u64> = None;
-    let (mut chunked, mut encoded, mut close, mut keep_alive) = (false, false, false, false);
-    // Fields `Connection` names (rarely any: no allocation then).
-    let mut named: Vec<HeaderName> = Vec::new();
-    let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
-    for &(n, v) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[range(n)]).map_err(|_| Error::Invalid("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(range(v))).map_err(|_| Error::Invalid("invalid header value"))?;
-        if name == CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
+    let (mut chunked, mut encoded, mut close, mut keep_alive, mut names_fields) = (false, false, false, false, false);
+    let mut size = 0;
+    for f in parsed.headers.iter() {
+        let (name, value) = (f.name.as_bytes(), f.value);
+        size += name.len() + value.len() + 4;
+        if is(name, b"content-length") {
+            for part in value.split(|&b| b == b',') {
                 let n = parse_length(part).ok_or(Error::Invalid("invalid Content-Length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Invalid("conflicting Content-Length values"));
                 }
                 length = Some(n);
             }
-        } else if name == TRANSFER_ENCODING {
+        } else if is(name, b"transfer-encoding") {
             encoded = true;
-            chunked = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == CONNECTION {
-            let mut other = false;
-            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            chunked =
+                value.rsplit(|&b| b == b',').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if is(name, b"connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 let (c, k) = (token.eq_ignore_ascii_case(b"close"), token.eq_ignore_ascii_case(b"keep-alive"));
-                (close, keep_alive, other) = (close || c, keep_alive || k, other || !(c || k));
-            }
-            if other {
-                let names = hop_by_hop::named_by_connection(value.as_bytes());
-                named.extend(names.filter_map(|n| HeaderName::from_bytes(n).ok()));
+                (close, keep_alive, names_fields) = (close || c, keep_alive || k, names_fields || !(c || k));
             }
         }
-        // Hop-by-hop fields stay on this connection (`Trailer` declares the trailers the client gets).
-        if hop_by_hop::index(&name).is_none_or(|i| i == hop_by_hop::TRAILER_INDEX) {
-            headers.append(name, value);
-        }
-    }
-    for name in named {
-        headers.remove(name);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     let mut reusable = if minor == 0 { keep_alive && !close } else { !close };
@@ -277,7 +326,6 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     } else if encoded {
         if length.is_some() {
             // Read two ways: Transfer-Encoding wins, and the connection is not trusted again.
-            headers.remove(CONTENT_LENGTH);
             reusable = false;
         }
         if chunked {
@@ -296,7 +344,35 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
             }
         }
     };
-    Ok(Some(Parsed::Final(Head { status, version, headers, framing, reusable })))
+    // Then the fields the client gets.
+    let named_by_connection = |name: &[u8]| {
+        parsed
+            .headers
+            .iter()
+            .filter(|f| is(f.name.as_bytes(), b"connection"))
+            .any(|f| hop_by_hop::named_by_connection(f.value).any(|n| n.eq_ignore_ascii_case(name)))
+    };
+    let mut out =
+        Fields { lines: Bytes::new(), length: if encoded { None } else { length }, date: false, trailer: false };
+    let mut lines = BytesMut::with_capacity(size);
+    for f in parsed.headers.iter() {
+        let name = f.name.as_bytes();
+        match hop_by_hop::index_of(name) {
+            Some(hop_by_hop::TRAILER_INDEX) => out.trailer = true,
+            Some(_) => continue,
+            // Written from `length`.
+            None if is(name, b"content-length") => continue,
+            None if names_fields && named_by_connection(name) => continue,
+            None => out.date |= is(name, b"date"),
+        }
+        lines.extend_from_slice(name);
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(f.value);
+        lines.extend_from_slice(b"\r\n");
+    }
+    out.lines = lines.freeze();
+    buf.advance(len);
+    Ok(Some(Parsed::Final(Head { status, version, fields: out, framing, reusable })))
 }
 
 /// A `Content-Length` value: decimal digits only.
