@@ -374,13 +374,14 @@ async fn abandoned_body_is_not_pooled() {
 /// writes the answer: cutover's own HTTP/1.1 server (which copies them in one
 /// piece), hyper's HTTP/1.1 server after a hand-over, and hyper's HTTP/2
 /// server (both get them in a map). Repeated fields stay repeated, an empty
-/// value stays empty, the upstream's `Date` is kept (not doubled), and a
-/// list-form `Content-Length` goes out as one number.
+/// value stays empty, any spacing after a colon is read as the upstream meant
+/// it, the upstream's `Date` is kept (not doubled), and a list-form
+/// `Content-Length` goes out as one number.
 #[tokio::test]
 async fn upstream_fields_reach_every_kind_of_client() {
     const FIELDS: &[u8] = b"HTTP/1.1 200 OK\r\nServer: raw\r\nSet-Cookie: a=1\r\nX-Empty: \r\nset-cookie: b=2\r\n\
         Content-Length: 2, 2\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nConnection: keep-alive\r\nX-Multi: 1\r\n\
-        x-multi: 2\r\n\r\nok";
+        x-multi: 2\r\nX-Tight:v1\r\nX-Spaced: \t v2\r\n\r\nok";
     let origin = RawOrigin::start(&[("/fields", Script::Answer(FIELDS))]).await;
     let p = proxy_for(&origin).await;
     let check = |via: &str, headers: &http::HeaderMap| {
@@ -389,6 +390,7 @@ async fn upstream_fields_reach_every_kind_of_client() {
         assert_eq!(all("x-multi"), ["1", "2"], "{via}");
         assert_eq!(all("x-empty"), [""], "{via}");
         assert_eq!(all("server"), ["raw"], "{via}");
+        assert_eq!((all("x-tight"), all("x-spaced")), (vec!["v1"], vec!["v2"]), "{via}");
         assert_eq!(all("date"), ["Mon, 01 Jan 2024 00:00:00 GMT"], "{via}");
         assert!(headers.get("connection").is_none(), "{via}");
         // (h2 has its own framing; hyper's client passes a list-form length on as it is.)

@@ -151,7 +151,8 @@ pub struct Fields {
 }
 
 impl Fields {
-    /// The fields, each as `name: value\r\n` (names in the upstream's case).
+    /// The fields, each as `name: value\r\n`, as the upstream wrote them
+    /// (its case, its spaces after the colon; never obs-fold, which httparse refuses).
     pub fn lines(&self) -> &[u8] {
         &self.lines
     }
@@ -201,8 +202,9 @@ impl Fields {
             let line = self.lines.get(at..)?;
             let end = line.windows(2).position(|w| w == b"\r\n")?;
             let colon = line[..end].iter().position(|&b| b == b':')?;
-            // Written as `name: value`: the value starts two bytes after the colon.
-            let field = (at..at + colon, (at + colon + 2).min(at + end)..at + end);
+            // The value starts after the colon and any spaces or tabs.
+            let gap = line[colon + 1..end].iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+            let field = (at..at + colon, at + colon + 1 + gap..at + end);
             at += end + 2;
             Some(field)
         })
@@ -365,9 +367,19 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
             None if names_fields && named_by_connection(name) => continue,
             None => out.date |= is(name, b"date"),
         }
-        lines.extend_from_slice(name);
-        lines.extend_from_slice(b": ");
-        lines.extend_from_slice(f.value);
+        // The field as it came, in one piece (an empty value may point anywhere: not then).
+        let whole = (name.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).and_then(|at| {
+            let end = (f.value.as_ptr() as usize + f.value.len()).checked_sub(buf.as_ptr() as usize)?;
+            (!f.value.is_empty() && at < end && end <= len).then_some(at..end)
+        });
+        match whole {
+            Some(range) => lines.extend_from_slice(&buf[range]),
+            None => {
+                lines.extend_from_slice(name);
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(f.value);
+            }
+        }
         lines.extend_from_slice(b"\r\n");
     }
     out.lines = lines.freeze();
