@@ -58,7 +58,7 @@ use cutover_core::Controller;
 use cutover_metrics::Metrics;
 use cutover_proxy::headers::{
     add_forwarded, add_request_id, drop_underscore_names, ensure_request_id, peer_value, remove_hop_by_hop,
-    set_forwarded, Added, Present,
+    set_forwarded, Added, Present, RequestId,
 };
 use cutover_proxy::ListenerConfig;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -89,7 +89,7 @@ fn browser_request_headers() -> HeaderMap {
     h
 }
 
-fn rewrite(headers: &mut HeaderMap, peer: IpAddr) -> HeaderValue {
+fn rewrite(headers: &mut HeaderMap, peer: IpAddr) -> RequestId {
     remove_hop_by_hop(headers);
     drop_underscore_names(headers);
     let host = headers.get(http::header::HOST).cloned();
@@ -150,7 +150,7 @@ fn headers(c: &mut Criterion) {
     assert!(!check.contains_key("connection"));
     assert_eq!(check["x-forwarded-for"], "198.51.100.23", "an untrusted peer's XFF is replaced");
     assert_eq!(check["x-forwarded-host"], "shop.example.com");
-    assert_eq!(check["x-request-id"], id);
+    assert_eq!(check["x-request-id"], id.as_str());
 
     let mut g = c.benchmark_group("headers");
     g.bench_function("rewrite", |b| {

@@ -148,7 +148,11 @@ pub fn request_head(data: &[u8]) -> HeadOutcome {
     let xff = h.get(&headers::X_FORWARDED_FOR).expect("X-Forwarded-For is always set");
     assert!(xff.as_bytes().ends_with(peer.to_string().as_bytes()), "X-Forwarded-For does not end with the peer");
     assert!(h.contains_key(&headers::X_FORWARDED_PROTO), "X-Forwarded-Proto is always set");
-    assert_eq!(h.get(&headers::X_REQUEST_ID), Some(&id), "the returned request id is not the header's");
+    assert_eq!(
+        h.get(&headers::X_REQUEST_ID).map(|v| v.as_bytes()),
+        Some(id.as_bytes()),
+        "the returned request id is not the header's"
+    );
     let id = id.as_bytes();
     assert!(!id.is_empty() && id.len() <= 200 && id.iter().all(u8::is_ascii_graphic), "bad request id {id:?}");
 

@@ -19,7 +19,7 @@ use cutover_core::routing::{SiteRoute, TargetPool};
 use cutover_core::upstream::{h1, BodyProgress, Sender};
 use cutover_core::Endpoint;
 use http::header::SET_COOKIE;
-use http::{HeaderMap, HeaderValue, Method, Response, Uri};
+use http::{HeaderMap, Method, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -41,7 +41,7 @@ pub struct RequestGuard {
     start: Instant,
     method: Method,
     uri: Uri,
-    request_id: Option<HeaderValue>,
+    request_id: Option<crate::headers::RequestId>,
     /// Status sent to the client.
     pub status: u16,
 }
@@ -83,7 +83,7 @@ impl RequestGuard {
     }
 
     /// Records the request id for the access log.
-    pub fn set_request_id(&mut self, id: HeaderValue) {
+    pub fn set_request_id(&mut self, id: crate::headers::RequestId) {
         self.request_id = Some(id);
     }
 
@@ -126,7 +126,7 @@ impl Drop for RequestGuard {
             }
             None => (self.site_only.as_ref().map_or("-", |s| s.name()), "-"),
         };
-        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let request_id = self.request_id.as_ref().map_or("-", |id| id.as_str());
         tracing::info!(
             target: "access",
             site,

@@ -98,7 +98,9 @@ impl Present {
 /// map is neither probed nor grown for them.
 #[derive(Debug, Default)]
 pub struct Added {
-    fields: [Option<(&'static HeaderName, HeaderValue)>; 4],
+    fields: [Option<(&'static HeaderName, HeaderValue)>; 3],
+    /// A new `X-Request-Id`.
+    id: Option<RequestId>,
 }
 
 impl Added {
@@ -109,14 +111,51 @@ impl Added {
     }
 
     /// The added fields, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> + Clone {
-        self.fields.iter().flatten().map(|(n, v)| (*n, v))
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> + Clone {
+        let fields = self.fields.iter().flatten().map(|(n, v)| (*n, v.as_bytes()));
+        fields.chain(self.id.as_ref().map(|id| (&X_REQUEST_ID, id.as_bytes())))
     }
 
     /// Puts the added fields into `headers`, replacing any of the same name.
     pub fn insert_into(self, headers: &mut HeaderMap) {
         for (name, value) in self.fields.into_iter().flatten() {
             headers.insert(name.clone(), value);
+        }
+        if let Some(id) = self.id {
+            headers.insert(X_REQUEST_ID.clone(), id.to_value());
+        }
+    }
+}
+
+/// A request's id: the client's, kept when it is sane, or a new one (made
+/// without an allocation: it is made for nearly every request).
+#[derive(Debug, Clone)]
+pub enum RequestId {
+    /// The client's `X-Request-Id`.
+    Kept(HeaderValue),
+    /// 32 hex digits made by cutover.
+    New([u8; 32]),
+}
+
+impl RequestId {
+    /// The id's bytes (visible ASCII either way).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Kept(v) => v.as_bytes(),
+            RequestId::New(b) => b,
+        }
+    }
+
+    /// The id as text (for the access log).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
+    }
+
+    /// The id as a header value.
+    pub fn to_value(&self) -> HeaderValue {
+        match self {
+            RequestId::Kept(v) => v.clone(),
+            RequestId::New(b) => HeaderValue::from_bytes(b).unwrap_or_else(|_| HeaderValue::from_static("-")),
         }
     }
 }
@@ -197,23 +236,23 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
 
 /// Keeps a well-formed incoming `X-Request-Id`, or removes it and adds a new
 /// one to `added`; returns the request's id.
-pub fn add_request_id(headers: &mut HeaderMap, incoming: Present, added: &mut Added) -> HeaderValue {
+pub fn add_request_id(headers: &mut HeaderMap, incoming: Present, added: &mut Added) -> RequestId {
     if incoming.request_id {
         if let Some(v) = headers.get(&X_REQUEST_ID) {
             let b = v.as_bytes();
             if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
-                return v.clone();
+                return RequestId::Kept(v.clone());
             }
         }
         headers.remove(&X_REQUEST_ID);
     }
     let id = new_request_id();
-    added.push(&X_REQUEST_ID, id.clone());
+    added.id = Some(id.clone());
     id
 }
 
 /// [`add_request_id`] straight into the map.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+pub fn ensure_request_id(headers: &mut HeaderMap) -> RequestId {
     let mut added = Added::default();
     let id = add_request_id(headers, Present::of(headers), &mut added);
     added.insert_into(headers);
@@ -221,7 +260,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 }
 
 /// A new 32-hex-digit request id, unique within the process and unlikely across processes.
-pub fn new_request_id() -> HeaderValue {
+pub fn new_request_id() -> RequestId {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| {
@@ -235,12 +274,12 @@ pub fn new_request_id() -> HeaderValue {
     let hi = splitmix(seed ^ n);
     let lo = splitmix(hi ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut out = [0u8; 32];
-    for (i, byte) in hi.to_be_bytes().iter().chain(lo.to_be_bytes().iter()).enumerate() {
+    let digits = (u128::from(hi) << 64) | u128::from(lo);
+    for (i, digit) in out.iter_mut().enumerate() {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        out[2 * i] = HEX[(byte >> 4) as usize];
-        out[2 * i + 1] = HEX[(byte & 0xf) as usize];
+        *digit = HEX[((digits >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    RequestId::New(out)
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -324,10 +363,12 @@ mod tests {
     #[test]
     fn request_ids_are_kept_when_sane_and_generated_otherwise() {
         let mut h = map(&[("x-request-id", "abc-123")]);
-        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        assert_eq!(ensure_request_id(&mut h).as_str(), "abc-123");
         let mut h = map(&[("x-request-id", "has space")]);
         let id = ensure_request_id(&mut h);
-        assert_eq!(id.len(), 32);
-        assert_ne!(new_request_id(), new_request_id());
+        assert_eq!(id.as_str().len(), 32);
+        assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{}", id.as_str());
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_ne!(new_request_id().as_str(), new_request_id().as_str());
     }
 }

@@ -100,19 +100,20 @@ impl Conn {
 /// `content-length: 0`.
 pub fn encode_head<'a>(
     parts: &'a http::request::Parts,
-    added: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + Clone,
+    added: impl Iterator<Item = (&'a HeaderName, &'a [u8])> + Clone,
 ) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fields: usize = parts.headers.iter().chain(added.clone()).map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let map = || parts.headers.iter().map(|(k, v)| (k, v.as_bytes()));
+    let fields: usize = map().chain(added.clone()).map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 40);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in parts.headers.iter().chain(added) {
+    for (name, value) in map().chain(added) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     let wants_length = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
