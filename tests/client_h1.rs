@@ -170,15 +170,23 @@ async fn unknown_lengths_are_chunked_and_trailers_relayed() {
     assert_eq!(c.response(false).await.body, b"blue");
 }
 
-/// `Connection: close` from the client: the answer says so and the connection ends.
+/// `Connection` from the client stays on its connection, with the fields it
+/// names; `Connection: close` is answered in kind and the connection ends.
 #[tokio::test]
 async fn connection_close_is_answered_and_honoured() {
-    let (p, _blue) = one_site().await;
+    let (p, blue) = one_site().await;
     let mut c = Conn::open(&p).await;
-    c.send(b"GET /a HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").await;
+    c.send(b"GET /a HTTP/1.1\r\nHost: shop.test\r\nConnection: keep-alive, X-Drop-Me\r\nx-drop-me: 1\r\n\r\n").await;
+    assert_eq!(c.response(false).await.body, b"blue");
+    c.send(b"GET /b HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").await;
     let a = c.response(false).await;
     assert_eq!(a.field("connection"), Some("close"), "{a:?}");
     assert!(c.closes().await, "the connection stayed open");
+    for seen in blue.seen().iter().filter(|s| s.path != "/up") {
+        for gone in ["connection", "x-drop-me"] {
+            assert!(seen.headers.get(gone).is_none(), "{gone} reached the origin on {}", seen.path);
+        }
+    }
 }
 
 /// cutover's own answers (no site for the host) carry a length and a `Date`,

@@ -157,10 +157,20 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         if framing.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name)) {
             return Err(NotMine);
         }
-        let name = HeaderName::from_bytes(name).map_err(|_| NotMine)?;
-        if name == CONNECTION {
-            close |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        if name.len() == 10 && name.eq_ignore_ascii_case(b"connection") {
+            let mut names_fields = false;
+            for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                names_fields |= !token.is_empty()
+                    && !token.eq_ignore_ascii_case(b"close")
+                    && !token.eq_ignore_ascii_case(b"keep-alive");
+            }
+            if !names_fields {
+                // Hop-by-hop, and it names no field the proxy must remove: it ends here.
+                continue;
+            }
         }
+        let name = HeaderName::from_bytes(name).map_err(|_| NotMine)?;
         let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine)?;
         headers.append(name, value);
     }
