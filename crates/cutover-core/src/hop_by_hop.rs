@@ -31,6 +31,10 @@ pub static FIELDS: [&HeaderName; 9] = [
 /// Where `Trailer` is in [`FIELDS`]: a response keeps it, since hyper sends
 /// HTTP/1.1 trailers only when the response declares them there.
 pub const TRAILER_INDEX: usize = 6;
+/// Where `Connection` is in [`FIELDS`].
+pub const CONNECTION_INDEX: usize = 0;
+/// Where `Transfer-Encoding` is in [`FIELDS`].
+pub const TRANSFER_ENCODING_INDEX: usize = 7;
 
 /// `name`'s index in [`FIELDS`].
 pub fn index(name: &HeaderName) -> Option<usize> {
@@ -92,6 +96,8 @@ mod tests {
             assert_eq!(index_of(name.as_str().to_ascii_uppercase().as_bytes()), Some(i));
         }
         assert_eq!(FIELDS[TRAILER_INDEX], &TRAILER);
+        assert_eq!(FIELDS[CONNECTION_INDEX], &CONNECTION);
+        assert_eq!(FIELDS[TRANSFER_ENCODING_INDEX], &TRANSFER_ENCODING);
         assert_eq!(index(&HeaderName::from_static("x-kept")), None);
         for other in [&b"Content-Type"[..], b"x-upgrade", b"tE-", b"Tailers", b"keep-alivE2", b""] {
             assert_eq!(index_of(other), None, "{}", other.escape_ascii());

@@ -267,6 +267,43 @@ enum Parsed {
     Final(Head),
 }
 
+/// What a response field is to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Goes on to the client as it is.
+    Kept,
+    /// `Date` (kept).
+    Date,
+    /// `Trailer` (kept: it declares the trailers the client gets).
+    Trailer,
+    /// `Content-Length`.
+    Length,
+    /// `Connection`.
+    Connection,
+    /// `Transfer-Encoding`.
+    Encoding,
+    /// Any other hop-by-hop field.
+    HopByHop,
+}
+
+impl Kind {
+    /// The kind of a field named `name` (in any case): one comparison at most,
+    /// since the names are told apart by their lengths first.
+    fn of(name: &[u8]) -> Kind {
+        match name.len() {
+            4 if is(name, b"date") => Kind::Date,
+            14 if is(name, b"content-length") => Kind::Length,
+            _ => match hop_by_hop::index_of(name) {
+                None => Kind::Kept,
+                Some(hop_by_hop::TRAILER_INDEX) => Kind::Trailer,
+                Some(hop_by_hop::CONNECTION_INDEX) => Kind::Connection,
+                Some(hop_by_hop::TRANSFER_ENCODING_INDEX) => Kind::Encoding,
+                Some(_) => Kind::HopByHop,
+            },
+        }
+    }
+}
+
 /// `name` (as it came) is `lower` (a lower-case name), in any case.
 fn is(name: &[u8], lower: &[u8]) -> bool {
     name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
@@ -296,30 +333,39 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
         _ => {}
     }
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("invalid status code"))?;
-    // First the framing, and what `Connection` says.
+    // First what each field is, the framing, and what `Connection` says.
+    let mut kinds = [Kind::Kept; MAX_HEADERS];
     let mut length: Option<u64> = None;
     let (mut chunked, mut encoded, mut close, mut keep_alive, mut names_fields) = (false, false, false, false, false);
     let mut size = 0;
-    for f in parsed.headers.iter() {
+    for (f, kind) in parsed.headers.iter().zip(kinds.iter_mut()) {
         let (name, value) = (f.name.as_bytes(), f.value);
         size += name.len() + value.len() + 4;
-        if is(name, b"content-length") {
-            for part in value.split(|&b| b == b',') {
-                let n = parse_length(part).ok_or(Error::Invalid("invalid Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Error::Invalid("conflicting Content-Length values"));
+        *kind = Kind::of(name);
+        match kind {
+            Kind::Length => {
+                for part in value.split(|&b| b == b',') {
+                    let n = parse_length(part).ok_or(Error::Invalid("invalid Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(Error::Invalid("conflicting Content-Length values"));
+                    }
+                    length = Some(n);
                 }
-                length = Some(n);
             }
-        } else if is(name, b"transfer-encoding") {
-            encoded = true;
-            chunked =
-                value.rsplit(|&b| b == b',').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if is(name, b"connection") {
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let (c, k) = (token.eq_ignore_ascii_case(b"close"), token.eq_ignore_ascii_case(b"keep-alive"));
-                (close, keep_alive, names_fields) = (close || c, keep_alive || k, names_fields || !(c || k));
+            Kind::Encoding => {
+                encoded = true;
+                chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
+            Kind::Connection => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let (c, k) = (token.eq_ignore_ascii_case(b"close"), token.eq_ignore_ascii_case(b"keep-alive"));
+                    (close, keep_alive, names_fields) = (close || c, keep_alive || k, names_fields || !(c || k));
+                }
+            }
+            _ => {}
         }
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
@@ -352,21 +398,23 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
         parsed
             .headers
             .iter()
-            .filter(|f| is(f.name.as_bytes(), b"connection"))
-            .any(|f| hop_by_hop::named_by_connection(f.value).any(|n| n.eq_ignore_ascii_case(name)))
+            .zip(kinds)
+            .filter(|(_, kind)| *kind == Kind::Connection)
+            .any(|(f, _)| hop_by_hop::named_by_connection(f.value).any(|n| n.eq_ignore_ascii_case(name)))
     };
     let mut out =
         Fields { lines: Bytes::new(), length: if encoded { None } else { length }, date: false, trailer: false };
     let mut lines = BytesMut::with_capacity(size);
-    for f in parsed.headers.iter() {
+    for (f, kind) in parsed.headers.iter().zip(kinds) {
         let name = f.name.as_bytes();
-        match hop_by_hop::index_of(name) {
-            Some(hop_by_hop::TRAILER_INDEX) => out.trailer = true,
-            Some(_) => continue,
+        match kind {
+            Kind::Trailer => out.trailer = true,
+            Kind::Date => out.date = true,
+            Kind::Kept if names_fields && named_by_connection(name) => continue,
+            Kind::Kept => {}
             // Written from `length`.
-            None if is(name, b"content-length") => continue,
-            None if names_fields && named_by_connection(name) => continue,
-            None => out.date |= is(name, b"date"),
+            Kind::Length => continue,
+            Kind::Connection | Kind::Encoding | Kind::HopByHop => continue,
         }
         // The field as it came, in one piece (an empty value may point anywhere: not then).
         let whole = (name.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).and_then(|at| {
