@@ -92,6 +92,16 @@ async fn trusted_proxy_forwarded_headers_are_kept() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["x-request-id"], "trace-abc");
+    // A field the client's `Connection` names is hop-by-hop, even a forwarded one:
+    // it goes, and cutover sets its own.
+    let req = Request::get("/")
+        .header("host", "shop.test")
+        .header("connection", "x-forwarded-proto")
+        .header("x-forwarded-proto", "https")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(Client::connect(p.addr).await.send(req).await.unwrap().status, 200);
+    assert_eq!(blue.seen()[1].headers["x-forwarded-proto"], "http");
 }
 
 /// Repeated forwarded fields from a trusted proxy are joined into one

@@ -491,18 +491,27 @@ fn prepare(
             parts.headers.insert(HOST, v);
         }
     }
-    let wants_trailers = parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    headers::remove_hop_by_hop(&mut parts.headers);
-    headers::drop_underscore_names(&mut parts.headers);
     // Preview routing is cutover's business, and the token a secret. One pass
-    // over the names finds them and the fields cutover sets: cheaper than a
-    // lookup by name each, since they are rarely there.
+    // over the fields finds them, the fields the rules remove or replace, `TE`
+    // and `Host`: cheaper than a lookup by name each, since most are rarely there.
     let preview = routed.site.config.preview.header.as_str();
-    let (mut named, mut token, mut incoming) = (false, false, headers::Present::default());
-    for k in parts.headers.keys() {
+    let mut scan = headers::Scan::default();
+    let (mut named, mut token, mut wants_trailers, mut host) = (false, false, false, None);
+    for (k, v) in &parts.headers {
+        scan.note(k);
         named |= k.as_str().eq_ignore_ascii_case(preview);
         token |= *k == modes::PREVIEW_TOKEN;
-        incoming.note(k);
+        if *k == TE {
+            wants_trailers |= v.as_bytes().eq_ignore_ascii_case(b"trailers");
+        } else if *k == HOST && host.is_none() {
+            host = Some(v.clone());
+        }
+    }
+    // Fields `Connection` named are gone: what came is looked at again then (rare).
+    let incoming =
+        if scan.remove_hop_by_hop(&mut parts.headers) { headers::Present::of(&parts.headers) } else { scan.present };
+    if scan.underscore {
+        headers::drop_underscore_names(&mut parts.headers);
     }
     if named {
         parts.headers.remove(preview);
@@ -510,7 +519,6 @@ fn prepare(
     if token {
         parts.headers.remove(&modes::PREVIEW_TOKEN);
     }
-    let host = parts.headers.get(HOST).cloned();
     let mut added = headers::Added::default();
     headers::add_forwarded(
         &mut parts.headers,

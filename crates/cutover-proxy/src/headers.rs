@@ -21,25 +21,60 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// One pass over the names finds which are present (usually none, or just
 /// `Connection`), which is cheaper than a hash probe per hop-by-hop name.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let present = headers.keys().filter_map(hop_by_hop::index).fold(0u16, |bits, i| bits | 1 << i);
-    if present == 0 {
-        return;
-    }
-    if present & 1 != 0 {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|v| hop_by_hop::named_by_connection(v.as_bytes()))
-            .filter_map(|n| HeaderName::from_bytes(n).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    let mut scan = Scan::default();
+    headers.keys().for_each(|k| scan.note(k));
+    scan.remove_hop_by_hop(headers);
+}
+
+/// What one pass over a request's field names found: the hop-by-hop fields,
+/// whether a name has an `_`, and which of the fields cutover sets came with
+/// the request. The rules then touch the map only for what is there.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scan {
+    /// Bit `i`: [`hop_by_hop::FIELDS`]`[i]` is present.
+    hop_by_hop: u16,
+    /// Some name has an `_` ([`drop_underscore_names`]).
+    pub underscore: bool,
+    /// The fields cutover sets that came with the request.
+    pub present: Present,
+}
+
+impl Scan {
+    /// Takes note of one field name.
+    pub fn note(&mut self, name: &HeaderName) {
+        if let Some(i) = hop_by_hop::index(name) {
+            self.hop_by_hop |= 1 << i;
         }
+        self.underscore |= name.as_str().contains('_');
+        self.present.note(name);
     }
-    for (i, name) in hop_by_hop::FIELDS.iter().enumerate() {
-        if present & 1 << i != 0 {
-            headers.remove(*name);
+
+    /// Removes the hop-by-hop fields found, and every field `Connection`
+    /// names; `true` when it named any (what was noted may be gone then).
+    pub fn remove_hop_by_hop(&self, headers: &mut HeaderMap) -> bool {
+        let present = self.hop_by_hop;
+        if present == 0 {
+            return false;
         }
+        let mut named = Vec::new();
+        if present & 1 << hop_by_hop::CONNECTION_INDEX != 0 {
+            named.extend(
+                headers
+                    .get_all(CONNECTION)
+                    .iter()
+                    .flat_map(|v| hop_by_hop::named_by_connection(v.as_bytes()))
+                    .filter_map(|n| HeaderName::from_bytes(n).ok()),
+            );
+            for name in &named {
+                headers.remove(name);
+            }
+        }
+        for (i, name) in hop_by_hop::FIELDS.iter().enumerate() {
+            if present & 1 << i != 0 {
+                headers.remove(*name);
+            }
+        }
+        !named.is_empty()
     }
 }
 
