@@ -168,7 +168,10 @@ impl Proxy {
     }
 
     /// Handles one client request (its body already wrapped for the upstream,
-    /// [`RequestBody::new`]); never fails (errors become responses).
+    /// [`RequestBody::new`]); never fails (errors become responses). An answer
+    /// read by cutover's own upstream client has the upstream's fields in its
+    /// body ([`ProxyBody::take_fields`]), not in its map: the server writes
+    /// them, or puts them into the map first ([`crate::body::fields_into_map`]).
     pub async fn handle(
         &self,
         mut req: Request<RequestBody>,
