@@ -239,6 +239,8 @@ async fn ctl_exit_codes_and_output() {
     let line: serde_json::Value = serde_json::from_str(access).unwrap();
     assert_eq!(line["site"], "shop");
     assert_eq!(line["status"], 502);
+    let id = line["request_id"].as_str().unwrap_or_default();
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "request id {id:?} in {access}");
 }
 
 /// `--version` and `--help` work on every command.

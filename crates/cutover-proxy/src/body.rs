@@ -126,7 +126,6 @@ impl Drop for RequestGuard {
             }
             None => (self.site_only.as_ref().map_or("-", |s| s.name()), "-"),
         };
-        let request_id = self.request_id.as_ref().map_or("-", |id| id.as_str());
         tracing::info!(
             target: "access",
             site,
@@ -135,7 +134,8 @@ impl Drop for RequestGuard {
             path = ?self.uri.path(),
             status = self.status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            request_id,
+            // (Fields are only evaluated when the access log is on.)
+            request_id = self.request_id.as_ref().map_or("-", |id| id.as_str()),
         );
     }
 }

@@ -647,10 +647,40 @@ fn valid_host(h: &[u8]) -> bool {
         [b'[', literal @ .., b']'] => {
             !literal.is_empty() && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         }
-        _ => !host.is_empty() && host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)),
+        _ => !host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]),
     };
     host_ok && (port.is_empty() || (port[0] == b':' && port[1..].iter().all(u8::is_ascii_digit)))
 }
+
+/// The bytes of a reg-name (RFC 3986 §3.2.2: unreserved, sub-delims, `%`), as a table.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// A response made by cutover itself.
 pub fn local(status: StatusCode, body: &'static str, guard: RequestGuard) -> Response<ProxyBody> {

@@ -309,10 +309,11 @@ pub fn new_request_id() -> RequestId {
     let hi = splitmix(seed ^ n);
     let lo = splitmix(hi ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut out = [0u8; 32];
-    let digits = (u128::from(hi) << 64) | u128::from(lo);
-    for (i, digit) in out.iter_mut().enumerate() {
+    let bytes = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        *digit = HEX[((digits >> (124 - 4 * i)) & 0xf) as usize];
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     RequestId::New(out)
 }
