@@ -154,10 +154,10 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         let name = f.name.as_bytes();
         // A body, an upgrade or an expectation: hyper's business.
         let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
-        if framing.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name)) {
+        if framing.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             return Err(NotMine);
         }
-        if name.len() == 10 && name.eq_ignore_ascii_case(b"connection") {
+        if name.eq_ignore_ascii_case(b"connection") {
             let mut names_fields = false;
             for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 close |= token.eq_ignore_ascii_case(b"close");

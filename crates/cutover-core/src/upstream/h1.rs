@@ -291,8 +291,8 @@ impl Kind {
     /// since the names are told apart by their lengths first.
     fn of(name: &[u8]) -> Kind {
         match name.len() {
-            4 if is(name, b"date") => Kind::Date,
-            14 if is(name, b"content-length") => Kind::Length,
+            4 if name.eq_ignore_ascii_case(b"date") => Kind::Date,
+            14 if name.eq_ignore_ascii_case(b"content-length") => Kind::Length,
             _ => match hop_by_hop::index_of(name) {
                 None => Kind::Kept,
                 Some(hop_by_hop::TRAILER_INDEX) => Kind::Trailer,
@@ -302,11 +302,6 @@ impl Kind {
             },
         }
     }
-}
-
-/// `name` (as it came) is `lower` (a lower-case name), in any case.
-fn is(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
 }
 
 /// Parses a response head at the start of `buf` and consumes it; `None` when
