@@ -172,6 +172,11 @@ impl<T> Tracked<T> {
         Self { inner: Some(inner), activity, park: Some(park) }
     }
 
+    /// The stream inside (none only while it is dropped).
+    pub fn get_ref(&self) -> Option<&T> {
+        self.inner.as_ref()
+    }
+
     fn io(&mut self) -> Pin<&mut T>
     where
         T: Unpin,

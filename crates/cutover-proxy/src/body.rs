@@ -244,6 +244,33 @@ impl ProxyBody {
     }
 }
 
+#[cfg(target_os = "linux")]
+impl ProxyBody {
+    /// How much of the body is left to splice into the client's socket
+    /// ([`ProxyBody::poll_splice`]): some only for a body cutover's own
+    /// client reads from a plain connection (see [`h1::ResponseBody::spliceable`]).
+    pub fn spliceable(&self) -> Option<u64> {
+        match &self.source {
+            Source::Direct(body, _) => body.spliceable(),
+            _ => None,
+        }
+    }
+
+    /// Splices the rest of the body into `to`: ready with the bytes moved
+    /// (zero once done), pending while the sockets are not ready, unless the
+    /// target's drain deadline cuts the body now.
+    pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, BoxError>> {
+        let Source::Direct(body, _) = &mut self.source else { return Poll::Ready(Ok(0)) };
+        match body.poll_splice(cx, to) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
+            Poll::Pending => match self.pending(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
+        }
+    }
+}
+
 impl ProxyBody {
     /// The upstream has nothing yet: pending, unless the target's drain deadline cuts the body now.
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {

@@ -28,8 +28,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGT
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
-use crate::activity::Activity;
+use crate::activity::{Activity, Tracked};
 use crate::body::ProxyBody;
 use crate::forward::{ClientConn, Proxy};
 
@@ -42,6 +43,29 @@ const READ_SIZE: usize = 4096;
 /// Body bytes copied behind the head (or a previous frame) to go out in the
 /// same write; larger frames are written from their own buffer.
 const COALESCE: usize = 16 * 1024;
+
+/// Bodies at least this large, read by cutover's own client from a plain
+/// connection, are spliced into a plain client connection (`splice(2)`);
+/// smaller ones are cheaper to copy.
+#[cfg(target_os = "linux")]
+const SPLICE_MIN: u64 = 64 * 1024;
+
+/// A client connection's transport, and its TCP socket when response
+/// bodies can be spliced straight into it (plain TCP, not TLS).
+pub trait Transport: AsyncWrite + Unpin {
+    /// The socket under the stream, when bytes written to it reach the client as they are.
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Transport for Tracked<TcpStream> {
+    fn socket(&self) -> Option<&TcpStream> {
+        self.get_ref()
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Transport for tokio_rustls::server::TlsStream<IO> {}
 
 /// How a connection left this server.
 pub enum Ended<IO> {
@@ -62,7 +86,7 @@ pub async fn serve<IO>(
     limit: usize,
 ) -> io::Result<Ended<IO>>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + Transport,
 {
     let activity = &*client.activity;
     let mut buf = first;
@@ -211,7 +235,7 @@ enum Framing {
 }
 
 /// Writes `resp` to the client; `true` when the connection can carry another request.
-async fn respond<IO: AsyncWrite + Unpin>(
+async fn respond<IO: Transport>(
     io: &mut IO,
     resp: Response<ProxyBody>,
     is_head: bool,
@@ -228,6 +252,10 @@ async fn respond<IO: AsyncWrite + Unpin>(
     let mut trailers = None;
     if head.framing != Framing::None && !body.is_end_stream() {
         loop {
+            #[cfg(target_os = "linux")]
+            if let Framing::Length(n) = head.framing {
+                sent += splice_rest(io, out, &mut body, n - sent).await?;
+            }
             // What is ready now goes out with what is already waiting; the rest after a write.
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
@@ -296,6 +324,32 @@ async fn respond<IO: AsyncWrite + Unpin>(
     write_all(io, out, &[]).await?;
     io.flush().await?;
     Ok(!head.close)
+}
+
+/// Splices the rest of `body` into the client's socket, after what waits in
+/// `out`, when it is large, `left` bytes long, and both sides are plain TCP:
+/// the bytes moved (none when it did not splice).
+#[cfg(target_os = "linux")]
+async fn splice_rest<IO: Transport>(
+    io: &mut IO,
+    out: &mut Vec<u8>,
+    body: &mut ProxyBody,
+    left: u64,
+) -> io::Result<u64> {
+    if left < SPLICE_MIN || body.spliceable() != Some(left) || io.socket().is_none() {
+        return Ok(0);
+    }
+    write_all(io, out, &[]).await?;
+    io.flush().await?;
+    out.clear();
+    let Some(socket) = io.socket() else { return Ok(0) };
+    let mut moved = 0;
+    loop {
+        match poll_fn(|cx| body.poll_splice(cx, socket)).await.map_err(io::Error::other)? {
+            0 => return Ok(moved),
+            n => moved += n,
+        }
+    }
 }
 
 /// The response head as encoded, and what it decided.
@@ -471,6 +525,8 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8]) -> i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Transport for Vec<u8> {}
 
     fn local(status: u16, body: &'static str, fields: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
         let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes()), None));

@@ -31,7 +31,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -249,7 +248,7 @@ impl Connection {
     /// because it was parked (only when `parkable`), and the socket is to be kept.
     async fn serve<IO>(&self, io: IO, parkable: bool) -> bool
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: tokio::io::AsyncRead + h1_server::Transport + Send + 'static,
     {
         let peer = self.client.peer;
         let activity = self.client.activity.clone();

@@ -244,7 +244,14 @@ pub async fn exchange(mut conn: Conn, head: &[u8], is_head: bool, endpoint: Arc<
         received = true;
     };
     let Head { status, version, fields, framing, reusable } = parsed;
-    let mut body = ResponseBody { conn: Some(conn), framing, reusable, endpoint };
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        framing,
+        reusable,
+        endpoint,
+        #[cfg(target_os = "linux")]
+        pipe: None,
+    };
     if matches!(body.framing, Framing::Done) {
         body.finish(true);
     }
@@ -474,6 +481,9 @@ pub struct ResponseBody {
     framing: Framing,
     reusable: bool,
     endpoint: Arc<Endpoint>,
+    /// The pipe of a body being spliced ([`ResponseBody::poll_splice`]).
+    #[cfg(target_os = "linux")]
+    pipe: Option<super::splice::Pipe>,
 }
 
 /// One step of decoding what is buffered.
@@ -491,9 +501,54 @@ impl ResponseBody {
     /// ended cleanly and the upstream left nothing extra behind.
     fn finish(&mut self, clean: bool) {
         self.framing = Framing::Done;
+        #[cfg(target_os = "linux")]
+        if let Some(pipe) = self.pipe.take() {
+            pipe.recycle();
+        }
         if let Some(conn) = self.conn.take() {
             if clean && self.reusable && conn.buf.is_empty() {
                 self.endpoint.pool.checkin_h1(conn);
+            }
+        }
+    }
+
+    /// How much of the body is left to splice ([`ResponseBody::poll_splice`]):
+    /// some for a `Content-Length` body on a plain connection with none of it
+    /// buffered (what is buffered goes out as frames first).
+    #[cfg(target_os = "linux")]
+    pub fn spliceable(&self) -> Option<u64> {
+        let conn = self.conn.as_ref()?;
+        match (&self.framing, &conn.io) {
+            (Framing::Length(left), Stream::Plain(_)) if conn.buf.is_empty() => Some(*left),
+            _ => None,
+        }
+    }
+
+    /// Moves the rest of a [`spliceable`](ResponseBody::spliceable) body
+    /// into `to` with `splice(2)`, never more than its length: ready with the
+    /// bytes moved (zero once the body is done; the connection goes back to
+    /// the pool then), pending while neither socket is ready. A body that is
+    /// not spliceable is done at once.
+    #[cfg(target_os = "linux")]
+    pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, Error>> {
+        let (Some(conn), Framing::Length(left)) = (self.conn.as_mut(), &mut self.framing) else {
+            return Poll::Ready(Ok(0));
+        };
+        let (Stream::Plain(from), true) = (&conn.io, conn.buf.is_empty()) else { return Poll::Ready(Ok(0)) };
+        let pipe = match &mut self.pipe {
+            Some(p) => p,
+            None => self.pipe.insert(super::splice::Pipe::take().map_err(Error::Io)?),
+        };
+        match std::task::ready!(pipe.poll_move(cx, from, to, left)) {
+            Ok(moved) => {
+                if *left == 0 && pipe.is_empty() {
+                    self.finish(true);
+                }
+                Poll::Ready(Ok(moved))
+            }
+            Err(e) => {
+                self.finish(false);
+                Poll::Ready(Err(Error::Io(e)))
             }
         }
     }

@@ -12,6 +12,8 @@
 //! response body was read to the end.
 
 pub mod h1;
+#[cfg(target_os = "linux")]
+mod splice;
 
 use std::io;
 use std::time::{Duration, Instant};
