@@ -246,18 +246,18 @@ impl ProxyBody {
 
 #[cfg(target_os = "linux")]
 impl ProxyBody {
-    /// How much of the body is left to splice into the client's socket
-    /// ([`ProxyBody::poll_splice`]): some only for a body cutover's own
-    /// client reads from a plain connection (see [`h1::ResponseBody::spliceable`]).
-    pub fn spliceable(&self) -> Option<u64> {
-        match &self.source {
-            Source::Direct(body, _) => body.spliceable(),
+    /// Readies the rest of the body to be spliced into the client's socket
+    /// ([`ProxyBody::poll_splice`]): how much is left; none unless cutover's
+    /// own client reads it from a plain connection (see [`h1::ResponseBody::prepare_splice`]).
+    pub fn prepare_splice(&mut self) -> Option<u64> {
+        match &mut self.source {
+            Source::Direct(body, _) => body.prepare_splice(),
             _ => None,
         }
     }
 
-    /// Splices the rest of the body into `to`: ready with the bytes moved
-    /// (zero once done), pending while the sockets are not ready, unless the
+    /// Splices the rest of a readied body into `to`: ready with the bytes
+    /// moved (zero once done), pending while the sockets are not ready, unless the
     /// target's drain deadline cuts the body now.
     pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, BoxError>> {
         let Source::Direct(body, _) = &mut self.source else { return Poll::Ready(Ok(0)) };

@@ -336,7 +336,7 @@ async fn splice_rest<IO: Transport>(
     body: &mut ProxyBody,
     left: u64,
 ) -> io::Result<u64> {
-    if left < SPLICE_MIN || body.spliceable() != Some(left) || io.socket().is_none() {
+    if left < SPLICE_MIN || io.socket().is_none() || body.prepare_splice() != Some(left) {
         return Ok(0);
     }
     write_all(io, out, &[]).await?;

@@ -512,33 +512,34 @@ impl ResponseBody {
         }
     }
 
-    /// How much of the body is left to splice ([`ResponseBody::poll_splice`]):
-    /// some for a `Content-Length` body on a plain connection with none of it
-    /// buffered (what is buffered goes out as frames first).
+    /// Readies the rest of the body to be spliced ([`ResponseBody::poll_splice`]):
+    /// how much is left, for a `Content-Length` body on a plain connection
+    /// with none of it buffered (what is buffered goes out as frames first),
+    /// once a pipe is in hand. None otherwise: the body is read as frames.
     #[cfg(target_os = "linux")]
-    pub fn spliceable(&self) -> Option<u64> {
+    pub fn prepare_splice(&mut self) -> Option<u64> {
         let conn = self.conn.as_ref()?;
-        match (&self.framing, &conn.io) {
-            (Framing::Length(left), Stream::Plain(_)) if conn.buf.is_empty() => Some(*left),
-            _ => None,
+        let (Framing::Length(left), Stream::Plain(_), true) = (&self.framing, &conn.io, conn.buf.is_empty()) else {
+            return None;
+        };
+        if self.pipe.is_none() {
+            self.pipe = Some(super::splice::Pipe::take()?);
         }
+        Some(*left)
     }
 
-    /// Moves the rest of a [`spliceable`](ResponseBody::spliceable) body
+    /// Moves the rest of a body readied by [`prepare_splice`](ResponseBody::prepare_splice)
     /// into `to` with `splice(2)`, never more than its length: ready with the
-    /// bytes moved (zero once the body is done; the connection goes back to
-    /// the pool then), pending while neither socket is ready. A body that is
-    /// not spliceable is done at once.
+    /// bytes moved (zero once the body is done, and the connection back in
+    /// the pool; or when it was not readied), pending while neither socket is ready.
     #[cfg(target_os = "linux")]
     pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, Error>> {
-        let (Some(conn), Framing::Length(left)) = (self.conn.as_mut(), &mut self.framing) else {
+        let (Some(conn), Some(pipe), Framing::Length(left)) =
+            (self.conn.as_mut(), self.pipe.as_mut(), &mut self.framing)
+        else {
             return Poll::Ready(Ok(0));
         };
         let (Stream::Plain(from), true) = (&conn.io, conn.buf.is_empty()) else { return Poll::Ready(Ok(0)) };
-        let pipe = match &mut self.pipe {
-            Some(p) => p,
-            None => self.pipe.insert(super::splice::Pipe::take().map_err(Error::Io)?),
-        };
         match std::task::ready!(pipe.poll_move(cx, from, to, left)) {
             Ok(moved) => {
                 if *left == 0 && pipe.is_empty() {

@@ -15,11 +15,13 @@ use rustix::pipe::{fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice, Pi
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// The pipe capacity asked for (the kernel may refuse it to an unprivileged
-/// process past its pipe quota: the pipe keeps its default, 64 KiB, then).
-const PIPE_SIZE: usize = 1024 * 1024;
+/// The pipe capacity asked for. An unprivileged process past its pipe quota
+/// (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by default) gets less.
+const PIPE_SIZE: usize = 256 * 1024;
+/// The least capacity worth splicing through: with less, copying is cheaper.
+const MIN_CAPACITY: usize = 64 * 1024;
 /// Empty pipes each thread keeps.
-const KEPT_PER_THREAD: usize = 64;
+const KEPT_PER_THREAD: usize = 16;
 
 thread_local! {
     static KEPT: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -35,14 +37,15 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// An empty pipe: one this thread kept, or a new one.
-    pub fn take() -> io::Result<Pipe> {
+    /// An empty pipe: one this thread kept, or a new one; none when no pipe
+    /// of at least 64 KiB can be had (out of descriptors, past the pipe quota).
+    pub fn take() -> Option<Pipe> {
         if let Some(pipe) = KEPT.with_borrow_mut(Vec::pop) {
-            return Ok(pipe);
+            return Some(pipe);
         }
-        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        let capacity = fcntl_setpipe_size(&write, PIPE_SIZE).or_else(|_| fcntl_getpipe_size(&write))?;
-        Ok(Pipe { read, write, capacity, held: 0 })
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).ok()?;
+        let capacity = fcntl_setpipe_size(&write, PIPE_SIZE).or_else(|_| fcntl_getpipe_size(&write)).ok()?;
+        (capacity >= MIN_CAPACITY).then_some(Pipe { read, write, capacity, held: 0 })
     }
 
     /// Gives an empty pipe back to this thread's pipes; one still holding bytes is closed.
