@@ -9,13 +9,18 @@
 #   ROUNDS=5 bash benches/ab-vs-nginx.sh /tmp/old/cutover target/release/cutover
 #   CLOSE=1 bash benches/ab-vs-nginx.sh                  # a new connection per request
 #   ARGS="-t1 -c1 -d4s" bash benches/ab-vs-nginx.sh      # one connection (latency)
+#   BIG=1 bash benches/ab-vs-nginx.sh                    # 1 MiB bodies over 16 connections (peers.sh's (d))
 #
 # nginx runs 2 workers with upstream keep-alive, configured as in peers.sh.
 # Ports: origin 18181, nginx 18182, cutover 18190 (admin 18991).
 # Needs nginx, wrk, curl (installed with apt-get when missing, as root).
 set -uo pipefail
 
-ARGS=${ARGS:-"-t1 -c64 -d5s"}
+if [[ ${BIG:-0} == 1 ]]; then
+  ARGS=${ARGS:-"-t1 -c16 -d5s"} URL_PATH=/1m WARM_CONNS=16
+else
+  ARGS=${ARGS:-"-t1 -c64 -d5s"} URL_PATH=/ WARM_CONNS=64
+fi
 HDR=(); [[ ${CLOSE:-0} == 1 ]] && HDR=(-H "Connection: close")
 BINS=("${@:-target/release/cutover}")
 missing=()
@@ -31,13 +36,16 @@ cleanup() {
   sleep 0.3; rm -rf "$T"
 }
 trap cleanup EXIT
-mkdir -p "$T/px"
+mkdir -p "$T/px" "$T/www"
+head -c 1048576 /dev/zero | tr '\0' 'x' >"$T/www/1m"
 cat >"$T/origin.conf" <<EOF
 worker_processes 1; daemon on; pid $T/nginx.pid; error_log $T/error.log warn;
 events { worker_connections 4096; }
 http { access_log off; client_body_temp_path $T; proxy_temp_path $T; fastcgi_temp_path $T; uwsgi_temp_path $T; scgi_temp_path $T;
-  keepalive_timeout 300s; keepalive_requests 100000000;
-  server { listen 127.0.0.1:18181; location / { default_type text/plain; return 200 "ok\n"; } } }
+  keepalive_timeout 300s; keepalive_requests 100000000; sendfile on; tcp_nopush on; tcp_nodelay on;
+  server { listen 127.0.0.1:18181; root $T/www;
+    location = /1m { default_type application/octet-stream; }
+    location / { default_type text/plain; return 200 "ok\n"; } } }
 EOF
 cat >"$T/proxy.conf" <<EOF
 worker_processes 2; daemon on; pid $T/px/nginx.pid; error_log $T/px/error.log warn;
@@ -60,7 +68,7 @@ ticks() { local u=0 s=0 a b; for p in "$@"; do read -r a b < <(awk '{print $14, 
 # name url pids...: one warm-up second, then one measured run
 measure() {
   local name=$1 url=$2 u0 s0 u1 s1 out; shift 2
-  wrk -t1 -c64 -d1s "${HDR[@]}" "$url" >/dev/null 2>&1
+  wrk -t1 -c"$WARM_CONNS" -d1s "${HDR[@]}" "$url" >/dev/null 2>&1
   read -r u0 s0 < <(ticks "$@")
   out=$(wrk $ARGS "${HDR[@]}" --latency "$url" 2>&1)
   read -r u1 s1 < <(ticks "$@")
@@ -74,13 +82,13 @@ measure() {
 echo "wrk $ARGS ${HDR[*]}; ${ROUNDS:-3} rounds"
 for r in $(seq "${ROUNDS:-3}"); do
   nginx -c "$T/proxy.conf"; sleep 0.3
-  measure "round $r nginx" http://127.0.0.1:18182/ $(pgrep -P "$(cat "$T/px/nginx.pid")")
+  measure "round $r nginx" "http://127.0.0.1:18182$URL_PATH" $(pgrep -P "$(cat "$T/px/nginx.pid")")
   kill "$(cat "$T/px/nginx.pid")"; sleep 0.3
   for b in "${BINS[@]}"; do
     rm -f "$T/cutover-state.json"
     RUST_LOG=warn "$b" serve --config "$T/cutover.yaml" >/dev/null 2>&1 & pid=$!
     for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18190/ && break; sleep 0.1; done
-    measure "round $r $b" http://127.0.0.1:18190/ "$pid"
+    measure "round $r $b" "http://127.0.0.1:18190$URL_PATH" "$pid"
     kill "$pid"; wait "$pid" 2>/dev/null; pid=
   done
 done

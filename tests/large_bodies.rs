@@ -241,6 +241,38 @@ async fn upstream_that_ends_early_breaks_the_client_connection() {
     assert_eq!(origin.connections(), 2);
 }
 
+/// A client that goes away in the middle of a large body: the upstream
+/// connection is not reused (the rest of its body is unread), the request
+/// leaves the in-flight count, and the next client is served.
+#[tokio::test]
+async fn client_that_leaves_mid_body_frees_everything() {
+    let origin = RawOrigin::start().await;
+    let p = proxy_for(&origin).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /big/16777216 HTTP/1.1\r\nhost: big.test\r\n\r\n").await.unwrap();
+    let mut piece = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 512 * 1024 {
+        let n = s.read(&mut piece).await.unwrap();
+        assert!(n > 0, "closed early");
+        got += n;
+    }
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, site) = p.api("GET", "/v1/sites/big", None).await;
+        if site["targets"]["blue"]["inflight"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the abandoned request stayed in flight: {site}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = connect(p.addr).await;
+    let (status, _, body) = fetch(&mut client, "GET", "/big/300000").await.unwrap();
+    assert!(status == 200 && body == pattern(0, 300_000));
+    assert_eq!(origin.connections(), 2, "the half-read upstream connection was not reused");
+}
+
 /// An upstream that writes more than its length: the client gets exactly the
 /// length, never the extra bytes, and the next request gets a true answer.
 #[tokio::test]
