@@ -78,6 +78,14 @@ impl Pipe {
     ) -> Poll<io::Result<u64>> {
         let mut moved = 0u64;
         loop {
+            // Each step spends from the task's budget, as tokio's own reads and
+            // writes do, so that one fast transfer cannot keep the thread from
+            // every other connection.
+            let coop = match tokio::task::coop::poll_proceed(cx) {
+                Poll::Ready(coop) => coop,
+                Poll::Pending if moved > 0 => return Poll::Ready(Ok(moved)),
+                Poll::Pending => return Poll::Pending,
+            };
             if self.held > 0 {
                 let out = to.try_io(Interest::WRITABLE, || {
                     splice(&self.read, None, to, None, self.held, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)
@@ -85,6 +93,7 @@ impl Pipe {
                 });
                 match out {
                     Ok(n) => {
+                        coop.made_progress();
                         self.held -= n;
                         moved += n as u64;
                         continue;
@@ -115,6 +124,7 @@ impl Pipe {
                     )))
                 }
                 Ok(n) => {
+                    coop.made_progress();
                     self.held = n;
                     *left -= n as u64;
                 }
