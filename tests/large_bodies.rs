@@ -25,7 +25,8 @@ fn pattern(from: usize, len: usize) -> Vec<u8> {
 }
 
 /// A raw origin. `/big/N`: `N` bytes with a `Content-Length`, written in
-/// 64 KiB pieces; `/short/N`: says `N`, sends half, closes; `/extra/N`: `N`
+/// 64 KiB pieces; `/paused/N`: the same, 20 ms after the head (so that none
+/// of the body comes with it: all `N` bytes are left to relay); `/short/N`: says `N`, sends half, closes; `/extra/N`: `N`
 /// bytes and some more in the same write; `/stall/N`: says `N`, sends an
 /// eighth, then waits. Records `(connection number, path)` of each request.
 struct RawOrigin {
@@ -89,8 +90,11 @@ async fn serve(mut stream: TcpStream, n: usize, seen: Arc<Mutex<Vec<(usize, Stri
             continue;
         }
         let body = pattern(0, len);
+        if kind == "paused" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         match kind {
-            "big" => {
+            "big" | "paused" => {
                 for piece in body.chunks(64 * 1024) {
                     if stream.write_all(piece).await.is_err() {
                         return;
@@ -153,10 +157,13 @@ async fn large_bodies_arrive_whole_on_reused_connections() {
     let origin = RawOrigin::start().await;
     let p = proxy_for(&origin).await;
     let mut client = connect(p.addr).await;
-    for len in [1 << 20, 5_000_003, 65_536, 65_535, 70_000, 1_000, 3 << 20] {
-        let (status, length, body) = fetch(&mut client, "GET", &format!("/big/{len}")).await.unwrap();
+    let paths = [1 << 20, 5_000_003, 70_000, 1_000, 3 << 20].map(|len| (len, format!("/big/{len}")));
+    // Exactly at the threshold (spliced) and one byte under (copied).
+    let at_threshold = [65_536, 65_535].map(|len| (len, format!("/paused/{len}")));
+    for (len, path) in paths.iter().chain(&at_threshold) {
+        let (status, length, body) = fetch(&mut client, "GET", path).await.unwrap();
         assert_eq!((status, length), (200, Some(len.to_string())));
-        assert!(body == pattern(0, len), "a body of {len} bytes came back altered ({} bytes)", body.len());
+        assert!(body == pattern(0, *len), "{path} came back altered ({} bytes)", body.len());
     }
     let (status, length, body) = fetch(&mut client, "HEAD", "/big/1048576").await.unwrap();
     assert_eq!((status, length.as_deref(), body.len()), (200, Some("1048576"), 0));

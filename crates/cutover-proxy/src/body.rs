@@ -257,12 +257,14 @@ impl ProxyBody {
     }
 
     /// Splices the rest of a readied body into `to`: ready with the bytes
-    /// moved (zero once done), pending while the sockets are not ready, unless the
-    /// target's drain deadline cuts the body now.
+    /// moved (zero once done), pending while the sockets are not ready. While
+    /// it waits on the upstream, the target's drain deadline may cut the body
+    /// (as for a body read as frames); while it waits on the client, it does not.
     pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, BoxError>> {
         let Source::Direct(body, _) = &mut self.source else { return Poll::Ready(Ok(0)) };
         match body.poll_splice(cx, to) {
             Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
+            Poll::Pending if body.splice_waits_on_client() => Poll::Pending,
             Poll::Pending => match self.pending(cx) {
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
                 _ => Poll::Pending,

@@ -44,6 +44,9 @@ const READ_SIZE: usize = 16 * 1024;
 /// What one read of a large body asks for at most.
 const MAX_READ_SIZE: usize = 256 * 1024;
 
+#[cfg(target_os = "linux")]
+mod splice;
+
 /// An open HTTP/1.1 connection to an upstream, between exchanges.
 #[derive(Debug)]
 pub struct Conn {
@@ -250,7 +253,7 @@ pub async fn exchange(mut conn: Conn, head: &[u8], is_head: bool, endpoint: Arc<
         reusable,
         endpoint,
         #[cfg(target_os = "linux")]
-        pipe: None,
+        splice: splice::State::Untried,
     };
     if matches!(body.framing, Framing::Done) {
         body.finish(true);
@@ -481,9 +484,9 @@ pub struct ResponseBody {
     framing: Framing,
     reusable: bool,
     endpoint: Arc<Endpoint>,
-    /// The pipe of a body being spliced ([`ResponseBody::poll_splice`]).
+    /// Whether the rest goes by `splice(2)` ([`ResponseBody::poll_splice`]).
     #[cfg(target_os = "linux")]
-    pipe: Option<super::splice::Pipe>,
+    splice: splice::State,
 }
 
 /// One step of decoding what is buffered.
@@ -501,55 +504,15 @@ impl ResponseBody {
     /// ended cleanly and the upstream left nothing extra behind.
     fn finish(&mut self, clean: bool) {
         self.framing = Framing::Done;
-        #[cfg(target_os = "linux")]
-        if let Some(pipe) = self.pipe.take() {
-            pipe.recycle();
-        }
+        self.release(clean);
+    }
+
+    /// Lets go of the connection: back to the pool when the exchange ended
+    /// cleanly and the upstream left nothing extra behind.
+    fn release(&mut self, clean: bool) {
         if let Some(conn) = self.conn.take() {
             if clean && self.reusable && conn.buf.is_empty() {
                 self.endpoint.pool.checkin_h1(conn);
-            }
-        }
-    }
-
-    /// Readies the rest of the body to be spliced ([`ResponseBody::poll_splice`]):
-    /// how much is left, for a `Content-Length` body on a plain connection
-    /// with none of it buffered (what is buffered goes out as frames first),
-    /// once a pipe is in hand. None otherwise: the body is read as frames.
-    #[cfg(target_os = "linux")]
-    pub fn prepare_splice(&mut self) -> Option<u64> {
-        let conn = self.conn.as_ref()?;
-        let (Framing::Length(left), Stream::Plain(_), true) = (&self.framing, &conn.io, conn.buf.is_empty()) else {
-            return None;
-        };
-        if self.pipe.is_none() {
-            self.pipe = Some(super::splice::Pipe::take()?);
-        }
-        Some(*left)
-    }
-
-    /// Moves the rest of a body readied by [`prepare_splice`](ResponseBody::prepare_splice)
-    /// into `to` with `splice(2)`, never more than its length: ready with the
-    /// bytes moved (zero once the body is done, and the connection back in
-    /// the pool; or when it was not readied), pending while neither socket is ready.
-    #[cfg(target_os = "linux")]
-    pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, Error>> {
-        let (Some(conn), Some(pipe), Framing::Length(left)) =
-            (self.conn.as_mut(), self.pipe.as_mut(), &mut self.framing)
-        else {
-            return Poll::Ready(Ok(0));
-        };
-        let (Stream::Plain(from), true) = (&conn.io, conn.buf.is_empty()) else { return Poll::Ready(Ok(0)) };
-        match std::task::ready!(pipe.poll_move(cx, from, to, left)) {
-            Ok(moved) => {
-                if *left == 0 && pipe.is_empty() {
-                    self.finish(true);
-                }
-                Poll::Ready(Ok(moved))
-            }
-            Err(e) => {
-                self.finish(false);
-                Poll::Ready(Err(Error::Io(e)))
             }
         }
     }
@@ -650,6 +613,12 @@ impl http_body::Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
+        #[cfg(target_os = "linux")]
+        if this.splice.holds_bytes() {
+            // Frames read now would overtake the bytes in the pipe.
+            this.finish(false);
+            return Poll::Ready(Some(Err(Error::Invalid("body read as frames in the middle of a splice"))));
+        }
         loop {
             let step = match this.step() {
                 Ok(s) => s,

@@ -12,8 +12,6 @@
 //! response body was read to the end.
 
 pub mod h1;
-#[cfg(target_os = "linux")]
-mod splice;
 
 use std::io;
 use std::time::{Duration, Instant};
