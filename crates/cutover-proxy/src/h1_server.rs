@@ -254,7 +254,9 @@ async fn respond<IO: Transport>(
         loop {
             #[cfg(target_os = "linux")]
             if let Framing::Length(n) = head.framing {
-                sent += splice_rest(io, out, &mut body, n - sent).await?;
+                if n - sent >= SPLICE_MIN {
+                    sent += splice_rest(io, out, &mut body, n - sent).await?;
+                }
             }
             // What is ready now goes out with what is already waiting; the rest after a write.
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
@@ -327,8 +329,8 @@ async fn respond<IO: Transport>(
 }
 
 /// Splices the rest of `body` into the client's socket, after what waits in
-/// `out`, when it is large, `left` bytes long, and both sides are plain TCP:
-/// the bytes moved (none when it did not splice).
+/// `out`, when it is `left` bytes long and both sides are plain TCP: the
+/// bytes moved (none when it did not splice).
 #[cfg(target_os = "linux")]
 async fn splice_rest<IO: Transport>(
     io: &mut IO,
@@ -336,7 +338,7 @@ async fn splice_rest<IO: Transport>(
     body: &mut ProxyBody,
     left: u64,
 ) -> io::Result<u64> {
-    if left < SPLICE_MIN || io.socket().is_none() || body.prepare_splice() != Some(left) {
+    if io.socket().is_none() || body.prepare_splice() != Some(left) {
         return Ok(0);
     }
     write_all(io, out, &[]).await?;
