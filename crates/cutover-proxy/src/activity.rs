@@ -104,6 +104,16 @@ impl Activity {
         self.touch();
     }
 
+    /// Whether a request's response is not finished.
+    pub fn open(&self) -> bool {
+        self.open_requests.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether the connection carries HTTP/2.
+    pub fn multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
+    }
+
     /// The connection carries HTTP/2: it is never parked.
     pub fn mark_multiplexed(&self) {
         if !self.multiplexed.load(Ordering::Relaxed) {

@@ -282,8 +282,9 @@ impl Connection {
         // The first request head is due within header_read_timeout, and a
         // silent connection counts as idle.
         let mut io = io;
+        let early = io.socket().map(crate::sniff::read_now).unwrap_or_default();
         let first = {
-            let sniffing = sniff(&mut io);
+            let sniffing = sniff(&mut io, early);
             tokio::pin!(sniffing);
             loop {
                 tokio::select! {
@@ -322,7 +323,19 @@ impl Connection {
         };
         let mut closing = false;
         loop {
+            // The watchdog is polled only when no request is open, or on a
+            // multiplexed connection (whose requests end in tasks of their
+            // own): an open request is neither idle nor a late head, so a
+            // connection that closes after its request never arms a timer.
+            // (After the connection's own poll, which may just have ended one.)
+            let watch = std::future::poll_fn(|cx| {
+                if activity.open() && !activity.multiplexed() {
+                    return Poll::Pending;
+                }
+                tick.as_mut().poll(cx)
+            });
             tokio::select! {
+                biased;
                 r = &mut conn => match r {
                     Outcome::Ended(Ok(())) => break,
                     Outcome::Ended(Err(e)) => {
@@ -344,7 +357,7 @@ impl Connection {
                     activity.set_parking(false);
                     graceful_shutdown!(conn, activity);
                 }
-                _ = &mut tick, if !closing => {
+                _ = watch, if !closing => {
                     tick.as_mut().reset(next_tick(&activity));
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.

@@ -30,12 +30,16 @@ pub enum Speaks {
     Http2,
 }
 
-/// Reads the first bytes of `io` until the version is known. `None` when the
-/// client closed first.
-pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<(Speaks, Bytes)>> {
+/// Reads the first bytes of `io`, after `early` (read already, perhaps
+/// none), until the version is known. `None` when the client closed first.
+pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T, early: Bytes) -> io::Result<Option<(Speaks, Bytes)>> {
     let mut head = Bytes::new();
+    let mut early = Some(early).filter(|e| !e.is_empty());
     loop {
-        let chunk = std::future::poll_fn(|cx| read_some(Pin::new(&mut *io), cx)).await?;
+        let chunk = match early.take() {
+            Some(e) => e,
+            None => std::future::poll_fn(|cx| read_some(Pin::new(&mut *io), cx)).await?,
+        };
         if chunk.is_empty() {
             return Ok(None);
         }
@@ -48,6 +52,20 @@ pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<(Speak
         if k == H2_PREFACE.len() {
             return Ok(Some((Speaks::Http2, head)));
         }
+    }
+}
+
+/// The client's first bytes when they are there already (most clients send
+/// a request as soon as they are connected), read from `socket` at once: the
+/// runtime learns that a new socket is readable only at its next look at
+/// the sockets, so a first read through it waits for that, and the
+/// connection arms its watchdog timer meanwhile. Empty when nothing came yet
+/// (or the read failed: the next read through the runtime says how).
+pub fn read_now(socket: &tokio::net::TcpStream) -> Bytes {
+    let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+    match rustix::net::recv(socket, &mut stack, rustix::net::RecvFlags::empty()) {
+        Ok(((filled, _), _)) => Bytes::copy_from_slice(filled),
+        Err(_) => Bytes::new(),
     }
 }
 
@@ -130,7 +148,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         drop(client);
-        sniff(&mut server).await.unwrap()
+        sniff(&mut server, Bytes::new()).await.unwrap()
     }
 
     #[tokio::test]
