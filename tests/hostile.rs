@@ -479,6 +479,30 @@ async fn slowloris_after_a_first_request_is_cut_too() {
     assert_eq!(paths(&blue), vec!["/first".to_string()]);
 }
 
+/// A parked connection whose next request head arrives half, in one packet,
+/// and then nothing more: the half head still has `header_read_timeout`, not
+/// `idle_timeout` (the first bytes of a re-awakened connection are read at
+/// once, and count as the head's start all the same).
+#[tokio::test]
+async fn half_head_on_a_parked_connection_is_cut_at_header_read_timeout() {
+    let (p, blue) = one_site("limits: { header_read_timeout: 500ms, idle_timeout: 60s }").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Idle well past the parking delay: parked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    s.write_all(b"GET /half HTTP/1.1\r\nHost: shop.test\r\n").await.unwrap();
+    let r = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(r.closed, "the half head was kept past header_read_timeout");
+    let cut = start.elapsed();
+    assert!(cut >= Duration::from_millis(400) && cut < Duration::from_secs(2), "cut after {cut:?}");
+    settle().await;
+    assert_eq!(paths(&blue), vec!["/first".to_string()]);
+}
+
 /// 14. `max_connections: 2`: two kept-alive connections are served, a third
 /// TCP connection is closed at once without an answer, the first two keep
 /// working, and once one of them closes a new connection is accepted again.

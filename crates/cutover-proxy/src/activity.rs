@@ -4,12 +4,14 @@
 //! while the socket waits for the next request).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
@@ -187,6 +189,17 @@ impl<T> Tracked<T> {
         self.inner.as_ref()
     }
 
+    /// Records that bytes were read: the connection is not idle, and a
+    /// request head has started if none was being read.
+    fn read_some(&self) {
+        let a = &self.activity;
+        let now = a.opened.elapsed().as_millis() as u64;
+        a.last_ms.store(now, Ordering::Relaxed);
+        if !a.read_since_finish.swap(true, Ordering::Relaxed) {
+            a.head_since_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
     fn io(&mut self) -> Pin<&mut T>
     where
         T: Unpin,
@@ -205,6 +218,26 @@ impl<T> Tracked<T> {
     }
 }
 
+impl Tracked<tokio::net::TcpStream> {
+    /// The client's first bytes when they are there already (most clients
+    /// send a request as soon as they are connected), read at once and
+    /// recorded as any read: the runtime learns that a new socket is readable
+    /// only at its next look at the sockets, so a first read through it waits
+    /// for that, and the connection arms its watchdog timer meanwhile. Empty
+    /// when nothing came yet (or the read failed: the next read says how).
+    pub fn read_now(&self) -> Bytes {
+        let Some(socket) = self.get_ref() else { return Bytes::new() };
+        let mut stack = [MaybeUninit::<u8>::uninit(); crate::sniff::FIRST_READ];
+        match rustix::net::recv(socket, &mut stack, rustix::net::RecvFlags::empty()) {
+            Ok(((filled, _), _)) if !filled.is_empty() => {
+                self.read_some();
+                Bytes::copy_from_slice(filled)
+            }
+            _ => Bytes::new(),
+        }
+    }
+}
+
 impl<T> Drop for Tracked<T> {
     fn drop(&mut self) {
         if self.activity.parking() {
@@ -219,14 +252,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = self.io().poll_read(cx, buf);
-        let got = buf.filled().len() > before;
-        if got {
-            let a = &self.activity;
-            let now = a.opened.elapsed().as_millis() as u64;
-            a.last_ms.store(now, Ordering::Relaxed);
-            if !a.read_since_finish.swap(true, Ordering::Relaxed) {
-                a.head_since_ms.store(now, Ordering::Relaxed);
-            }
+        if buf.filled().len() > before {
+            self.read_some();
         }
         if self.park.is_some() && self.activity.parking() {
             match r {

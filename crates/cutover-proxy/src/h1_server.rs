@@ -57,11 +57,20 @@ pub trait Transport: AsyncWrite + Unpin {
     fn socket(&self) -> Option<&TcpStream> {
         None
     }
+
+    /// The client's first bytes, when they can be read at once (see [`Tracked::read_now`]).
+    fn read_now(&self) -> Bytes {
+        Bytes::new()
+    }
 }
 
 impl Transport for Tracked<TcpStream> {
     fn socket(&self) -> Option<&TcpStream> {
         self.get_ref()
+    }
+
+    fn read_now(&self) -> Bytes {
+        Tracked::read_now(self)
     }
 }
 

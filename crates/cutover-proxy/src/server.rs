@@ -282,7 +282,7 @@ impl Connection {
         // The first request head is due within header_read_timeout, and a
         // silent connection counts as idle.
         let mut io = io;
-        let early = io.socket().map(crate::sniff::read_now).unwrap_or_default();
+        let early = io.read_now();
         let first = {
             let sniffing = sniff(&mut io, early);
             tokio::pin!(sniffing);

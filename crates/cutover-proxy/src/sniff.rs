@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// What the first read asks for: a typical request head in one go.
-const FIRST_READ: usize = 4096;
+pub(crate) const FIRST_READ: usize = 4096;
 
 /// What a client connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,20 +52,6 @@ pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T, early: Bytes) -> io::Result
         if k == H2_PREFACE.len() {
             return Ok(Some((Speaks::Http2, head)));
         }
-    }
-}
-
-/// The client's first bytes when they are there already (most clients send
-/// a request as soon as they are connected), read from `socket` at once: the
-/// runtime learns that a new socket is readable only at its next look at
-/// the sockets, so a first read through it waits for that, and the
-/// connection arms its watchdog timer meanwhile. Empty when nothing came yet
-/// (or the read failed: the next read through the runtime says how).
-pub fn read_now(socket: &tokio::net::TcpStream) -> Bytes {
-    let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
-    match rustix::net::recv(socket, &mut stack, rustix::net::RecvFlags::empty()) {
-        Ok(((filled, _), _)) => Bytes::copy_from_slice(filled),
-        Err(_) => Bytes::new(),
     }
 }
 
