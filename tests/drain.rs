@@ -227,17 +227,9 @@ async fn stream_open_at_the_deadline_is_cut() {
     assert!(body.frame().await.unwrap().is_ok());
     let start = Instant::now();
     p.switch("shop", "green").await;
-    let outcome = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return "cut",
-                None => return "completed",
-            }
-        }
-    })
-    .await
-    .expect("the stream was neither cut nor completed");
+    let outcome = support::cut_or_completed(&mut body, Duration::from_secs(3))
+        .await
+        .expect("the stream was neither cut nor completed");
     assert_eq!(outcome, "cut");
     assert!(start.elapsed() >= Duration::from_millis(280), "cut before the deadline: {:?}", start.elapsed());
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;

@@ -61,21 +61,7 @@ impl RawOrigin {
 
 async fn serve(mut stream: TcpStream, n: usize, seen: Arc<Mutex<Vec<(usize, String)>>>) {
     let mut buf = Vec::new();
-    loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end);
-        let mut words = head.split(' ');
-        let (method, path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+    while let Some((method, path)) = support::next_request(&mut stream, &mut buf).await {
         seen.lock().unwrap().push((n, path.clone()));
         if path == "/up" {
             if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
@@ -310,17 +296,8 @@ async fn stalled_large_body_is_cut_at_the_drain_deadline() {
     let mut body = client.send_request(req).await.unwrap().into_body();
     assert!(body.frame().await.unwrap().is_ok(), "the first bytes arrive");
     p.switch("big", "green").await;
-    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return "cut",
-                None => return "completed",
-            }
-        }
-    })
-    .await
-    .expect("the stalled body was never cut");
+    let outcome =
+        support::cut_or_completed(&mut body, Duration::from_secs(5)).await.expect("the stalled body was never cut");
     assert_eq!(outcome, "cut");
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
     assert!(

@@ -77,21 +77,7 @@ async fn serve(
 ) {
     let mut buf = Vec::new();
     let mut served = 0;
-    loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end);
-        let mut words = head.split(' ');
-        let (method, path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+    while let Some((method, path)) = support::next_request(&mut stream, &mut buf).await {
         seen.lock().unwrap().push((n, method, path.clone()));
         let script =
             if path == "/up" { Script::Answer(OK) } else { scripts.get(&path).cloned().expect("scripted path") };

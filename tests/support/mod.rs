@@ -494,3 +494,38 @@ pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
 }
+
+/// Reads the next request head from `stream` (bytes after it stay in
+/// `buf`): its method and target, or `None` once the connection ends.
+pub async fn next_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    let mut words = head.split(' ');
+    Some((words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string()))
+}
+
+/// Reads a response body to its end: `"cut"` when it ends with an error,
+/// `"completed"` otherwise; `None` when neither happened `within`.
+pub async fn cut_or_completed(body: &mut Incoming, within: Duration) -> Option<&'static str> {
+    let outcome = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return "cut",
+                None => return "completed",
+            }
+        }
+    };
+    tokio::time::timeout(within, outcome).await.ok()
+}
