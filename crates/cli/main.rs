@@ -11,6 +11,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// jemalloc, not the system allocator: tokio allocates each connection's task and IO
+/// registration cache-line aligned, which glibc serves on a slow path (benches/README.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// An HTTP reverse proxy for zero-downtime blue-green releases.
 #[derive(Debug, Parser)]
 #[command(name = "cutover", version, about)]
