@@ -141,14 +141,16 @@ pub async fn serve(
             header_read_timeout: config.limits.header_read_timeout,
             stop: stop.clone(),
         };
+        // Each connection's future is boxed before it is spawned: the runtime
+        // then moves a pointer into its task, not the whole future, several times over.
         match &config.tls {
             None => {
-                connections.spawn(conn.run_plain(stream));
+                connections.spawn(Box::pin(conn.run_plain(stream)));
             }
             Some(tls) => {
                 let (acceptor, handshakes) = (tls.acceptor(), handshakes.clone());
                 let timeout = config.limits.header_read_timeout;
-                connections.spawn(async move {
+                connections.spawn(Box::pin(async move {
                     let io = Tracked::new(stream, conn.client.activity.clone());
                     // rustls has no handshake timeout of its own, and handshakes cost CPU: bound both.
                     let handshake = async {
@@ -162,7 +164,7 @@ pub async fn serve(
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                });
+                }));
             }
         }
     }
