@@ -26,7 +26,8 @@
 # REPS (pairs of plain + switching runs, 1), CONTROL=1 (add a third run per
 # pair whose loop GETs /v1/sites/bench instead of switching: what the loop's
 # processes cost by themselves), LOOP (python or curl), N (switches for switch_ack.py,
-# 200), VERBOSE=1 (print wrk's full output too).
+# 200), VERBOSE=1 (print wrk's full output too), BIN (the cutover binary,
+# target/release/cutover; another build for an A/B).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -131,8 +132,9 @@ sites:
       green: { endpoints: [127.0.0.1:$GREEN_PORT], version: v2 }
     health: { interval: 1s, healthy_threshold: 1 }
 YAML
-target/release/cutover check --config "$tmp/cutover.yaml" >/dev/null
-RUST_LOG=warn target/release/cutover serve --config "$tmp/cutover.yaml" 2>"$tmp/cutover.log" &
+BIN=${BIN:-target/release/cutover}
+"$BIN" check --config "$tmp/cutover.yaml" >/dev/null
+RUST_LOG=warn "$BIN" serve --config "$tmp/cutover.yaml" 2>"$tmp/cutover.log" &
 cutover_pid=$!
 pids+=("$cutover_pid")
 
@@ -159,7 +161,11 @@ switch_to() { # prints the admin API's status code
   { echo "switch sanity check failed" >&2; exit 1; }
 
 echo "# switch-under-load: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $(uname -r), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}' || true)"
-echo "cutover $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates Cargo.toml 2>/dev/null || echo ' + uncommitted changes'); origin: $origin"
+if [[ $BIN == target/release/cutover ]]; then
+  echo "cutover $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates Cargo.toml 2>/dev/null || echo ' + uncommitted changes'); origin: $origin"
+else
+  echo "cutover $BIN; origin: $origin"
+fi
 echo "state file: $tmp/state.json ($(df -T "$tmp" | awk 'NR==2{print $2}'))"
 echo
 
