@@ -5,6 +5,8 @@
 #     -v $PWD/config:/etc/cutover:ro -v cutover-state:/var/lib/cutover cutover
 
 FROM rust:1-slim-bookworm AS build
+# make: jemalloc (the binary's allocator) is built from C with configure + make.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY crates crates
