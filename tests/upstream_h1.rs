@@ -29,6 +29,9 @@ enum Script {
     /// connection is read and the connection closed without an answer (the
     /// keep-alive race: the upstream timed the connection out as it arrived).
     CloseOnSecond,
+    /// As `CloseOnSecond`, but the first answer comes after 300 ms, so that
+    /// requests sent together each open a connection of their own.
+    SlowThenCloseOnSecond,
 }
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -97,6 +100,13 @@ async fn serve(
                 }
             }
             Script::CloseOnSecond => return,
+            Script::SlowThenCloseOnSecond if served == 0 => {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                if stream.write_all(OK).await.is_err() {
+                    return;
+                }
+            }
+            Script::SlowThenCloseOnSecond => return,
         }
         served += 1;
     }
@@ -267,6 +277,31 @@ async fn stale_pooled_connection_retried_only_when_idempotent() {
     assert_eq!(status, 200, "the next request gets a fresh connection");
 }
 
+/// An upstream that closed every pooled connection at once (a restart): the
+/// retry after the first stale one takes a new connection, instead of trying
+/// the next stale ones until the attempts run out.
+#[tokio::test]
+async fn retry_after_a_stale_connection_takes_a_new_one() {
+    let origin = RawOrigin::start(&[("/restart", Script::SlowThenCloseOnSecond)]).await;
+    let p = proxy_for(&origin).await;
+    // Six requests at once: six upstream connections, all pooled afterwards,
+    // each of which the upstream closes under its next request.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(connect(p.addr).await);
+    }
+    let answers = futures_util::future::join_all(clients.iter_mut().map(|c| fetch(c, "GET", "/restart"))).await;
+    for a in answers {
+        assert_eq!(a.unwrap().0, 200);
+    }
+    assert_eq!(origin.connections(), 6);
+    let mut c = connect(p.addr).await;
+    let (status, _, body, _) = fetch(&mut c, "GET", "/restart").await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]), "the retry must not take another stale connection");
+    // One stale connection tried, then a new one.
+    assert_eq!(origin.requests_for("/restart"), 8);
+}
+
 /// Answers that could be read two ways or are broken never reach the client
 /// as if they were fine.
 #[tokio::test]
@@ -287,10 +322,21 @@ async fn invalid_answers_are_502_or_cut() {
             Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
         ),
         ("/silent", Script::AnswerAndClose(b"")),
+        // Codings cutover cannot undo would reach the client unmarked.
+        ("/gzip-chunked", Script::Answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n")),
+        ("/gzip", Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped")),
+        (
+            "/chunked-twice",
+            Script::Answer(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+        ),
     ])
     .await;
     let p = proxy_for(&origin).await;
-    for path in ["/garbage", "/two-lengths", "/bad-length", "/big-head", "/silent"] {
+    let refused =
+        ["/garbage", "/two-lengths", "/bad-length", "/big-head", "/silent", "/gzip-chunked", "/gzip", "/chunked-twice"];
+    for path in refused {
         let mut c = connect(p.addr).await;
         let (status, _, _, _) = fetch(&mut c, "GET", path).await.unwrap();
         assert_eq!(status, 502, "{path}");
@@ -316,6 +362,13 @@ async fn ambiguous_framing_is_not_trusted_again() {
             ),
         ),
         ("/extra", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")),
+        // HTTP/1.0 has no Transfer-Encoding (RFC 9112 §6.1): read, but not trusted again.
+        (
+            "/http10-chunked",
+            Script::Answer(
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n0\r\n\r\n",
+            ),
+        ),
     ])
     .await;
     let p = proxy_for(&origin).await;
@@ -331,6 +384,11 @@ async fn ambiguous_framing_is_not_trusted_again() {
         assert_eq!((status, &body[..]), (200, &b"ok"[..]));
     }
     assert_eq!(origin.connections(), 4);
+    for _ in 0..2 {
+        let (status, _, body, _) = fetch(&mut c, "GET", "/http10-chunked").await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"wiki"[..]));
+    }
+    assert_eq!(origin.connections(), 6);
 }
 
 /// A client that goes away mid-body takes the upstream connection with it

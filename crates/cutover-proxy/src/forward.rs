@@ -313,10 +313,12 @@ impl Proxy {
         let target = &routed.target;
         let h2 = target.protocol == Protocol::H2 && !fresh;
         let mut failed = Vec::new();
+        // After a pooled connection turned out closed, the retry takes a new one.
+        let mut renew = false;
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let mut conn = match Upstream::get(endpoint, h2, fresh, routed.connect_timeout).await {
+            let mut conn = match Upstream::get(endpoint, h2, fresh || renew, routed.connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => {
                     connect_failed(target, endpoint, &e);
@@ -329,6 +331,7 @@ impl Proxy {
             if !conn.is_ready()
                 && !matches!(tokio::time::timeout(routed.connect_timeout, conn.ready()).await, Ok(Ok(())))
             {
+                renew = true;
                 continue;
             }
             guard.set_endpoint(endpoint.clone());
@@ -341,7 +344,10 @@ impl Proxy {
                 Ok(Ok(resp)) => return Ok((resp, conn.into_via(), endpoint.clone())),
                 Ok(Err(mut e)) => match e.take_message() {
                     // Not written at all: safe to try again on another connection.
-                    Some(back) => req = back,
+                    Some(back) => {
+                        req = back;
+                        renew = true;
+                    }
                     None => {
                         target.metrics.upstream_error(UpstreamErrorKind::Reset);
                         return Err(ForwardError::Broken(e.into_error().into()));
@@ -373,10 +379,14 @@ impl Proxy {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
         );
         let mut failed = Vec::new();
+        // After a pooled connection turned out closed, the retry takes a new
+        // one: the pool may hold more that the upstream closed at once (a restart).
+        let mut renew = false;
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let (conn, reused) = match endpoint.pool.checkout_h1() {
+            let pooled = if renew { None } else { endpoint.pool.checkout_h1() };
+            let (conn, reused) = match pooled {
                 Some(c) => (c, true),
                 None => {
                     let tls = endpoint.tls.load_full();
@@ -395,7 +405,7 @@ impl Proxy {
             let exchange = h1::exchange(conn, head, *method == Method::HEAD, endpoint.clone());
             match tokio::time::timeout(routed.response_timeout, exchange).await {
                 Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(e)) if e.is_stale() && reused && idempotent => {}
+                Ok(Err(e)) if e.is_stale() && reused && idempotent => renew = true,
                 Ok(Err(e)) => {
                     target.metrics.upstream_error(UpstreamErrorKind::Reset);
                     return Err(ForwardError::Broken(e.into()));

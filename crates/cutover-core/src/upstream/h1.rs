@@ -9,11 +9,13 @@
 //! endpoint's pool the moment its response was read to the end.
 //!
 //! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
-//! `Transfer-Encoding` (chunked last) over `Content-Length`; otherwise the body
-//! ends when the upstream closes. 1xx interim answers are skipped. A response
-//! that could be read two ways (`Content-Length` and `Transfer-Encoding`,
-//! conflicting lengths) is never reused, or refused. Requests with a body and
-//! upgrades go through hyper's client instead.
+//! `Transfer-Encoding: chunked` over `Content-Length`; otherwise the body
+//! ends when the upstream closes. Any other transfer coding (`gzip, chunked`)
+//! is refused: cutover does not undo it, and the client would get coded bytes
+//! with nothing saying so. 1xx interim answers are skipped. A response that
+//! could be read two ways (`Content-Length` and `Transfer-Encoding`, conflicting
+//! lengths, `Transfer-Encoding` in HTTP/1.0) is never reused, or refused.
+//! Requests with a body and upgrades go through hyper's client instead.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -341,7 +343,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     // First what each field is, the framing, and what `Connection` says.
     let mut kinds = [Kind::Kept; MAX_HEADERS];
     let mut length: Option<u64> = None;
-    let (mut chunked, mut encoded, mut close, mut keep_alive, mut names_fields) = (false, false, false, false, false);
+    let (mut encoded, mut close, mut keep_alive, mut names_fields) = (false, false, false, false);
+    // The transfer codings named, and how many of them are `chunked` (the only one cutover decodes).
+    let (mut codings, mut chunked) = (0usize, 0usize);
     let mut size = 0;
     for (f, kind) in parsed.headers.iter().zip(kinds.iter_mut()) {
         let (name, value) = (f.name.as_bytes(), f.value);
@@ -359,10 +363,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
             }
             Kind::Encoding => {
                 encoded = true;
-                chunked = value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+                    codings += 1;
+                    chunked += usize::from(token.eq_ignore_ascii_case(b"chunked"));
+                }
             }
             Kind::Connection => {
                 for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -378,16 +382,17 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let framing = if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Done
     } else if encoded {
-        if length.is_some() {
-            // Read two ways: Transfer-Encoding wins, and the connection is not trusted again.
+        // A coding cutover cannot undo (`gzip, chunked`, `gzip`) would reach the
+        // client as it is, with nothing left to say how it is coded: refused.
+        if codings != 1 || chunked != 1 {
+            return Err(Error::Invalid("a transfer coding other than chunked"));
+        }
+        // Read two ways (Transfer-Encoding wins), or in HTTP/1.0, which has no
+        // Transfer-Encoding (RFC 9112 §6.1): the connection is not trusted again.
+        if length.is_some() || minor == 0 {
             reusable = false;
         }
-        if chunked {
-            Framing::Chunked(Chunk::Size)
-        } else {
-            reusable = false;
-            Framing::UntilClose
-        }
+        Framing::Chunked(Chunk::Size)
     } else {
         match length {
             Some(0) => Framing::Done,
