@@ -218,6 +218,35 @@ async fn pause_queue_and_timeout_are_bounded() {
     assert_eq!(blue.count(), 0);
 }
 
+/// A held request outlives the connection's timeouts: held longer than
+/// `header_read_timeout` and `idle_timeout`, on a new and on a kept-alive
+/// connection, with and without a body, it is answered when the site resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_outlive_the_connection_timeouts() {
+    let blue = Origin::start("blue").await;
+    let opts = support::Options {
+        extra: "limits: { header_read_timeout: 300ms, idle_timeout: 400ms }".into(),
+        ..Default::default()
+    };
+    let p = Proxy::start_with(&shop(&[("blue", vec![blue.addr], "")], ""), opts).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut kept = Client::connect(p.addr).await;
+    assert_eq!(kept.send(req("GET", "/before", "")).await.unwrap().status, 200);
+    p.api("POST", "/v1/sites/shop/pause", Some(json!({"timeout": "10s"}))).await;
+    let addr = p.addr;
+    let new = tokio::spawn(async move { Client::connect(addr).await.send(req("GET", "/new", "")).await });
+    let kept = tokio::spawn(async move { kept.send(req("GET", "/kept", "")).await });
+    // A request with a body: hyper's server reads it.
+    let post = tokio::spawn(async move { Client::connect(addr).await.send(req("POST", "/post", "x")).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["held"], 3);
+    p.api("POST", "/v1/sites/shop/resume", None).await;
+    for (name, h) in [("new", new), ("kept-alive", kept), ("POST", post)] {
+        let a = h.await.unwrap().unwrap_or_else(|e| panic!("{name} connection: {e}"));
+        assert_eq!((a.status, a.body.as_str()), (200, "blue"), "{name} connection");
+    }
+}
+
 /// Preview by header and by preview host: answered by the named target with
 /// `x-cutover-served-by`; a missing or unhealthy target gives 503 and a bad
 /// token 403 — never the live target.

@@ -106,6 +106,14 @@ impl Activity {
         self.touch();
     }
 
+    /// Counts a request that is read but not yet routed (held by a paused
+    /// site) as open until the returned guard is dropped: it is neither idle
+    /// nor a late head, so neither timeout closes its connection meanwhile.
+    pub fn hold_open(self: &Arc<Self>) -> OpenWhileHeld {
+        self.open_requests.fetch_add(1, Ordering::Relaxed);
+        OpenWhileHeld(self.clone())
+    }
+
     /// Whether a request's response is not finished.
     pub fn open(&self) -> bool {
         self.open_requests.load(Ordering::Relaxed) > 0
@@ -161,6 +169,17 @@ impl Activity {
         }
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// A held request's place among a connection's open requests ([`Activity::hold_open`]).
+#[derive(Debug)]
+pub struct OpenWhileHeld(Arc<Activity>);
+
+impl Drop for OpenWhileHeld {
+    fn drop(&mut self) {
+        self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 

@@ -210,7 +210,11 @@ impl Proxy {
             let gate = &routed.site.pause;
             if !pick.preview && gate.is_paused() {
                 // Boxed, as are the other rare awaits: the request future stays small to move.
-                if let Err(why) = Box::pin(gate.hold(routed.site.config.pause.max_held)).await {
+                // Open meanwhile, or the connection's timeouts would cut a held request.
+                let held = conn.activity.hold_open();
+                let released = Box::pin(gate.hold(routed.site.config.pause.max_held)).await;
+                drop(held);
+                if let Err(why) = released {
                     let body = match why {
                         HoldError::Full => "the site is paused and its queue is full\n",
                         HoldError::Timeout => "the site stayed paused past the pause timeout\n",
