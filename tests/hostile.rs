@@ -503,6 +503,24 @@ async fn half_head_on_a_parked_connection_is_cut_at_header_read_timeout() {
     assert_eq!(paths(&blue), vec!["/first".to_string()]);
 }
 
+/// A half head that came in the same packet as the request before it, and
+/// then nothing more: it has `header_read_timeout` from the moment that
+/// request was answered, not `idle_timeout`.
+#[tokio::test]
+async fn half_head_behind_a_pipelined_request_is_cut_at_header_read_timeout() {
+    let (p, blue) = one_site("limits: { header_read_timeout: 500ms, idle_timeout: 60s }").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /half HTTP/1.1\r\n").await.unwrap();
+    let r = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
+    assert!(r.closed, "the half head was kept past header_read_timeout");
+    let cut = start.elapsed();
+    assert!(cut >= Duration::from_millis(400) && cut < Duration::from_secs(2), "cut after {cut:?}");
+    settle().await;
+    assert_eq!(paths(&blue), vec!["/first".to_string()]);
+}
+
 /// 14. `max_connections: 2`: two kept-alive connections are served, a third
 /// TCP connection is closed at once without an answer, the first two keep
 /// working, and once one of them closes a new connection is accepted again.

@@ -114,6 +114,20 @@ impl Activity {
         OpenWhileHeld(self.clone())
     }
 
+    /// Part of the next request head is already buffered (it came with the
+    /// previous request): it is being read from now on, so `header_read_timeout`
+    /// bounds it, and the connection is not parked under it.
+    pub fn head_buffered(&self) {
+        self.head_started(self.opened.elapsed().as_millis() as u64);
+    }
+
+    /// Bytes of a request head arrived at `now_ms`: its time runs from the first of them.
+    fn head_started(&self, now_ms: u64) {
+        if !self.read_since_finish.swap(true, Ordering::Relaxed) {
+            self.head_since_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
     /// Whether a request's response is not finished.
     pub fn open(&self) -> bool {
         self.open_requests.load(Ordering::Relaxed) > 0
@@ -214,9 +228,7 @@ impl<T> Tracked<T> {
         let a = &self.activity;
         let now = a.opened.elapsed().as_millis() as u64;
         a.last_ms.store(now, Ordering::Relaxed);
-        if !a.read_since_finish.swap(true, Ordering::Relaxed) {
-            a.head_since_ms.store(now, Ordering::Relaxed);
-        }
+        a.head_started(now);
     }
 
     fn io(&mut self) -> Pin<&mut T>

@@ -120,6 +120,9 @@ where
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
+        if !buf.is_empty() {
+            activity.head_buffered();
+        }
     }
 }
 
