@@ -222,7 +222,7 @@ async fn heads_in_pieces_and_a_large_one() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(c.response(false).await.body, b"blue");
-    // Larger than max_header_bytes (64 KiB by default): hyper answers 431.
+    // Larger than max_header_bytes (64 KiB by default): 431.
     let big = format!("GET /big HTTP/1.1\r\nHost: shop.test\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000));
     c.send(big.as_bytes()).await;
     let a = c.response(false).await;

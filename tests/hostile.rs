@@ -425,6 +425,25 @@ async fn oversized_heads_get_431() {
     assert_eq!(support::get(p.addr, "shop.test", "/alive").await.status, 200);
 }
 
+/// With `max_header_bytes` below 8 KiB (hyper's smallest buffer), a head
+/// over the limit still gets 431, with a body or without; one under it is served.
+#[tokio::test]
+async fn heads_over_a_small_max_header_bytes_get_431() {
+    let (p, blue) = one_site("limits: { max_header_bytes: 2048 }").await;
+    let pad = "a".repeat(3000);
+    let get = format!("GET /big HTTP/1.1\r\nHost: shop.test\r\nX-Pad: {pad}\r\n\r\n");
+    let post = format!("POST /big HTTP/1.1\r\nHost: shop.test\r\nX-Pad: {pad}\r\nContent-Length: 2\r\n\r\nok");
+    for head in [get, post] {
+        let r = raw(p.addr, head.as_bytes()).await;
+        assert_eq!(r.status(), 431, "{:?}", r.text.get(..200));
+        assert!(r.closed);
+    }
+    let fits = format!("GET /fits HTTP/1.1\r\nHost: shop.test\r\nX-Pad: {}\r\n\r\n", "a".repeat(1500));
+    assert_eq!(raw(p.addr, fits.as_bytes()).await.status(), 200);
+    settle().await;
+    assert_eq!(paths(&blue), vec!["/fits".to_string()]);
+}
+
 /// Sends one more byte of a request head every 100 ms (for 3 s at most) until
 /// the proxy closes the connection; how long after `start` that was.
 async fn drip_until_cut(s: &mut TcpStream, start: Instant) -> Option<Duration> {

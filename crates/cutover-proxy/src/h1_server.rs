@@ -4,10 +4,11 @@
 //! It parses the head straight into the request that is forwarded, and
 //! writes the response head and its first bytes with one system call. It
 //! judges nothing else: a request it does not take (a body, an upgrade,
-//! HTTP/1.0, any other method, a head that does not parse or is too large)
-//! hands the connection, with every byte read so far, to hyper's HTTP/1.1
-//! server for the rest of its life, so hyper still answers every malformed
-//! request and every framing question. Responses follow hyper's rules:
+//! HTTP/1.0, any other method, a head that does not parse) hands the
+//! connection, with every byte read so far, to hyper's HTTP/1.1 server for
+//! the rest of its life, so hyper still answers every malformed request and
+//! every framing question. A head larger than `max_header_bytes` gets 431
+//! here (hyper's buffer cannot be smaller than 8 KiB). Responses follow hyper's rules:
 //! `Content-Length` from the head or the body's exact size, else chunked;
 //! no body for `HEAD`, `204` and `304`; a `Date` when the response has none;
 //! `Connection: close` when the client or the server ends the connection;
@@ -106,7 +107,12 @@ where
                 match parse(&mut buf, limit) {
                     Ok(Some(request)) => break request,
                     Ok(None) => {}
-                    Err(NotMine) => return Ok(Ended::Handoff(io, buf)),
+                    Err(NotMine::Hyper) => return Ok(Ended::Handoff(io, buf)),
+                    Err(NotMine::TooLarge) => {
+                        io.write_all(TOO_LARGE).await?;
+                        let _ = io.shutdown().await;
+                        return Ok(Ended::Closed);
+                    }
                 }
             }
             if !poll_fn(|cx| read(Pin::new(&mut io), cx, &mut buf, activity)).await? {
@@ -160,8 +166,18 @@ fn read<IO: AsyncRead>(
     Poll::Ready(Ok(n > 0))
 }
 
-/// A request this server does not take, for hyper.
-struct NotMine;
+/// A request this server does not take.
+enum NotMine {
+    /// For hyper (which answers every malformed request as it always has).
+    Hyper,
+    /// A head larger than the limit: answered here with 431, since hyper's own
+    /// limit is at least 8 KiB, more than the smallest `max_header_bytes`.
+    TooLarge,
+}
+
+/// The answer to a request head larger than `max_header_bytes`.
+const TOO_LARGE: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// Parses the request head at the start of `buf`: the request and whether
 /// the client asked to close (the head consumed), `None` when the head is not
@@ -172,18 +188,19 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) if len <= limit => len,
         Ok(httparse::Status::Partial) if buf.len() < limit => return Ok(None),
-        _ => return Err(NotMine),
+        Ok(_) => return Err(NotMine::TooLarge),
+        Err(_) => return Err(NotMine::Hyper),
     };
     let method = match req.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Err(NotMine),
+        _ => return Err(NotMine::Hyper),
     };
-    let (Some(path), Some(1)) = (req.path, req.version) else { return Err(NotMine) };
+    let (Some(path), Some(1)) = (req.path, req.version) else { return Err(NotMine::Hyper) };
     if path.len() > MAX_URI_LEN {
-        return Err(NotMine);
+        return Err(NotMine::Hyper);
     }
-    let uri = Uri::from_maybe_shared(shared(buf, path.as_bytes())?).map_err(|_| NotMine)?;
+    let uri = Uri::from_maybe_shared(shared(buf, path.as_bytes())?).map_err(|_| NotMine::Hyper)?;
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut close = false;
     for f in req.headers.iter() {
@@ -191,7 +208,7 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         // A body, an upgrade or an expectation: hyper's business.
         let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
         if framing.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            return Err(NotMine);
+            return Err(NotMine::Hyper);
         }
         if name.eq_ignore_ascii_case(b"connection") {
             let mut names_fields = false;
@@ -206,8 +223,8 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
                 continue;
             }
         }
-        let name = HeaderName::from_bytes(name).map_err(|_| NotMine)?;
-        let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine)?;
+        let name = HeaderName::from_bytes(name).map_err(|_| NotMine::Hyper)?;
+        let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine::Hyper)?;
         headers.append(name, value);
     }
     buf.advance(len);
@@ -228,9 +245,9 @@ fn shared(buf: &Bytes, part: &[u8]) -> Result<Bytes, NotMine> {
     if part.is_empty() {
         return Ok(Bytes::new());
     }
-    let at = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).ok_or(NotMine)?;
+    let at = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).ok_or(NotMine::Hyper)?;
     if at + part.len() > buf.len() {
-        return Err(NotMine);
+        return Err(NotMine::Hyper);
     }
     Ok(buf.slice(at..at + part.len()))
 }
