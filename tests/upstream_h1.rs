@@ -164,6 +164,14 @@ async fn chunked_body_with_extensions_and_trailers() {
         assert!(headers.get("content-length").is_none());
     }
     assert_eq!(origin.connections(), 1, "the upstream connection was not reused");
+    // A client that did not say `TE: trailers` gets the body without them.
+    let mut raw = TcpStream::connect(p.addr).await.unwrap();
+    raw.write_all(b"GET /chunked HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("world"), "{answer:?}");
+    assert!(!answer.contains("x-checksum: abc"), "trailers sent without TE: trailers: {answer:?}");
 }
 
 /// Content-Length bodies go through whole; one upstream connection carries
@@ -231,7 +239,7 @@ async fn close_delimited_body() {
 async fn bodiless_answers_and_interim_responses() {
     let origin = RawOrigin::start(&[
         ("/head", Script::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")),
-        ("/204", Script::Answer(b"HTTP/1.1 204 No Content\r\nx-empty:\r\n\r\n")),
+        ("/204", Script::Answer(b"HTTP/1.1 204 No Content\r\nx-empty:\r\ncontent-length: 0\r\n\r\n")),
         ("/304", Script::Answer(b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n")),
         (
             "/early",
@@ -247,6 +255,7 @@ async fn bodiless_answers_and_interim_responses() {
     let (status, headers, body, _) = fetch(&mut c, "GET", "/204").await.unwrap();
     assert_eq!((status, body.len()), (204, 0));
     assert_eq!(headers["x-empty"], "", "an empty field value is kept");
+    assert!(headers.get("content-length").is_none(), "a 204 never has Content-Length: {headers:?}");
     let (status, headers, _, _) = fetch(&mut c, "GET", "/304").await.unwrap();
     assert_eq!(status, 304);
     assert_eq!(headers["etag"], "\"x\"");

@@ -102,7 +102,7 @@ where
     let mut buf = first;
     let mut out = Vec::new();
     loop {
-        let (req, close) = loop {
+        let (req, close, te_trailers) = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, limit) {
                     Ok(Some(request)) => break request,
@@ -122,7 +122,7 @@ where
         let is_head = req.method() == Method::HEAD;
         let Ok(resp) = proxy.handle(req, client).await;
         let close = close || activity.closing();
-        if !respond(&mut io, resp, is_head, close, &mut out).await? {
+        if !respond(&mut io, resp, is_head, close, te_trailers, &mut out).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -179,10 +179,11 @@ enum NotMine {
 const TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
-/// Parses the request head at the start of `buf`: the request and whether
-/// the client asked to close (the head consumed), `None` when the head is not
-/// all there yet. The request's fields share `buf`'s bytes.
-fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, bool)>, NotMine> {
+/// Parses the request head at the start of `buf`: the request, whether the
+/// client asked to close and whether it takes trailers (`TE: trailers`) (the
+/// head consumed), `None` when the head is not all there yet. The request's
+/// fields share `buf`'s bytes.
+fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, bool, bool)>, NotMine> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
@@ -202,9 +203,12 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     }
     let uri = Uri::from_maybe_shared(shared(buf, path.as_bytes())?).map_err(|_| NotMine::Hyper)?;
     let mut headers = HeaderMap::with_capacity(req.headers.len());
-    let mut close = false;
+    let (mut close, mut te_trailers) = (false, false);
     for f in req.headers.iter() {
         let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"te") {
+            te_trailers |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        }
         // A body, an upgrade or an expectation: hyper's business.
         let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
         if framing.iter().any(|n| n.eq_ignore_ascii_case(name)) {
@@ -237,7 +241,7 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Ok(Some((request, close)))
+    Ok(Some((request, close, te_trailers)))
 }
 
 /// `part` (a slice of `buf` from httparse) as a `Bytes` sharing `buf`'s allocation.
@@ -263,18 +267,23 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `resp` to the client; `true` when the connection can carry another request.
+/// Writes `resp` to the client (its trailers only when `te_trailers`: the
+/// client said `TE: trailers`); `true` when the connection can carry another request.
 async fn respond<IO: Transport>(
     io: &mut IO,
     resp: Response<ProxyBody>,
     is_head: bool,
     close: bool,
+    te_trailers: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
     let fields = body.take_fields();
-    let head = encode_head(&parts, fields.as_ref(), &body, is_head, close, out);
+    let mut head = encode_head(&parts, fields.as_ref(), &body, is_head, close, out);
+    if !te_trailers {
+        head.trailers = None;
+    }
     drop(fields);
     drop(parts);
     let mut sent = 0u64;
@@ -449,7 +458,7 @@ fn encode_head(
         } else {
             out.extend_from_slice(f.lines());
         }
-        if let Some(n) = f.length() {
+        if let Some(n) = f.length().filter(|_| status != StatusCode::NO_CONTENT) {
             push_field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes());
             (length, wrote_length) = (Some(n), true);
         }
@@ -460,7 +469,8 @@ fn encode_head(
             // The framing is this server's choice.
             continue;
         } else if *name == CONTENT_LENGTH {
-            if wrote_length {
+            // Never on a 204 (RFC 9110 §8.6).
+            if wrote_length || status == StatusCode::NO_CONTENT {
                 continue;
             }
             wrote_length = true;
@@ -570,7 +580,7 @@ mod tests {
 
     async fn wire(resp: Response<ProxyBody>, is_head: bool, close: bool) -> (io::Result<bool>, String) {
         let (mut written, mut out) = (Vec::new(), Vec::new());
-        let r = respond(&mut written, resp, is_head, close, &mut out).await;
+        let r = respond(&mut written, resp, is_head, close, true, &mut out).await;
         (r, String::from_utf8(written).unwrap())
     }
 
