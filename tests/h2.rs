@@ -106,3 +106,39 @@ async fn h1_trailers_pass_through() {
     let collected = sender.send_request(req).await.unwrap().into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some("0".parse().unwrap()));
 }
+
+/// An h2c client that goes silent after its request, without even answering
+/// the shutdown PING that `idle_timeout` sends, is still cut: a connection
+/// asked to finish closes within its grace instead of holding its place under
+/// `max_connections` for ever. (A raw client: hyper's would answer the PING.)
+#[tokio::test]
+async fn silent_h2_client_is_cut_after_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Origin::start("blue").await;
+    let opts = support::Options { extra: "limits: { idle_timeout: 500ms }".into(), ..Default::default() };
+    let p = Proxy::start_with(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]), opts).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+                                                         // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, /, :authority shop.test (HPACK).
+    let block: Vec<u8> = [&[0x82, 0x86, 0x84, 0x41, 9][..], b"shop.test"].concat();
+    out.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    s.write_all(&out).await.unwrap();
+    // Read (never write: no SETTINGS or PING acknowledgement) until the proxy closes.
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    assert!(got.windows(4).any(|w| w == b"blue"), "no answer: {got:?}");
+    assert!(closed, "the silent h2 connection was still open 5 s after its request");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(4), "closed after {took:?}");
+}

@@ -57,6 +57,11 @@ const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 const PARK_AFTER: Duration = Duration::from_millis(20);
 /// The longest watchdog interval of a busy plain connection.
 const BUSY_TICK: Duration = Duration::from_secs(1);
+/// How long a connection asked to finish (idle, or shutting down) may take to
+/// close once it has no request open: hyper's HTTP/2 server waits for the
+/// client's answer to its shutdown PING, a client that stops reading leaves a
+/// last write pending. After that it is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How one listener serves its connections.
 #[derive(Debug, Clone)]
@@ -358,8 +363,18 @@ impl Connection {
                     closing = true;
                     activity.set_parking(false);
                     graceful_shutdown!(conn, activity);
+                    tick.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
                 }
-                _ = watch, if !closing => {
+                _ = watch => {
+                    if closing {
+                        // Asked to finish and still open: cut it unless a request is in flight.
+                        if !activity.open() {
+                            tracing::debug!(%peer, "connection did not finish within its close grace; closing");
+                            break;
+                        }
+                        tick.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                        continue;
+                    }
                     tick.as_mut().reset(next_tick(&activity));
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.
@@ -372,6 +387,7 @@ impl Connection {
                         closing = true;
                         activity.set_parking(false);
                         graceful_shutdown!(conn, activity);
+                        tick.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
                     } else if parkable && activity.parkable(PARK_AFTER) {
                         // hyper's next read gets an end of stream and lets go.
                         activity.set_parking(true);
