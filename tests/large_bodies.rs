@@ -26,7 +26,8 @@ fn pattern(from: usize, len: usize) -> Vec<u8> {
 
 /// A raw origin. `/big/N`: `N` bytes with a `Content-Length`, written in
 /// 64 KiB pieces; `/paused/N`: the same, 20 ms after the head (so that none
-/// of the body comes with it: all `N` bytes are left to relay); `/short/N`: says `N`, sends half, closes; `/extra/N`: `N`
+/// of the body comes with it: all `N` bytes are left to relay); `/chunked/N`: `N`
+/// bytes chunked (copied, never spliced); `/short/N`: says `N`, sends half, closes; `/extra/N`: `N`
 /// bytes and some more in the same write; `/stall/N`: says `N`, sends an
 /// eighth, then waits. Records `(connection number, path)` of each request.
 struct RawOrigin {
@@ -71,7 +72,10 @@ async fn serve(mut stream: TcpStream, n: usize, seen: Arc<Mutex<Vec<(usize, Stri
         }
         let (kind, len) = path[1..].split_once('/').expect("/kind/length");
         let len: usize = len.parse().unwrap();
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+        let head = match kind {
+            "chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_string(),
+            _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n"),
+        };
         if stream.write_all(head.as_bytes()).await.is_err() || method == "HEAD" {
             continue;
         }
@@ -85,6 +89,17 @@ async fn serve(mut stream: TcpStream, n: usize, seen: Arc<Mutex<Vec<(usize, Stri
                     if stream.write_all(piece).await.is_err() {
                         return;
                     }
+                }
+            }
+            "chunked" => {
+                for piece in body.chunks(64 * 1024) {
+                    let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                if stream.write_all(b"0\r\n\r\n").await.is_err() {
+                    return;
                 }
             }
             "short" => {
@@ -264,6 +279,51 @@ async fn client_that_leaves_mid_body_frees_everything() {
     let (status, _, body) = fetch(&mut client, "GET", "/big/300000").await.unwrap();
     assert!(status == 200 && body == pattern(0, 300_000));
     assert_eq!(origin.connections(), 2, "the half-read upstream connection was not reused");
+}
+
+/// A client that stops reading its response is cut once it has read nothing
+/// for `idle_timeout` (nginx's `send_timeout`), whether the body is spliced
+/// (`Content-Length`) or copied (chunked): the request leaves the in-flight
+/// count and its upstream connection is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_cut_at_idle_timeout() {
+    let origin = RawOrigin::start().await;
+    let opts = support::Options { extra: "limits: { idle_timeout: 1s }".into(), ..Default::default() };
+    let p = Proxy::start_with(&site("big", "big.test", "blue", &[("blue", vec![origin.addr])]), opts).await;
+    p.wait_healthy("big", &["blue"]).await;
+    // Far more than the sockets and the pipe hold between the origin and the client.
+    let len = 24 << 20;
+    for kind in ["big", "chunked"] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut s = socket.connect(p.addr).await.unwrap();
+        s.write_all(format!("GET /{kind}/{len} HTTP/1.1\r\nhost: big.test\r\n\r\n").as_bytes()).await.unwrap();
+        // Read nothing, well past idle_timeout (the origin makes the body first):
+        // the request is in flight, then no longer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        let mut seen_in_flight = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, site) = p.api("GET", "/v1/sites/big", None).await;
+            let inflight = site["targets"]["blue"]["inflight"].as_u64();
+            seen_in_flight |= inflight == Some(1);
+            if seen_in_flight && inflight == Some(0) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{kind}: still in flight (or never): {site}");
+        }
+        // What the kernel still held arrives, then the end: never the whole body.
+        let mut piece = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut piece)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("{kind}: the connection is still open after {got} bytes"),
+            }
+        }
+        assert!(got < len, "{kind}: the whole body arrived");
+    }
 }
 
 /// An upstream that writes more than its length: the client gets exactly the

@@ -271,6 +271,12 @@ impl ProxyBody {
             },
         }
     }
+
+    /// Whether a pending [`ProxyBody::poll_splice`] waits on the client (its
+    /// socket is full), not on the upstream.
+    pub fn splice_waits_on_client(&self) -> bool {
+        matches!(&self.source, Source::Direct(body, _) if body.splice_waits_on_client())
+    }
 }
 
 impl ProxyBody {

@@ -15,12 +15,12 @@
 //! trailers only when chunked and declared in `Trailer`.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use cutover_core::upstream::h1::Fields;
@@ -87,13 +87,16 @@ pub enum Ended<IO> {
 }
 
 /// Serves `io`, whose first bytes (`first`) were already read, until the
-/// connection ends or a request needs hyper. `limit`: the largest request head.
+/// connection ends or a request needs hyper. `limit`: the largest request head;
+/// `stall`: how long a response write may wait on a client that reads nothing
+/// (`idle_timeout`: then the connection is cut, and the upstream's with it).
 pub async fn serve<IO>(
     mut io: IO,
     first: Bytes,
     proxy: &Proxy,
     client: &ClientConn,
     limit: usize,
+    stall: Duration,
 ) -> io::Result<Ended<IO>>
 where
     IO: AsyncRead + Transport,
@@ -109,7 +112,7 @@ where
                     Ok(None) => {}
                     Err(NotMine::Hyper) => return Ok(Ended::Handoff(io, buf)),
                     Err(NotMine::TooLarge) => {
-                        io.write_all(TOO_LARGE).await?;
+                        write_all(&mut io, TOO_LARGE, &[], stall).await?;
                         let _ = io.shutdown().await;
                         return Ok(Ended::Closed);
                     }
@@ -122,7 +125,7 @@ where
         let is_head = req.method() == Method::HEAD;
         let Ok(resp) = proxy.handle(req, client).await;
         let close = close || activity.closing();
-        if !respond(&mut io, resp, is_head, close, te_trailers, &mut out).await? {
+        if !respond(&mut io, resp, is_head, close, te_trailers, stall, &mut out).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -275,6 +278,7 @@ async fn respond<IO: Transport>(
     is_head: bool,
     close: bool,
     te_trailers: bool,
+    stall: Duration,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
@@ -293,15 +297,15 @@ async fn respond<IO: Transport>(
             #[cfg(target_os = "linux")]
             if let Framing::Length(n) = head.framing {
                 if n - sent >= SPLICE_MIN {
-                    sent += splice_rest(io, out, &mut body, n - sent).await?;
+                    sent += splice_rest(io, out, &mut body, n - sent, stall).await?;
                 }
             }
             // What is ready now goes out with what is already waiting; the rest after a write.
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    write_all(io, out, &[]).await?;
-                    io.flush().await?;
+                    write_all(io, out, &[], stall).await?;
+                    flush(io, stall).await?;
                     out.clear();
                     poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
                 }
@@ -325,14 +329,14 @@ async fn respond<IO: Transport>(
                     if data.len() <= COALESCE {
                         out.extend_from_slice(&data);
                     } else {
-                        write_all(io, out, &data).await?;
+                        write_all(io, out, &data, stall).await?;
                         out.clear();
                     }
                     if head.framing == Framing::Chunked {
                         out.extend_from_slice(b"\r\n");
                     }
                     if out.len() > COALESCE {
-                        write_all(io, out, &[]).await?;
+                        write_all(io, out, &[], stall).await?;
                         out.clear();
                     }
                 }
@@ -361,8 +365,8 @@ async fn respond<IO: Transport>(
         // The body ended short of its length: the client must see the connection break.
         return Err(io::Error::other("response body shorter than its Content-Length"));
     }
-    write_all(io, out, &[]).await?;
-    io.flush().await?;
+    write_all(io, out, &[], stall).await?;
+    flush(io, stall).await?;
     Ok(!head.close)
 }
 
@@ -375,20 +379,32 @@ async fn splice_rest<IO: Transport>(
     out: &mut Vec<u8>,
     body: &mut ProxyBody,
     left: u64,
+    stall: Duration,
 ) -> io::Result<u64> {
     if io.socket().is_none() || body.prepare_splice() != Some(left) {
         return Ok(0);
     }
-    write_all(io, out, &[]).await?;
-    io.flush().await?;
+    write_all(io, out, &[], stall).await?;
+    flush(io, stall).await?;
     out.clear();
     let Some(socket) = io.socket() else { return Ok(0) };
     let mut moved = 0;
+    let mut stalled = Stall::new(stall);
     loop {
-        match poll_fn(|cx| body.poll_splice(cx, socket)).await.map_err(io::Error::other)? {
+        // A wait on the client (not on the upstream) has `stall` to end.
+        let step = poll_fn(|cx| match body.poll_splice(cx, socket) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(io::Error::other)),
+            Poll::Pending if body.splice_waits_on_client() => stalled.poll(cx).map(Err),
+            Poll::Pending => {
+                stalled.progress();
+                Poll::Pending
+            }
+        });
+        match step.await? {
             0 => return Ok(moved),
             n => moved += n,
         }
+        stalled.progress();
     }
 }
 
@@ -541,26 +557,73 @@ fn date(out: &mut Vec<u8>) {
     });
 }
 
-/// Writes `a` then `b`, in one system call when the stream takes both.
-async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8]) -> io::Result<()> {
+/// Writes `a` then `b`, in one system call when the stream takes both; fails
+/// with `TimedOut` when the client reads nothing for `stall`.
+async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8], stall: Duration) -> io::Result<()> {
     let (mut a, mut b) = (a, b);
-    while !a.is_empty() || !b.is_empty() {
-        let n = if a.is_empty() {
-            io.write(b).await?
-        } else if b.is_empty() {
-            io.write(a).await?
-        } else {
-            io.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]).await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+    let mut stalled = Stall::new(stall);
+    poll_fn(|cx| {
+        while !a.is_empty() || !b.is_empty() {
+            let io = Pin::new(&mut *io);
+            let n = match if a.is_empty() {
+                io.poll_write(cx, b)
+            } else if b.is_empty() {
+                io.poll_write(cx, a)
+            } else {
+                io.poll_write_vectored(cx, &[IoSlice::new(a), IoSlice::new(b)])
+            } {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return stalled.poll(cx).map(Err),
+            };
+            stalled.progress();
+            let from_a = n.min(a.len());
+            a = &a[from_a..];
+            // (A stream never reports more than it was given; `min` keeps a broken one from panicking.)
+            b = &b[(n - from_a).min(b.len())..];
         }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        // (A stream never reports more than it was given; `min` keeps a broken one from panicking.)
-        b = &b[(n - from_a).min(b.len())..];
+        Poll::Ready(Ok(()))
+    })
+    .await
+}
+
+/// Flushes `io`, as [`write_all`] writes.
+async fn flush<IO: AsyncWrite + Unpin>(io: &mut IO, stall: Duration) -> io::Result<()> {
+    let mut stalled = Stall::new(stall);
+    poll_fn(|cx| match Pin::new(&mut *io).poll_flush(cx) {
+        Poll::Pending => stalled.poll(cx).map(Err),
+        done => done,
+    })
+    .await
+}
+
+/// How long a wait on the client may last before the response is given up:
+/// a timer only once it has to wait (most writes complete at once), and a
+/// fresh one after each step that made progress.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Self { limit, timer: None }
     }
-    Ok(())
+
+    /// The client is not ready: pending, or the error once it has not been for `limit`.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let limit = self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(|()| {
+            io::Error::new(io::ErrorKind::TimedOut, "the client read nothing of its response for idle_timeout")
+        })
+    }
+
+    /// The client took bytes: the wait starts again at the next one.
+    fn progress(&mut self) {
+        self.timer = None;
+    }
 }
 
 #[cfg(test)]
@@ -580,7 +643,7 @@ mod tests {
 
     async fn wire(resp: Response<ProxyBody>, is_head: bool, close: bool) -> (io::Result<bool>, String) {
         let (mut written, mut out) = (Vec::new(), Vec::new());
-        let r = respond(&mut written, resp, is_head, close, true, &mut out).await;
+        let r = respond(&mut written, resp, is_head, close, true, Duration::from_secs(60), &mut out).await;
         (r, String::from_utf8(written).unwrap())
     }
 

@@ -320,7 +320,7 @@ impl Connection {
         let mut conn = match speaks {
             Speaks::Http1 => {
                 let limit = self.builder.max_head;
-                Served::Own(Box::pin(h1_server::serve(io, prefix, &self.proxy, &self.client, limit)))
+                Served::Own(Box::pin(h1_server::serve(io, prefix, &self.proxy, &self.client, limit, self.idle_timeout)))
             }
             Speaks::Http2 => {
                 activity.mark_multiplexed();
