@@ -225,7 +225,7 @@ async fn pause_queue_and_timeout_are_bounded() {
 async fn held_requests_outlive_the_connection_timeouts() {
     let blue = Origin::start("blue").await;
     let opts = support::Options {
-        extra: "limits: { header_read_timeout: 300ms, idle_timeout: 400ms }".into(),
+        extra: "limits: { header_read_timeout: 300ms, idle_timeout: 1s }".into(),
         ..Default::default()
     };
     let p = Proxy::start_with(&shop(&[("blue", vec![blue.addr], "")], ""), opts).await;
@@ -238,7 +238,8 @@ async fn held_requests_outlive_the_connection_timeouts() {
     let kept = tokio::spawn(async move { kept.send(req("GET", "/kept", "")).await });
     // A request with a body: hyper's server reads it.
     let post = tokio::spawn(async move { Client::connect(addr).await.send(req("POST", "/post", "x")).await });
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Held past both timeouts (the kept-alive connection idled only while the pause was saved).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["held"], 3);
     p.api("POST", "/v1/sites/shop/resume", None).await;
     for (name, h) in [("new", new), ("kept-alive", kept), ("POST", post)] {

@@ -32,6 +32,8 @@ pub struct Activity {
     head_since_ms: AtomicU64,
     /// Whether the last write could not complete (hyper still has bytes to send).
     write_blocked: AtomicBool,
+    /// Milliseconds since `opened` when the write now blocked first could not complete.
+    blocked_since_ms: AtomicU64,
     /// Whether requests came over HTTP/2 (never parked).
     multiplexed: AtomicBool,
     /// Set while the connection is being parked: its next read without data
@@ -53,6 +55,7 @@ impl Activity {
             read_since_finish: AtomicBool::new(false),
             head_since_ms: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
+            blocked_since_ms: AtomicU64::new(0),
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -77,7 +80,7 @@ impl Activity {
     /// How long the connection has been open without sending a whole request
     /// head (zero once one arrived): bounded by `header_read_timeout`.
     pub fn waiting_for_first_request(&self) -> Duration {
-        if self.requests() > 0 {
+        if self.requests() > 0 || self.open_requests.load(Ordering::Relaxed) > 0 {
             Duration::ZERO
         } else {
             self.opened.elapsed()
@@ -176,6 +179,16 @@ impl Activity {
         self.closing.load(Ordering::Relaxed)
     }
 
+    /// How long a write has waited on a client that takes no bytes (zero when
+    /// none waits): bounded by `idle_timeout`, open request or not.
+    pub fn write_stalled_for(&self) -> Duration {
+        if !self.write_blocked.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_millis(self.blocked_since_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(since)
+    }
+
     /// How long the connection has been idle: no open request, no bytes moving.
     pub fn idle_for(&self) -> Duration {
         if self.open_requests.load(Ordering::Relaxed) > 0 {
@@ -243,8 +256,12 @@ impl<T> Tracked<T> {
     /// request's end stamps the connection.)
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
         let blocked = r.is_pending();
-        if self.activity.write_blocked.load(Ordering::Relaxed) != blocked {
-            self.activity.write_blocked.store(blocked, Ordering::Relaxed);
+        let a = &self.activity;
+        if a.write_blocked.load(Ordering::Relaxed) != blocked {
+            if blocked {
+                a.blocked_since_ms.store(a.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            a.write_blocked.store(blocked, Ordering::Relaxed);
         }
     }
 }

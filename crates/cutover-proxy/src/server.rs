@@ -330,13 +330,17 @@ impl Connection {
         };
         let mut closing = false;
         loop {
-            // The watchdog is polled only when no request is open, or on a
-            // multiplexed connection (whose requests end in tasks of their
-            // own): an open request is neither idle nor a late head, so a
-            // connection that closes after its request never arms a timer.
-            // (After the connection's own poll, which may just have ended one.)
+            // Under cutover's own server the watchdog is polled only while no
+            // request is open: an open request is neither idle nor a late head
+            // (and the server bounds its own writes), so a connection that
+            // closes after its request never arms a timer. (After the
+            // connection's own poll, which may just have ended one.) hyper's
+            // servers are watched throughout: HTTP/2 requests end in tasks of
+            // their own, and their writes to a client that takes no bytes are
+            // bounded here.
+            let own = matches!(conn, Served::Own(_));
             let watch = std::future::poll_fn(|cx| {
-                if activity.open() && !activity.multiplexed() {
+                if own && activity.open() {
                     return Poll::Pending;
                 }
                 tick.as_mut().poll(cx)
@@ -376,6 +380,10 @@ impl Connection {
                         continue;
                     }
                     tick.as_mut().reset(next_tick(&activity));
+                    if activity.write_stalled_for() >= self.idle_timeout {
+                        tracing::debug!(%peer, "the client read nothing for idle_timeout; closing");
+                        break;
+                    }
                     // No whole request head in time (a silent client, a slow one, a
                     // stalled h2 preface): nothing is in flight, close at once.
                     if self.head_late() {
