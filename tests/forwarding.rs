@@ -210,6 +210,97 @@ async fn killed_endpoint_fails_over() {
     }
 }
 
+/// Health checked once a second, two successes to come back: an endpoint
+/// taken out by the data plane stays out long enough to be seen.
+fn slow_health(sites: String) -> String {
+    sites.replace("interval: 50ms", "interval: 1s").replace("healthy_threshold: 1", "healthy_threshold: 2")
+}
+
+/// Waits until the site's `target` reports `healthy: true` for endpoint `i`.
+async fn wait_endpoint_healthy(p: &Proxy, i: usize) {
+    for _ in 0..200 {
+        let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+        if s["targets"]["blue"]["endpoints"][i]["healthy"] == true {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("endpoint {i} never came back");
+}
+
+/// An endpoint that does not answer in time (504) is taken out of rotation
+/// (passive health): the next requests go to the other endpoint, and the
+/// active check brings it back.
+#[tokio::test]
+async fn an_endpoint_that_times_out_is_taken_out_of_rotation() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let sites = slow_health(site("shop", "shop.test", "blue", &[("blue", vec![a.addr, b.addr])]));
+    let opts = Options { extra: "limits: { upstream_response_timeout: 300ms }".into(), ..Default::default() };
+    let p = Proxy::start_with(&sites, opts).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    // Both idle: the first endpoint gets it.
+    assert_eq!(support::get(p.addr, "shop.test", "/slow?ms=1500").await.status, 504);
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..10 {
+        let r = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "b"), "the slow endpoint stayed in rotation");
+    }
+    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{s}");
+    wait_endpoint_healthy(&p, 0).await;
+    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "a");
+}
+
+/// An origin that answers its health checks and drops every other request unanswered.
+async fn answers_only_probes() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((_, path)) = support::next_request(&mut s, &mut buf).await {
+                    if path != "/up" || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An endpoint that breaks exchanges (502) is taken out of rotation, for a
+/// bodiless GET (cutover's own upstream client) and for a POST with a body
+/// (hyper's client); each time the other endpoint takes the next requests.
+#[tokio::test]
+async fn an_endpoint_that_breaks_exchanges_is_taken_out_of_rotation() {
+    let bad = answers_only_probes().await;
+    let b = Origin::start("b").await;
+    let p = Proxy::start(&slow_health(site("shop", "shop.test", "blue", &[("blue", vec![bad, b.addr])]))).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let post = || Request::post("/echo").header("host", "shop.test").body(Full::new(Bytes::from_static(b"b"))).unwrap();
+    for round in ["GET", "POST"] {
+        let first = if round == "GET" {
+            support::get(p.addr, "shop.test", "/").await.status
+        } else {
+            Client::connect(p.addr).await.send(post()).await.unwrap().status
+        };
+        assert_eq!(first, 502, "{round}");
+        let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+        assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{round}: {s}");
+        let mut c = Client::connect(p.addr).await;
+        for _ in 0..5 {
+            assert_eq!(c.get("shop.test", "/").await.unwrap().body, "b", "{round}");
+            assert_eq!(c.send(post()).await.unwrap().body, "b", "{round}");
+        }
+        wait_endpoint_healthy(&p, 0).await;
+    }
+}
+
 /// No endpoint answers → 502; an upstream slower than the response timeout → 504.
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504() {

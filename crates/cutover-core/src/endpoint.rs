@@ -19,7 +19,7 @@ pub enum Health {
     Unknown,
     /// Passing its checks.
     Healthy,
-    /// Failing its checks, or taken out by a failed connection.
+    /// Failing its checks, or taken out by a failed connection or exchange.
     Unhealthy,
 }
 
@@ -98,7 +98,8 @@ impl Endpoint {
         }
     }
 
-    /// Takes the endpoint out of rotation after a failed connection (passive health).
+    /// Takes the endpoint out of rotation after a failed connection or exchange
+    /// (passive health), until its active check passes again.
     pub fn mark_failed(&self) {
         if self.health() != Health::Unhealthy {
             self.set_health(Health::Unhealthy);

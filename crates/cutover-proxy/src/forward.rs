@@ -353,12 +353,18 @@ impl Proxy {
                         renew = true;
                     }
                     None => {
-                        target.metrics.upstream_error(UpstreamErrorKind::Reset);
-                        return Err(ForwardError::Broken(e.into_error().into()));
+                        let e = e.into_error();
+                        // A client whose request body failed is not the endpoint's fault.
+                        if e.is_user() {
+                            target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                        } else {
+                            exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
+                        }
+                        return Err(ForwardError::Broken(e.into()));
                     }
                 },
                 Err(()) => {
-                    target.metrics.upstream_error(UpstreamErrorKind::Timeout);
+                    exchange_failed(target, endpoint, UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
                 }
             }
@@ -411,11 +417,16 @@ impl Proxy {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if e.is_stale() && reused && idempotent => renew = true,
                 Ok(Err(e)) => {
-                    target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                    // A pooled connection the upstream closed meanwhile says nothing of the endpoint.
+                    if e.is_stale() && reused {
+                        target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                    } else {
+                        exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
+                    }
                     return Err(ForwardError::Broken(e.into()));
                 }
                 Err(_) => {
-                    target.metrics.upstream_error(UpstreamErrorKind::Timeout);
+                    exchange_failed(target, endpoint, UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
                 }
             }
@@ -475,6 +486,14 @@ fn refused(
 fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::ConnectError) {
     tracing::warn!(target = %target.name, error = %e, "upstream connect failed");
     let kind = if e.is_timeout() { UpstreamErrorKind::Timeout } else { UpstreamErrorKind::Connect };
+    target.metrics.upstream_error(kind);
+    endpoint.mark_failed();
+}
+
+/// An endpoint that broke an exchange or did not answer in time is taken out
+/// of rotation like one that cannot be connected to (passive health, SPEC §3),
+/// until its active check passes again.
+fn exchange_failed(target: &TargetPool, endpoint: &Endpoint, kind: UpstreamErrorKind) {
     target.metrics.upstream_error(kind);
     endpoint.mark_failed();
 }
