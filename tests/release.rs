@@ -120,6 +120,28 @@ async fn reported_version_mismatch_is_refused() {
     assert_eq!(status, 200);
 }
 
+/// A switch to the target that is already live still checks
+/// `expect_version`, and ends a canary split like any switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_to_the_live_target_checks_the_version_and_ends_a_split() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let (status, body) =
+        p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue", "expect_version": "v99"}))).await;
+    assert_eq!((status, &body["error"]["code"]), (409, &json!("version_mismatch")), "{body}");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert_eq!((&history[0]["kind"], &history[0]["result"]), (&json!("switch"), &json!("refused")), "{history}");
+    let (status, _) = p.api("PUT", "/v1/sites/shop/weights", Some(json!({"blue": 50, "green": 50}))).await;
+    assert_eq!(status, 200);
+    let (status, site) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
+    assert_eq!(status, 200, "{site}");
+    assert_eq!((&site["live"], &site["weights"]), (&json!("blue"), &Value::Null), "{site}");
+    for _ in 0..20 {
+        assert_eq!(Client::connect(p.addr).await.get("shop.test", "/").await.unwrap().body, "blue");
+    }
+}
+
 /// Passive health: a killed endpoint is taken out of rotation by the data
 /// plane itself (probes are slow here) with zero client errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -619,7 +619,24 @@ impl Controller {
             return Err(not_found("target", &req.to));
         };
         if req.to == from {
-            let inner = self.inner.lock().await;
+            // Already live: nothing to gate but the version it must run, and
+            // nothing to do but end a canary split.
+            if let Err(err) = version_gate(&target, &req) {
+                self.record_refusal(site, kind, Some((&from, &req.to)), actor, &err).await;
+                return Err(err);
+            }
+            let mut inner = self.inner.lock().await;
+            if inner.state.sites.get(site).is_some_and(|s| s.weights.is_some()) {
+                let mut next = inner.state.clone();
+                let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
+                s.weights = None;
+                history::push(
+                    &mut s.history,
+                    HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok"),
+                );
+                self.commit(&mut inner, next).await?;
+                self.metrics.switches.with_label_values(&[site, "ok"]).inc();
+            }
             return Ok((self.view(&inner, site)?, None));
         }
         if let Err(err) = self.gate(&config, &target, &req).await {
@@ -796,30 +813,7 @@ impl Controller {
 
     /// Checks health, version and smoke gates of `target`; `Err` lists every failure.
     async fn gate(&self, site: &Site, target: &TargetPool, req: &SwitchRequest) -> Result<(), ControlError> {
-        if let Some(expected) = &req.expect_version {
-            let reasons: Vec<String> = target
-                .endpoints
-                .iter()
-                .filter_map(|e| {
-                    let runs = e.reported_version().or_else(|| target.version.clone());
-                    (runs.as_deref() != Some(expected.as_str())).then(|| {
-                        format!(
-                            "{} {}: runs {}, expected {expected}",
-                            target.name,
-                            e.address,
-                            runs.as_deref().unwrap_or("no known version")
-                        )
-                    })
-                })
-                .collect();
-            if !reasons.is_empty() {
-                return Err(refused(
-                    "version_mismatch",
-                    format!("target {:?} does not run version {expected}", target.name),
-                    reasons,
-                ));
-            }
-        }
+        version_gate(target, req)?;
         if req.force {
             return Ok(());
         }
@@ -984,6 +978,32 @@ fn not_found(kind: &'static str, name: &str) -> ControlError {
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError {
     ControlError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// `expect_version` (never skipped, not even by `force`): every endpoint
+/// must report that version, or, reporting none, the target must declare it.
+fn version_gate(target: &TargetPool, req: &SwitchRequest) -> Result<(), ControlError> {
+    let Some(expected) = &req.expect_version else { return Ok(()) };
+    let reasons: Vec<String> = target
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let runs = e.reported_version().or_else(|| target.version.clone());
+            (runs.as_deref() != Some(expected.as_str())).then(|| {
+                format!(
+                    "{} {}: runs {}, expected {expected}",
+                    target.name,
+                    e.address,
+                    runs.as_deref().unwrap_or("no known version")
+                )
+            })
+        })
+        .collect();
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(refused("version_mismatch", format!("target {:?} does not run version {expected}", target.name), reasons))
+    }
 }
 
 fn refused(code: &'static str, message: impl Into<String>, reasons: Vec<String>) -> ControlError {
