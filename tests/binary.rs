@@ -226,19 +226,27 @@ async fn ctl_exit_codes_and_output() {
     assert_eq!(out.status.code(), Some(2));
     let out = ctl(admin, &["switch", "shop"]).await;
     assert_eq!(out.status.code(), Some(2), "missing argument is a usage error");
+    // `--admin` (and `--token`) may also follow the subcommand.
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "status", "shop", "--admin", &format!("http://{admin}")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     // JSON logs: one access line per request.
     let _ = support::get(_http, "shop", "/").await;
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
-    let access = logs
-        .lines()
-        .find(|l| l.contains("\"target\":\"access\"") || l.contains("request_id"))
-        .unwrap_or_else(|| panic!("no access line in:\n{logs}"));
+    let access =
+        logs.lines().find(|l| l.contains("request_id")).unwrap_or_else(|| panic!("no access line in:\n{logs}"));
     let line: serde_json::Value = serde_json::from_str(access).unwrap();
     assert_eq!(line["site"], "shop");
+    assert_eq!(line["target"], "green", "{access}");
+    assert_eq!((&line["method"], &line["path"]), (&serde_json::json!("GET"), &serde_json::json!("/")), "{access}");
     assert_eq!(line["status"], 502);
+    assert_eq!(access.matches("\"target\"").count(), 1, "{access}");
     let id = line["request_id"].as_str().unwrap_or_default();
     assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "request id {id:?} in {access}");
 }
@@ -339,4 +347,46 @@ async fn ctl_deploy_shows_steps_and_exit_codes() {
     assert_eq!(support::get(http, "shop", "/").await.body, "next");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `cutover demo`: two releases behind the proxy on the given ports, a banner
+/// with the `cutover ctl` commands to try, and a switch that works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_blue_prints_ctl_commands_and_switches() {
+    use tokio::io::AsyncBufReadExt;
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["demo", "--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    while !banner.contains("Ctrl-C") {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let line = line.expect("no banner within 30 s").unwrap().expect("demo exited before its banner");
+        banner.push_str(&line);
+        banner.push('\n');
+    }
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert!(banner.contains(&format!("cutover ctl --admin http://{admin} switch demo green")), "{banner}");
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(support::get(proxy, "localhost", "/").await.body.contains("blue"));
+    // The switch is gated on health: wait for green to be seen healthy.
+    let mut out = ctl(admin, &["switch", "demo", "green"]).await;
+    for _ in 0..100 {
+        if out.status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = ctl(admin, &["switch", "demo", "green"]).await;
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(support::get(proxy, "localhost", "/").await.body.contains("green"));
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -17,10 +17,10 @@ use serde_json::{json, Value};
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// Admin API base URL.
-    #[arg(long, env = "CUTOVER_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+    #[arg(long, global = true, env = "CUTOVER_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
     admin: String,
     /// Bearer token for the admin API.
-    #[arg(long, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print the raw JSON answer.
     #[arg(long, global = true)]

@@ -111,11 +111,13 @@ cutover demo is running.
 
 Open http://127.0.0.1:{port}/ (or: curl -s http://127.0.0.1:{port}/), then try:
 
-  cargo run --release -- ctl{admin} status demo
-  cargo run --release -- ctl{admin} switch demo green      # reload the page: green v2
-  cargo run --release -- ctl{admin} rollback demo          # back to blue v1
-  cargo run --release -- ctl{admin} history demo
+  cutover ctl{admin} status demo
+  cutover ctl{admin} switch demo green      # reload the page: green v2
+  cutover ctl{admin} rollback demo          # back to blue v1
+  cutover ctl{admin} history demo
   curl -s http://127.0.0.1:{admin_port}/metrics | grep cutover_
+
+(From a source checkout, `cargo run --release -- ctl …` runs the same commands.)
 
 Ctrl-C stops everything.
 "#

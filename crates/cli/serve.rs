@@ -26,7 +26,8 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // No `target` key of tracing's own: the access line's `target` field is the site's target.
+        LogFormat::Json => builder.json().flatten_event(true).with_target(false).init(),
     }
 }
 

@@ -131,7 +131,7 @@ impl Drop for RequestGuard {
             site,
             target,
             method = %self.method,
-            path = ?self.uri.path(),
+            path = %self.uri.path(),
             status = self.status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             // (Fields are only evaluated when the access log is on.)
