@@ -57,10 +57,21 @@ pub fn validate_endpoint(addr: &str) -> Result<(), String> {
         Ok(p) if p > 0 => {}
         _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
     }
+    // All digits and dots: meant as an IPv4 address, which it must then be.
+    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return match host.parse::<std::net::Ipv4Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("host {host:?} is not a valid IPv4 address")),
+        };
+    }
     let valid_host = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
-            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if valid_host {
         Ok(())
@@ -88,27 +99,44 @@ impl Validator {
         self.errors.push(ConfigError::new(path, value, message));
     }
 
-    /// Deserializes `value` as `T`, reporting an error at `path` on failure.
-    fn section<T: DeserializeOwned>(&mut self, path: &str, value: Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let inner = e.path().to_string();
-                let message = e.inner().to_string();
-                let mut full = join_path(path, if inner == "." { "" } else { &inner });
-                // An unknown key is reported at the key itself (serde_path_to_error
-                // usually has it in the path already: do not add it twice).
-                if let Some(key) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-                    if full != key && !full.ends_with(&format!(".{key}")) {
-                        full = join_path(&full, key);
-                    }
-                    self.err(full, key, "unknown key");
-                } else {
-                    self.err(full, "", message);
+    /// Deserializes `value` as `T`, reporting an error at `path` for each bad
+    /// key: the key at fault is taken out and the rest read again, so that
+    /// every bad key of a section is listed (SPEC §2), and the checks of what
+    /// is left still run (the configuration is refused all the same).
+    fn section<T: DeserializeOwned>(&mut self, path: &str, mut value: Value) -> Option<T> {
+        let mut removed: Option<String> = None;
+        for _ in 0..MAX_ERRORS_PER_SECTION {
+            let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(t) => return Some(t),
+                Err(e) => e,
+            };
+            let message = e.inner().to_string();
+            // A key taken out for being bad is not missing as well.
+            if let (Some(key), Some(missing)) = (&removed, missing_field(&message)) {
+                if key == missing {
+                    return None;
                 }
-                None
+            }
+            let inner = e.path().to_string();
+            let mut full = join_path(path, if inner == "." { "" } else { &inner });
+            // An unknown key is reported at the key itself (serde_path_to_error
+            // usually has it in the path already: do not add it twice).
+            let mut segments: Vec<String> = map_keys(e.path());
+            if let Some(key) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+                if full != key && !full.ends_with(&format!(".{key}")) {
+                    full = join_path(&full, key);
+                    segments.push(key.to_string());
+                }
+                self.err(full, key, "unknown key");
+            } else {
+                self.err(full, "", message);
+            }
+            match remove_key(&mut value, &segments) {
+                Some(key) => removed = Some(key),
+                None => return None,
             }
         }
+        None
     }
 
     fn config(&mut self, text: &str) -> Option<Config> {
@@ -479,6 +507,8 @@ impl Validator {
         for (k, e) in raw.endpoints.iter().enumerate() {
             if let Err(m) = validate_endpoint(e) {
                 self.err(format!("{path}.endpoints[{k}]"), e, m);
+            } else if let Some(first) = raw.endpoints[..k].iter().position(|other| other == e) {
+                self.err(format!("{path}.endpoints[{k}]"), e, format!("listed twice (also endpoints[{first}])"));
             }
         }
         let protocol = match raw.protocol.as_deref() {
@@ -667,6 +697,40 @@ impl Validator {
 enum PemKind {
     Certificate,
     Key,
+}
+
+/// Bad keys reported per section before giving up on it.
+const MAX_ERRORS_PER_SECTION: usize = 64;
+
+/// The mapping keys of an error's path, or nothing when it goes through a
+/// list (a list element is not taken out: later indices would shift).
+fn map_keys(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    let mut keys = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key } => keys.push(key.clone()),
+            _ => return Vec::new(),
+        }
+    }
+    keys
+}
+
+/// Takes the key at `keys` out of `value`; returns its name, or `None` when
+/// there is no such key.
+fn remove_key(value: &mut Value, keys: &[String]) -> Option<String> {
+    let (last, parents) = keys.split_last()?;
+    let mut node = value;
+    for k in parents {
+        node = node.as_mapping_mut()?.get_mut(k.as_str())?;
+    }
+    node.as_mapping_mut()?.remove(last.as_str())?;
+    Some(last.clone())
+}
+
+/// The field a serde "missing field" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 fn join_path(prefix: &str, rest: &str) -> String {

@@ -411,6 +411,63 @@ sites:
     assert_eq!(e.file, None, "parse knows no file name");
 }
 
+/// A bad key (unknown, or a value of the wrong type) does not hide the other
+/// errors of its section or site: each is taken out and the rest checked.
+#[test]
+fn a_bad_key_hides_no_other_error_of_its_section() {
+    let dir = tmp();
+    let text = "\
+listen: { http: 127.0.0.1:8080 }
+limits: { idle_timeout: 5, max_connections: 0, bogus_limit: 1 }
+sites:
+  - name: Shop
+    bogus: 1
+    hosts: [a.test]
+    live: purple
+    targets:
+      blue: { endpoints: [nope], version: v1, colour: red }
+    health: { path: /up, healthy_threshold: 0, interval: 5 }
+  - name: other
+    hosts: [a.test]
+    live: blue
+    targets:
+      blue: { endpoints: [127.0.0.1:1] }
+    health: { interval: 5 }
+";
+    let e = errs(text, dir.path());
+    let got = paths(&e);
+    for p in [
+        "limits.idle_timeout",
+        "limits.bogus_limit",
+        "limits.max_connections",
+        "sites[0].bogus",
+        "sites[0].name",
+        "sites[0].live",
+        "sites[0].targets.blue.colour",
+        "sites[0].targets.blue.endpoints[0]",
+        "sites[0].health.interval",
+        "sites[0].health.healthy_threshold",
+        "sites[1].health.interval",
+        "sites[1].hosts[0]",
+    ] {
+        assert!(got.contains(&p), "no error at {p}; errors:\n{e}");
+    }
+    assert_eq!(got.len(), 12, "nothing reported twice, no invented error:\n{e}");
+    // A required key of the wrong type is reported once, not also as missing.
+    let e = errs(&text.replace("[127.0.0.1:1]", "5"), dir.path());
+    assert_eq!(paths(&e).iter().filter(|p| p.starts_with("sites[1].targets")).count(), 1, "{e}");
+}
+
+#[test]
+fn an_endpoint_listed_twice_in_a_target_is_an_error() {
+    let dir = tmp();
+    let text = one_site("").replace("[127.0.0.1:4001]", "[127.0.0.1:4001, 127.0.0.1:4001]");
+    let e = errs(&text, dir.path());
+    let err = at(&e, "sites[0].targets.green.endpoints[1]");
+    assert!(err.message.contains("twice"), "{e}");
+    assert_eq!(e.errors.len(), 1, "{e}");
+}
+
 #[test]
 fn unknown_key_paths_are_exact() {
     let dir = tmp();
@@ -885,6 +942,11 @@ fn endpoints_are_host_and_port() {
         "http://host:80",
         "::1:80",
         "a..b:80",
+        "1.2.3.4.5:80",
+        "999.1.1.1:80",
+        "10.0.0:80",
+        "-x-:80",
+        "app-.internal:80",
         "",
     ] {
         let r = validate_endpoint(bad);
