@@ -144,15 +144,8 @@ impl Controller {
     /// would fail at its first step: unknown site, bad endpoints, the live target,
     /// another deploy running.
     pub async fn deploy(&self, site: &str, req: DeployRequest) -> Result<String, ControlError> {
-        cutover_config::validate_site_name(&req.target)
-            .map_err(|m| super::invalid("target", format!("{:?} {m}", req.target)))?;
-        if req.endpoints.is_empty() {
-            return Err(super::invalid("endpoints", "at least one endpoint is required"));
-        }
-        for (i, e) in req.endpoints.iter().enumerate() {
-            cutover_config::validate_endpoint(e)
-                .map_err(|m| super::invalid(format!("endpoints[{i}]"), format!("{e:?}: {m}")))?;
-        }
+        self.site_exists(site).await?;
+        super::check_new_target(&req.target, &req.endpoints)?;
         let id = new_id();
         {
             let mut inner = self.inner.lock().await;

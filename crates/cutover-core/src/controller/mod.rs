@@ -370,6 +370,15 @@ impl Controller {
         }
     }
 
+    /// `404` unless the configuration has `site`.
+    pub async fn site_exists(&self, site: &str) -> Result<(), ControlError> {
+        if self.inner.lock().await.sites.contains_key(site) {
+            Ok(())
+        } else {
+            Err(not_found("site", site))
+        }
+    }
+
     /// Creates or replaces the non-live target `target` of `site`.
     pub async fn set_target(
         &self,
@@ -381,14 +390,8 @@ impl Controller {
     ) -> Result<SiteView, ControlError> {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
-        cutover_config::validate_site_name(target).map_err(|m| invalid("target", format!("{target:?} {m}")))?;
-        if endpoints.is_empty() {
-            return Err(invalid("endpoints", "at least one endpoint is required"));
-        }
-        for (i, e) in endpoints.iter().enumerate() {
-            cutover_config::validate_endpoint(e)
-                .map_err(|m| invalid(format!("endpoints[{i}]"), format!("{e:?}: {m}")))?;
-        }
+        self.site_exists(site).await?;
+        check_new_target(target, &endpoints)?;
         let live = {
             let inner = self.inner.lock().await;
             inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.live.clone()
@@ -978,6 +981,21 @@ fn not_found(kind: &'static str, name: &str) -> ControlError {
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError {
     ControlError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// Checks a target's name and endpoints as given to the API (`set_target`, deploys).
+fn check_new_target(target: &str, endpoints: &[String]) -> Result<(), ControlError> {
+    cutover_config::validate_site_name(target).map_err(|m| invalid("target", format!("{target:?} {m}")))?;
+    if endpoints.is_empty() {
+        return Err(invalid("endpoints", "at least one endpoint is required"));
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        cutover_config::validate_endpoint(e).map_err(|m| invalid(format!("endpoints[{i}]"), format!("{e:?}: {m}")))?;
+        if let Some(first) = endpoints[..i].iter().position(|other| other == e) {
+            return Err(invalid(format!("endpoints[{i}]"), format!("{e:?} is listed twice (also endpoints[{first}])")));
+        }
+    }
+    Ok(())
 }
 
 /// `expect_version` (never skipped, not even by `force`): every endpoint
