@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use cutover_core::upstream::BodyProgress;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
@@ -42,6 +44,10 @@ pub struct Activity {
     /// Set when the connection is asked to finish (shutdown, `idle_timeout`):
     /// cutover's own HTTP/1.1 server closes it after the response in flight.
     closing: AtomicBool,
+    /// The last request body hyper read from this connection: until it was
+    /// read to its end, its rest cannot be told from a next request, so the
+    /// connection is never parked (hyper closes it after the response).
+    body: ArcSwapOption<BodyProgress>,
 }
 
 impl Activity {
@@ -59,6 +65,7 @@ impl Activity {
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            body: ArcSwapOption::empty(),
         })
     }
 
@@ -148,15 +155,23 @@ impl Activity {
         }
     }
 
+    /// A request with a body was read: see [`Activity::parkable`].
+    pub fn body_started(&self, progress: Arc<BodyProgress>) {
+        self.body.store(Some(progress));
+    }
+
     /// Whether an HTTP/1.1 connection can be parked now: it served a request,
-    /// has none open, read nothing since, has nothing left to write, and has
-    /// been idle for at least `after`.
+    /// has none open, read nothing since, has nothing left to write, read
+    /// every request body to its end (an upstream may answer before it read
+    /// the body: its late bytes are no new request), and has been idle for
+    /// at least `after`.
     pub fn parkable(&self, after: Duration) -> bool {
         self.requests() > 0
             && !self.multiplexed.load(Ordering::Relaxed)
             && !self.read_since_finish.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
             && self.idle_for() >= after
+            && self.body.load().as_ref().is_none_or(|b| b.done())
     }
 
     /// Starts (`true`) or ends (`false`) parking.

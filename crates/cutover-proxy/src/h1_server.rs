@@ -111,8 +111,9 @@ where
                     Ok(Some(request)) => break request,
                     Ok(None) => {}
                     Err(NotMine::Hyper) => return Ok(Ended::Handoff(io, buf)),
-                    Err(NotMine::TooLarge) => {
-                        write_all(&mut io, TOO_LARGE, &[], stall).await?;
+                    Err(refused @ (NotMine::TooLarge | NotMine::Ambiguous)) => {
+                        let answer = if matches!(refused, NotMine::TooLarge) { TOO_LARGE } else { AMBIGUOUS };
+                        write_all(&mut io, answer, &[], stall).await?;
                         let _ = io.shutdown().await;
                         return Ok(Ended::Closed);
                     }
@@ -176,11 +177,17 @@ enum NotMine {
     /// A head larger than the limit: answered here with 431, since hyper's own
     /// limit is at least 8 KiB, more than the smallest `max_header_bytes`.
     TooLarge,
+    /// Both `Content-Length` and `Transfer-Encoding`: answered here with 400
+    /// (SPEC §3), since hyper would read the body as chunked without a word.
+    Ambiguous,
 }
 
 /// The answer to a request head larger than `max_header_bytes`.
 const TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The answer to a request that has both `Content-Length` and `Transfer-Encoding`.
+const AMBIGUOUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 54\r\n\r\nContent-Length and Transfer-Encoding must not be both\n";
 
 /// Parses the request head at the start of `buf`: the request, whether the
 /// client asked to close and whether it takes trailers (`TE: trailers`) (the
@@ -198,9 +205,9 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     let method = match req.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Err(NotMine::Hyper),
+        _ => return Err(for_hyper(&req)),
     };
-    let (Some(path), Some(1)) = (req.path, req.version) else { return Err(NotMine::Hyper) };
+    let (Some(path), Some(1)) = (req.path, req.version) else { return Err(for_hyper(&req)) };
     if path.len() > MAX_URI_LEN {
         return Err(NotMine::Hyper);
     }
@@ -212,10 +219,11 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         if name.eq_ignore_ascii_case(b"te") {
             te_trailers |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
-        // A body, an upgrade or an expectation: hyper's business.
+        // A body, an upgrade or an expectation: hyper's business, unless the
+        // body could be read two ways (hyper would silently drop the length).
         let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
         if framing.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            return Err(NotMine::Hyper);
+            return Err(for_hyper(&req));
         }
         if name.eq_ignore_ascii_case(b"connection") {
             let mut names_fields = false;
@@ -245,6 +253,17 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Ok(Some((request, close, te_trailers)))
+}
+
+/// A request for hyper, unless its body could be read two ways (both
+/// `Content-Length` and `Transfer-Encoding`), which hyper would accept.
+fn for_hyper(req: &httparse::Request<'_, '_>) -> NotMine {
+    let has = |n: &[u8]| req.headers.iter().any(|f| f.name.as_bytes().eq_ignore_ascii_case(n));
+    if has(b"content-length") && has(b"transfer-encoding") {
+        NotMine::Ambiguous
+    } else {
+        NotMine::Hyper
+    }
 }
 
 /// `part` (a slice of `buf` from httparse) as a `Bytes` sharing `buf`'s allocation.

@@ -264,7 +264,11 @@ impl Connection {
             service_fn(move |req: Request<Incoming>| {
                 let (proxy, client) = (proxy.clone(), client.clone());
                 async move {
-                    let Ok(resp) = proxy.handle(req.map(RequestBody::new), &client).await;
+                    let req = req.map(RequestBody::new);
+                    if let Some(progress) = req.body().progress() {
+                        client.activity.body_started(progress);
+                    }
+                    let Ok(resp) = proxy.handle(req, &client).await;
                     Ok::<_, std::convert::Infallible>(crate::body::fields_into_map(resp))
                 }
             })
