@@ -301,6 +301,35 @@ async fn an_endpoint_that_breaks_exchanges_is_taken_out_of_rotation() {
     }
 }
 
+/// A malformed or stalled request body is the client's fault: `400` or
+/// `408` (and the connection closed), no upstream error counted, and the
+/// endpoint stays in rotation.
+#[tokio::test]
+async fn a_bad_or_stalled_request_body_is_the_clients_fault() {
+    let (p, _blue) = one_site("limits: { upstream_response_timeout: 300ms }").await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let bad_chunks: [&[u8]; 3] = [
+        b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nhello\r\n",
+    ];
+    for req in bad_chunks {
+        let answer = raw_exchange(p.addr, req).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{:?} → {answer:?}", String::from_utf8_lossy(req));
+    }
+    // 5 of 100 bytes, then nothing.
+    let stalled = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 100\r\n\r\nhello";
+    let answer = raw_exchange(p.addr, stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer:?}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    let counted = metrics.lines().filter(|l| l.starts_with("cutover_upstream_errors_total{") && !l.ends_with(" 0"));
+    assert_eq!(counted.count(), 0, "{metrics}");
+    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], true, "{s}");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.status, 200);
+}
+
 /// No endpoint answers → 502; an upstream slower than the response timeout → 504.
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504() {

@@ -154,6 +154,11 @@ enum ForwardError {
     Timeout,
     /// The upstream broke the exchange after the request was sent.
     Broken(crate::body::BoxError),
+    /// The client's request body could not be read (malformed framing, or
+    /// the client went away): not the upstream's fault.
+    BadBody(crate::body::BoxError),
+    /// The client stopped sending its request body for the response timeout.
+    BodyStalled,
 }
 
 impl Proxy {
@@ -342,7 +347,7 @@ impl Proxy {
             let progress = req.body().progress();
             let sent = tokio::select! {
                 r = conn.try_send(req) => Ok(r),
-                _ = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(()),
+                silence = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(silence),
             };
             match sent {
                 Ok(Ok(resp)) => return Ok((resp, conn.into_via(), endpoint.clone())),
@@ -354,16 +359,16 @@ impl Proxy {
                     }
                     None => {
                         let e = e.into_error();
-                        // A client whose request body failed is not the endpoint's fault.
+                        // The client's body failed (hyper's "user body" error): not the endpoint's fault.
                         if e.is_user() {
-                            target.metrics.upstream_error(UpstreamErrorKind::Reset);
-                        } else {
-                            exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
+                            return Err(ForwardError::BadBody(e.into()));
                         }
+                        exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
                         return Err(ForwardError::Broken(e.into()));
                     }
                 },
-                Err(()) => {
+                Err(upstream::Silence::ClientBody) => return Err(ForwardError::BodyStalled),
+                Err(upstream::Silence::Upstream) => {
                     exchange_failed(target, endpoint, UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
                 }
@@ -503,12 +508,21 @@ fn failure(e: ForwardError, target: &TargetPool, mut guard: RequestGuard) -> Res
         ForwardError::NoEndpoint => (StatusCode::BAD_GATEWAY, "no upstream endpoint could be reached\n"),
         ForwardError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"),
         ForwardError::Broken(_) => (StatusCode::BAD_GATEWAY, "the upstream connection failed\n"),
+        ForwardError::BadBody(_) => (StatusCode::BAD_REQUEST, "the request body could not be read\n"),
+        ForwardError::BodyStalled => (StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving\n"),
     };
-    if let ForwardError::Broken(err) = &e {
-        tracing::warn!(target = %target.name, error = %err, "upstream exchange failed");
+    match &e {
+        ForwardError::Broken(err) => tracing::warn!(target = %target.name, error = %err, "upstream exchange failed"),
+        ForwardError::BadBody(err) => tracing::debug!(target = %target.name, error = %err, "bad request body"),
+        _ => {}
     }
     guard.status = status.as_u16();
-    local(status, msg, guard)
+    let mut resp = local(status, msg, guard);
+    if matches!(e, ForwardError::BadBody(_) | ForwardError::BodyStalled) {
+        // The rest of that body cannot be told from a next request.
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Rewrites the request head for the upstream; returns the fields cutover

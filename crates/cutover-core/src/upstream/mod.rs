@@ -115,26 +115,35 @@ impl http_body::Body for RequestBody {
     }
 }
 
-/// Resolves when an upstream has been silent for `timeout`: counted from the
-/// request body's last byte when it has one (an upload keeps it alive).
-pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duration) {
+/// Who went silent first in an exchange: see [`response_deadline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// The upstream, after the request's last byte.
+    Upstream,
+    /// The client, in the middle of its request body.
+    ClientBody,
+}
+
+/// Resolves when an exchange has been silent for `timeout`: counted from the
+/// request body's last byte when it has one (an upload keeps it alive), and
+/// telling a client that stopped sending its body from a silent upstream.
+pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duration) -> Silence {
     let Some(p) = progress else {
-        return tokio::time::sleep(timeout).await;
+        tokio::time::sleep(timeout).await;
+        return Silence::Upstream;
     };
     loop {
         let idle = p.idle_for();
         if idle >= timeout && p.done() {
-            return;
+            return Silence::Upstream;
         }
         tokio::time::sleep(timeout.saturating_sub(idle).max(Duration::from_millis(50))).await;
         if !p.done() && p.idle_for() >= timeout {
-            // The client stopped sending its body: that, too, is an exchange gone silent.
-            return;
+            return Silence::ClientBody;
         }
     }
 }
 
-/// A ready-to-use HTTP/1.1 connection to one endpoint.
 pub type Sender = http1::SendRequest<UpstreamBody>;
 
 /// A multiplexed HTTP/2 connection to one endpoint (`protocol: h2`).
