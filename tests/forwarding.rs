@@ -239,17 +239,23 @@ async fn an_endpoint_that_times_out_is_taken_out_of_rotation() {
     let opts = Options { extra: "limits: { upstream_response_timeout: 300ms }".into(), ..Default::default() };
     let p = Proxy::start_with(&sites, opts).await;
     p.wait_healthy("shop", &["blue"]).await;
-    // Both idle: the first endpoint gets it.
     assert_eq!(support::get(p.addr, "shop.test", "/slow?ms=1500").await.status, 504);
+    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+    let eps = &s["targets"]["blue"]["endpoints"];
+    let slow = (0..2).find(|&i| eps[i]["healthy"] == false).unwrap_or_else(|| panic!("none taken out: {s}"));
+    assert_eq!(eps[1 - slow]["healthy"], true, "{s}");
+    let other = if slow == 0 { "b" } else { "a" };
     let mut c = Client::connect(p.addr).await;
     for _ in 0..10 {
         let r = c.get("shop.test", "/").await.unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "b"), "the slow endpoint stayed in rotation");
+        assert_eq!((r.status, r.body.as_str()), (200, other), "the slow endpoint stayed in rotation");
     }
-    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
-    assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{s}");
-    wait_endpoint_healthy(&p, 0).await;
-    assert_eq!(c.get("shop.test", "/").await.unwrap().body, "a");
+    wait_endpoint_healthy(&p, slow).await;
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        seen.push(c.get("shop.test", "/").await.unwrap().body);
+    }
+    assert!(seen.iter().any(|b| b == "a") && seen.iter().any(|b| b == "b"), "back in rotation: {seen:?}");
 }
 
 /// An origin that answers its health checks and drops every other request unanswered.
@@ -284,12 +290,19 @@ async fn an_endpoint_that_breaks_exchanges_is_taken_out_of_rotation() {
     p.wait_healthy("shop", &["blue"]).await;
     let post = || Request::post("/echo").header("host", "shop.test").body(Full::new(Bytes::from_static(b"b"))).unwrap();
     for round in ["GET", "POST"] {
-        let first = if round == "GET" {
-            support::get(p.addr, "shop.test", "/").await.status
-        } else {
-            Client::connect(p.addr).await.send(post()).await.unwrap().status
-        };
-        assert_eq!(first, 502, "{round}");
+        // Requests go round the two endpoints: one of the first two meets the bad one.
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            statuses.push(if round == "GET" {
+                support::get(p.addr, "shop.test", "/").await.status
+            } else {
+                Client::connect(p.addr).await.send(post()).await.unwrap().status
+            });
+            if statuses.contains(&502) {
+                break;
+            }
+        }
+        assert!(statuses.contains(&502), "{round}: {statuses:?}");
         let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
         assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{round}: {s}");
         let mut c = Client::connect(p.addr).await;
@@ -299,6 +312,20 @@ async fn an_endpoint_that_breaks_exchanges_is_taken_out_of_rotation() {
         }
         wait_endpoint_healthy(&p, 0).await;
     }
+}
+
+/// Requests one at a time (every endpoint idle) are spread over the
+/// target's endpoints, not all sent to the first.
+#[tokio::test]
+async fn sequential_requests_are_spread_over_the_endpoints() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![a.addr, b.addr])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..20 {
+        assert_eq!(c.get("shop.test", "/").await.unwrap().status, 200);
+    }
+    assert_eq!((a.count(), b.count()), (10, 10));
 }
 
 /// A malformed or stalled request body is the client's fault: `400` or

@@ -6,7 +6,7 @@
 //! where it goes or how it is counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,6 +219,9 @@ pub struct TargetPool {
     /// Cancelled at this target's drain deadline: open upgrades and streams
     /// started under this token close then. Replaced afresh after each deadline.
     pub drain: CancellationToken,
+    /// Where the next pick starts looking, so that ties (requests one at a
+    /// time: every endpoint at zero outstanding) go round the endpoints.
+    pub cursor: AtomicUsize,
 }
 
 impl TargetPool {
@@ -228,16 +231,16 @@ impl TargetPool {
     }
 
     /// Picks an endpoint by least outstanding requests among the healthy ones,
-    /// skipping those in `exclude`. When no endpoint is healthy, every one not
-    /// excluded is a candidate (fail open).
+    /// skipping those in `exclude`; ties go round the endpoints. When no
+    /// endpoint is healthy, every one not excluded is a candidate (fail open).
     pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
+        let n = self.endpoints.len();
+        let start = if n > 1 { self.cursor.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
         let choose = |healthy_only: bool| {
-            self.endpoints
-                .iter()
-                .enumerate()
-                .filter(|(i, e)| !exclude.contains(i) && (!healthy_only || e.health() == Health::Healthy))
-                .min_by_key(|(_, e)| e.outstanding.load(Ordering::Relaxed))
-                .map(|(i, _)| i)
+            (0..n)
+                .map(|k| (start + k) % n)
+                .filter(|&i| !exclude.contains(&i) && (!healthy_only || self.endpoints[i].health() == Health::Healthy))
+                .min_by_key(|&i| self.endpoints[i].outstanding.load(Ordering::Relaxed))
         };
         choose(true).or_else(|| choose(false))
     }
@@ -265,6 +268,7 @@ mod tests {
             protocol: Protocol::Http1,
             metrics: m.target("s", "t"),
             drain: CancellationToken::new(),
+            cursor: AtomicUsize::new(0),
         }
     }
 
@@ -281,6 +285,19 @@ mod tests {
         // Only the unhealthy one is left: fail open.
         assert_eq!(p.pick(&[0, 1]), Some(2));
         assert_eq!(p.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn ties_go_round_the_endpoints() {
+        let m = Metrics::new();
+        let p = pool(&m, 3);
+        p.endpoints.iter().for_each(|e| e.set_health(Health::Healthy));
+        let picks: Vec<_> = (0..6).filter_map(|_| p.pick(&[])).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        // The one with fewer outstanding requests still wins over the turn.
+        p.endpoints[0].outstanding.store(1, Ordering::Relaxed);
+        p.endpoints[2].outstanding.store(1, Ordering::Relaxed);
+        assert!((0..6).all(|_| p.pick(&[]) == Some(1)));
     }
 
     #[test]
