@@ -390,3 +390,39 @@ async fn demo_serves_blue_prints_ctl_commands_and_switches() {
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A pause acknowledged before `kill -9` holds requests after the restart,
+/// with the same timeout, until `resume` (which is durable too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_survives_kill_9() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let out = ctl(admin, &["pause", "shop", "--timeout", "60s"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let out = ctl(admin, &["--json", "status", "shop"]).await;
+    let site: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(site["mode"]["paused"], true, "{site}");
+    let held = tokio::spawn(async move { support::get(http, "shop", "/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a request passed the restored pause");
+    let out = ctl(admin, &["resume", "shop"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = tokio::time::timeout(Duration::from_secs(5), held).await.unwrap().unwrap();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "blue"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue", "the resume was not durable");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -70,6 +70,9 @@ pub struct ModeState {
     /// Everything answered with the maintenance page.
     #[serde(default)]
     pub maintenance: bool,
+    /// While the site is paused: how long each request is held at most.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub paused: Option<std::time::Duration>,
 }
 
 /// A state file that could not be read or written.

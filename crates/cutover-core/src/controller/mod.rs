@@ -457,15 +457,13 @@ impl Controller {
         if timeout.is_zero() {
             return Err(invalid("timeout", "must be greater than zero"));
         }
-        self.pause_change(site, actor, "pause", format!("timeout {}", humantime::format_duration(timeout)), |g, _| {
-            g.pause(timeout)
-        })
-        .await
+        let reason = format!("timeout {}", humantime::format_duration(timeout));
+        self.pause_change(site, actor, "pause", reason, Some(timeout), |g, _| g.pause(timeout)).await
     }
 
     /// Releases the requests held on `site`, spread over `pause.resume_spread`.
     pub async fn resume(&self, site: &str, actor: Actor) -> Result<SiteView, ControlError> {
-        self.pause_change(site, actor, "resume", String::new(), |g, cfg| g.resume(cfg.pause.resume_spread)).await
+        self.pause_change(site, actor, "resume", String::new(), None, |g, cfg| g.resume(cfg.pause.resume_spread)).await
     }
 
     async fn pause_change(
@@ -474,6 +472,7 @@ impl Controller {
         actor: Actor,
         kind: &str,
         reason: String,
+        paused: Option<Duration>,
         apply: impl FnOnce(&crate::pause::PauseGate, &Site),
     ) -> Result<SiteView, ControlError> {
         let lock = self.site_lock(site);
@@ -482,9 +481,10 @@ impl Controller {
         let config = inner.sites.get(site).ok_or_else(|| not_found("site", site))?.clone();
         let gate = self.registry.lock().unwrap_or_else(|e| e.into_inner()).pause_gate(site);
         let held = gate.held();
-        // Recorded first: the pause itself is not durable (held requests die with the process).
+        // Saved first, like every mode (the requests held at a crash die with the process).
         let mut next = inner.state.clone();
         let s = next.sites.get_mut(site).ok_or_else(|| not_found("site", site))?;
+        s.mode.paused = paused;
         let reason = if kind == "resume" { format!("{held} held request(s) released") } else { reason };
         history::push(&mut s.history, HistoryEntry::now(kind, None, None, actor.as_str(), "ok").reason(reason));
         self.commit(&mut inner, next).await?;

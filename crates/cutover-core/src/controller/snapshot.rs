@@ -157,6 +157,12 @@ impl Registry {
             }
             self.metrics.site_mode.with_label_values(&[name, "read_only"]).set(i64::from(s.mode.read_only));
             self.metrics.site_mode.with_label_values(&[name, "maintenance"]).set(i64::from(s.mode.maintenance));
+            let pause = self.pause_gate(name);
+            // A pause in the state (after a restart) holds requests from the start.
+            if let (Some(timeout), false) = (s.mode.paused, pause.is_paused()) {
+                pause.pause(timeout);
+            }
+            self.metrics.site_mode.with_label_values(&[name, "paused"]).set(i64::from(pause.is_paused()));
             routes.push(Arc::new(SiteRoute {
                 config: site.clone(),
                 live,
@@ -165,7 +171,7 @@ impl Registry {
                 maintenance: s.mode.maintenance,
                 maintenance_page: maintenance_page(site),
                 canary,
-                pause: self.pause_gate(name),
+                pause,
             }));
         }
         let metrics = &self.metrics;
