@@ -184,3 +184,39 @@ async fn site_shape_is_the_same_in_list_and_detail() {
     }
     assert_eq!(one["mode"], json!({"read_only": false, "maintenance": false, "paused": false}));
 }
+
+/// Every metric family of SPEC §6 is on `/metrics` from the start, before
+/// its first event (each site's counters at zero).
+#[tokio::test]
+async fn every_metric_family_shows_from_the_start() {
+    let (p, _blue, _green) = shop(None).await;
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    for family in [
+        "cutover_requests_total",
+        "cutover_request_duration_seconds",
+        "cutover_upstream_errors_total",
+        "cutover_inflight_requests",
+        "cutover_live_target",
+        "cutover_target_weight",
+        "cutover_endpoint_healthy",
+        "cutover_switches_total",
+        "cutover_rollbacks_total",
+        "cutover_site_mode",
+        "cutover_client_connections",
+        "cutover_config_reloads_total",
+        "cutover_drain_forced_closes_total",
+        "cutover_held_requests",
+        "cutover_deployments_total",
+    ] {
+        assert!(metrics.contains(&format!("# TYPE {family} ")), "no {family} in:\n{metrics}");
+    }
+    for series in [
+        r#"cutover_switches_total{result="refused",site="shop"} 0"#,
+        r#"cutover_rollbacks_total{reason="automatic",site="shop"} 0"#,
+        r#"cutover_site_mode{mode="paused",site="shop"} 0"#,
+        r#"cutover_deployments_total{site="shop",state="rolled_back"} 0"#,
+        r#"cutover_config_reloads_total{result="error"} 0"#,
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+}

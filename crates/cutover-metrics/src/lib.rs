@@ -80,7 +80,7 @@ impl Metrics {
         )
         .expect("valid metric definition");
         r.register(Box::new(request_duration.clone())).expect("metric registered once");
-        Self {
+        let m = Self {
             requests: counter(&r, REQUESTS, "Requests answered, by status class.", &["site", "target", "code"]),
             request_duration,
             upstream_errors: counter(&r, UPSTREAM_ERRORS, "Upstream failures.", &["site", "target", "kind"]),
@@ -107,7 +107,11 @@ impl Metrics {
             held_requests: gauge(&r, HELD_REQUESTS, "Requests held by a pause.", &["site"]),
             deployments: counter(&r, DEPLOYMENTS, "Deployments finished, by final state.", &["site", "state"]),
             registry: r,
+        };
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
         }
+        m
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -116,6 +120,21 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Makes `site`'s counters exist at zero, so that every metric family
+    /// shows from the start, not only after its first event.
+    pub fn seed_site(&self, site: &str) {
+        for result in ["ok", "refused"] {
+            self.switches.with_label_values(&[site, result]);
+        }
+        for reason in ["manual", "automatic"] {
+            self.rollbacks.with_label_values(&[site, reason]);
+        }
+        for state in ["succeeded", "failed", "rolled_back"] {
+            self.deployments.with_label_values(&[site, state]);
+        }
+        self.held_requests.with_label_values(&[site]);
     }
 
     /// Resolves every per-target handle of `site`/`target` once.

@@ -157,6 +157,7 @@ impl Registry {
             }
             self.metrics.site_mode.with_label_values(&[name, "read_only"]).set(i64::from(s.mode.read_only));
             self.metrics.site_mode.with_label_values(&[name, "maintenance"]).set(i64::from(s.mode.maintenance));
+            self.metrics.seed_site(name);
             let pause = self.pause_gate(name);
             // A pause in the state (after a restart) holds requests from the start.
             if let (Some(timeout), false) = (s.mode.paused, pause.is_paused()) {
