@@ -182,6 +182,16 @@ impl Validator {
         let shutdown_timeout = self.duration("shutdown_timeout", shutdown, Duration::from_secs(30));
         let trusted_proxies = self.trusted_proxies(trusted);
         let sites = self.sites(sites);
+        // Port 0 (an ephemeral port each) never clashes.
+        if let (Some(l), Some(a)) = (&listen, &admin) {
+            let clash = |x: SocketAddr, y: Option<SocketAddr>| x.port() != 0 && y == Some(x);
+            if clash(l.http, l.https) {
+                self.err("listen.https", l.http, "the same address as listen.http");
+            }
+            if clash(a.listen, Some(l.http)) || clash(a.listen, l.https) {
+                self.err("admin.listen", a.listen, "the same address as a proxy listener");
+            }
+        }
         Some(Config {
             listen: listen?,
             tls,
@@ -351,11 +361,12 @@ impl Validator {
                 self.err(format!("limits.{name}"), "0s", "must be greater than zero");
             }
         }
-        if limits.max_header_bytes < 1024 {
-            self.err("limits.max_header_bytes", limits.max_header_bytes, "must be at least 1024");
+        if !(1024..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
+            let message = format!("must be from 1024 to {MAX_HEADER_BYTES}");
+            self.err("limits.max_header_bytes", limits.max_header_bytes, message);
         }
-        if limits.max_connections == 0 {
-            self.err("limits.max_connections", 0, "must be greater than zero");
+        if !(1..=MAX_CONNECTIONS).contains(&limits.max_connections) {
+            self.err("limits.max_connections", limits.max_connections, format!("must be from 1 to {MAX_CONNECTIONS}"));
         }
         limits
     }
@@ -574,8 +585,11 @@ impl Validator {
             host: raw.host,
         };
         if let Some(p) = &h.path {
-            if !p.starts_with('/') {
-                self.err(format!("{path}.path"), p, "must start with /");
+            self.request_path(&format!("{path}.path"), p);
+        }
+        if let Some(host) = &h.host {
+            if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+                self.err(format!("{path}.host"), host, "not a valid Host header value");
             }
         }
         for (name, v) in [("healthy_threshold", h.healthy_threshold), ("unhealthy_threshold", h.unhealthy_threshold)] {
@@ -596,6 +610,15 @@ impl Validator {
         h
     }
 
+    /// A path (and query) cutover sends itself: starts with `/`, no spaces or control bytes.
+    fn request_path(&mut self, path: &str, value: &str) {
+        if !value.starts_with('/') {
+            self.err(path, value, "must start with /");
+        } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            self.err(path, value, "must not hold spaces, control or non-ASCII characters (percent-encode them)");
+        }
+    }
+
     fn switch(&mut self, path: &str, raw: Option<FileSwitch>) -> Switch {
         let d = Switch::default();
         let Some(raw) = raw else { return d };
@@ -609,9 +632,7 @@ impl Validator {
         };
         let mut smoke = Vec::new();
         for (i, s) in raw.smoke.into_iter().enumerate() {
-            if !s.path.starts_with('/') {
-                self.err(format!("{path}.smoke[{i}].path"), &s.path, "must start with /");
-            }
+            self.request_path(&format!("{path}.smoke[{i}].path"), &s.path);
             let expect_status = self.status_ranges(&format!("{path}.smoke[{i}].expect_status"), s.expect_status);
             smoke.push(Smoke { path: s.path, expect_status, expect_body_contains: s.expect_body_contains });
         }
@@ -698,6 +719,12 @@ enum PemKind {
     Certificate,
     Key,
 }
+
+/// The largest `limits.max_header_bytes` accepted (1 MiB).
+const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// The largest `limits.max_connections` accepted.
+const MAX_CONNECTIONS: usize = 10_000_000;
 
 /// Bad keys reported per section before giving up on it.
 const MAX_ERRORS_PER_SECTION: usize = 64;

@@ -468,6 +468,36 @@ fn an_endpoint_listed_twice_in_a_target_is_an_error() {
     assert_eq!(e.errors.len(), 1, "{e}");
 }
 
+/// Limits too large to run with, listeners that clash, and probe or smoke
+/// requests that could not be sent are refused at check time.
+#[test]
+fn unusable_limits_clashing_listeners_and_unsendable_probes_are_refused() {
+    let dir = tmp();
+    let text = one_site(
+        "    health: { path: \"/up now\", host: \"bad host\" }\n    switch:\n      smoke:\n        - { path: \"/a b\" }\n",
+    );
+    let text = text.replacen(
+        "listen:\n  http: 127.0.0.1:8080\n",
+        "listen:\n  http: 127.0.0.1:8080\n  https: 127.0.0.1:8080\nadmin: { listen: 127.0.0.1:8080 }\nlimits: { max_connections: 18446744073709551615, max_header_bytes: 4294967296 }\n",
+        1,
+    );
+    let e = errs(&text, dir.path());
+    for p in [
+        "listen.https",
+        "admin.listen",
+        "limits.max_connections",
+        "limits.max_header_bytes",
+        "sites[0].health.path",
+        "sites[0].health.host",
+        "sites[0].switch.smoke[0].path",
+    ] {
+        assert!(paths(&e).contains(&p), "no error at {p}; errors:\n{e}");
+    }
+    // Port 0 (ephemeral) never clashes.
+    let text = one_site("").replacen("http: 127.0.0.1:8080", "http: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }", 1);
+    ok(&text, dir.path());
+}
+
 #[test]
 fn unknown_key_paths_are_exact() {
     let dir = tmp();
