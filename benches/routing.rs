@@ -171,7 +171,7 @@ fn lookup(c: &mut Criterion) {
         thread::spawn(move || {
             let mut published = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let sites = if published % 2 == 0 { green.clone() } else { blue.clone() };
+                let sites = if published.is_multiple_of(2) { green.clone() } else { blue.clone() };
                 swap.store(Arc::new(RoutingTable::new(sites, Settings::default())));
                 published += 1;
                 thread::sleep(Duration::from_micros(100));

@@ -426,3 +426,45 @@ async fn a_pause_survives_kill_9() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A second cutover cannot take the same state file (it is locked) nor the
+/// same listening port (`SO_REUSEPORT` would have shared it silently); a
+/// state directory that does not exist stops the start, naming it; a
+/// temporary file a crashed save left behind is removed at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_is_refused_and_state_faults_are_named() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let stale = dir.path().join("state/cutover-state.json.tmp-999999-0");
+    std::fs::write(&stale, "half a save").unwrap();
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    assert!(!stale.exists(), "a stale temporary state file was left");
+
+    // Same file (and same ports): refused because of the lock.
+    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("state.path") && stderr.contains("in use by another cutover"), "{stderr}");
+
+    // Another state file, same proxy port: refused at the bind.
+    let other = tempfile::tempdir().unwrap();
+    write_config(other.path(), blue.addr, green.addr);
+    let yaml = std::fs::read_to_string(other.path().join("cutover.yaml")).unwrap();
+    let http_line = yaml.lines().find(|l| l.starts_with("listen:")).unwrap().to_string();
+    let yaml = yaml.replace(&http_line, &format!("listen: {{ http: \"{http}\" }}"));
+    std::fs::write(other.path().join("cutover.yaml"), &yaml).unwrap();
+    let out = serve(other.path(), &[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a second cutover shared {http}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen.http"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist") && stderr.contains("state"), "{stderr}");
+}

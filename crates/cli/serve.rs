@@ -39,7 +39,13 @@ pub fn run(
     reset_state: bool,
     ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> ExitCode {
-    let store = FileStore::new(&config.state_path);
+    let store = match FileStore::open(&config.state_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cutover: state.path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if reset_state {
         match store.reset() {
             Ok(Some(aside)) => {

@@ -22,6 +22,13 @@ pub fn count() -> usize {
 /// Binds `addr` once per worker with `SO_REUSEPORT` (the first bind picks the
 /// port when `addr` says 0). Must run inside a tokio runtime.
 pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        // `SO_REUSEPORT` would let a second cutover share the port without a
+        // word: a plain bind first finds anyone already listening there.
+        let probe = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+    }
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let at = out.first().map_or(Ok(addr), std::net::TcpListener::local_addr)?;

@@ -73,7 +73,7 @@ impl Faults {
     fn request_fails(&self) -> bool {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         let every = self.fail_every.load(Ordering::Relaxed);
-        self.fail.load(Ordering::Relaxed) || (every > 0 && n % every == 0)
+        self.fail.load(Ordering::Relaxed) || (every > 0 && n.is_multiple_of(every))
     }
 
     /// Health probes answered so far.

@@ -108,12 +108,53 @@ pub trait StateStore: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     path: PathBuf,
+    /// `<state file>.lock`, locked for as long as the store lives (see [`FileStore::open`]).
+    _lock: Option<std::sync::Arc<File>>,
 }
 
 impl FileStore {
-    /// A store at `path`.
+    /// A store at `path`, taken without a lock (tests, tools).
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self { path: path.into(), _lock: None }
+    }
+
+    /// The store a running proxy uses: its directory must exist, and no other
+    /// process may use the same file (`<file>.lock` is locked until exit; the
+    /// kernel drops the lock when the process dies, even by `kill -9`).
+    /// Temporary files a crashed save left behind are removed.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let path: PathBuf = path.into();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let io = |source: io::Error| StateError::Io { path: path.clone(), source };
+        if !dir.is_dir() {
+            let message = format!("its directory {} does not exist", dir.display());
+            return Err(io(io::Error::new(io::ErrorKind::NotFound, message)));
+        }
+        let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+        lock_name.push(".lock");
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(&lock_name)).map_err(io)?;
+        if let Err(e) = lock.try_lock() {
+            let message = match e {
+                fs::TryLockError::WouldBlock => {
+                    format!("in use by another cutover ({} is locked)", dir.join(&lock_name).display())
+                }
+                fs::TryLockError::Error(e) => format!("cannot lock {}: {e}", dir.join(&lock_name).display()),
+            };
+            return Err(io(io::Error::new(io::ErrorKind::WouldBlock, message)));
+        }
+        let mut stale = path.file_name().unwrap_or_default().to_os_string();
+        stale.push(".tmp-");
+        let stale = stale.to_string_lossy().into_owned();
+        for entry in fs::read_dir(&dir).map_err(io)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&stale) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(Self { path, _lock: Some(std::sync::Arc::new(lock)) })
     }
 
     /// The file's path.
@@ -170,7 +211,7 @@ impl StateStore for FileStore {
         tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
         let tmp = dir.join(tmp_name);
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
