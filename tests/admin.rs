@@ -220,3 +220,65 @@ async fn every_metric_family_shows_from_the_start() {
         assert!(metrics.contains(series), "no {series} in:\n{metrics}");
     }
 }
+
+/// What a web page could make a browser send is refused (403) and changes
+/// nothing: a change from another `Origin`, or any call naming a Host that
+/// is not loopback while there is no token (DNS rebinding). `curl`, `ctl`
+/// and a page served from loopback are not affected.
+#[tokio::test]
+async fn requests_a_web_page_could_forge_are_refused() {
+    let (p, _b, _g) = shop(None).await;
+    let switch = r#"{"to":"green","force":true}"#;
+    let forged = [
+        format!("POST /v1/sites/shop/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nOrigin: http://evil.example\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{switch}", switch.len()),
+        format!("POST /v1/sites/shop/switch HTTP/1.1\r\nHost: evil.example:9901\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{switch}", switch.len()),
+        "POST /v1/sites/shop/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nOrigin: null\r\nContent-Length: 0\r\n\r\n".to_string(),
+        "GET /v1/sites/shop HTTP/1.1\r\nHost: rebound.example\r\nConnection: close\r\n\r\n".to_string(),
+    ];
+    for raw in &forged {
+        let answer = support::raw_exchange(p.admin, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{raw:?} → {answer}");
+    }
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((&site["live"], &site["mode"]["paused"]), (&json!("blue"), &json!(false)), "{site}");
+    assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, json!([]));
+    let same_machine = "POST /v1/sites/shop/pause HTTP/1.1\r\nHost: localhost:9901\r\nConnection: close\r\nOrigin: http://localhost:9901\r\nContent-Length: 0\r\n\r\n";
+    assert!(support::raw_exchange(p.admin, same_machine.as_bytes()).await.starts_with("HTTP/1.1 200"));
+}
+
+/// Status codes a client can act on: `413` for a body over 64 KiB, `405` with
+/// `Allow`, `404` for an unknown site before any check of the body, the
+/// bearer scheme in any case, and a target named twice in weights is `400`.
+#[tokio::test]
+async fn oversized_wrong_method_unknown_site_and_duplicate_weights() {
+    let (p, _b, _g) = shop(Some("s3cret")).await;
+    let big = format!(r#"{{"to":"green","reason":"{}"}}"#, "x".repeat(70 * 1024));
+    let (status, body) = admin_raw(p.admin, "POST", "/v1/sites/shop/switch", &big, Some("s3cret")).await;
+    assert_eq!((status, &body["error"]["code"]), (413, &json!("body_too_large")), "{body}");
+
+    let answer = support::raw_exchange(
+        p.admin,
+        b"DELETE /v1/sites/shop/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer s3cret\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("allow: post"), "{answer}");
+    let answer =
+        support::raw_exchange(p.admin, b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("allow: get"), "{answer}");
+
+    let (status, body) = admin_raw(p.admin, "PUT", "/v1/sites/nope/weights", r#"{"blue":60}"#, Some("s3cret")).await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("site_not_found")), "{body}");
+    let (status, _) = admin_raw(p.admin, "PUT", "/v1/sites/nope/targets/x", "{}", Some("s3cret")).await;
+    assert_eq!(status, 404);
+
+    let lower =
+        b"GET /v1/sites HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: bearer s3cret\r\n\r\n";
+    assert!(support::raw_exchange(p.admin, lower).await.starts_with("HTTP/1.1 200"));
+
+    let twice = r#"{"blue":50,"blue":100}"#;
+    let (status, body) = admin_raw(p.admin, "PUT", "/v1/sites/shop/weights", twice, Some("s3cret")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("twice"), "{body}");
+    let site = admin_raw(p.admin, "GET", "/v1/sites/shop", "", Some("s3cret")).await.1;
+    assert_eq!(site["weights"], Value::Null);
+}

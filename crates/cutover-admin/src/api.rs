@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cutover_core::controller::{Actor, DeployRequest, ReloadError};
 use cutover_core::{ControlError, Controller, SwitchRequest};
-use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::de::DeserializeOwned;
@@ -102,6 +102,34 @@ struct DeployBody {
     healthy_timeout: Option<Duration>,
 }
 
+/// Body of `PUT /v1/sites/{site}/weights`: percent by target; a target named
+/// twice is an error (a JSON object would silently keep the last).
+#[derive(Debug)]
+struct Weights(BTreeMap<String, u8>);
+
+impl<'de> Deserialize<'de> for Weights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Weights;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of target names and percentages")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Weights, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, u8>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("target {k:?} is named twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Weights(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// Body of `POST /v1/sites/{site}/rollback`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +200,9 @@ impl Admin {
                 text(StatusCode::OK, self.controller.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
             }
             (_, ["v1", ..]) => {
+                if let Some(refused) = self.forged_by_a_web_page(&req) {
+                    return refused.into_response();
+                }
                 if !self.authorized(&req) {
                     let message = "a valid bearer token is required";
                     let mut r =
@@ -186,6 +217,7 @@ impl Admin {
                 };
                 self.v1(&method, &segments[1..], &body).await
             }
+            (_, ["healthz" | "metrics"]) => not_allowed(req.method(), "GET"),
             _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {path}"), json!({}))
                 .into_response(),
         }
@@ -193,13 +225,40 @@ impl Admin {
 
     fn authorized<B>(&self, req: &Request<B>) -> bool {
         let Some(token) = &self.token else { return true };
-        let given =
-            req.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
+        let given = req.headers().get(AUTHORIZATION).and_then(|v| bearer(v.as_bytes())).unwrap_or_default();
         given.ct_eq(token.as_bytes()).into()
+    }
+
+    /// Refuses what a web page could make a browser send (SPEC is silent;
+    /// reliability.md D-3): a change whose `Origin` is not this machine, and,
+    /// without a token (the listener is then on loopback), any call whose
+    /// `Host` is not a loopback name (DNS rebinding).
+    fn forged_by_a_web_page<B>(&self, req: &Request<B>) -> Option<ApiError> {
+        let changes = !matches!(*req.method(), Method::GET | Method::HEAD);
+        if let Some(origin) = req.headers().get(ORIGIN) {
+            if changes && !origin.to_str().is_ok_and(is_loopback_origin) {
+                let message = "changes are not accepted from a web page of another origin";
+                return Some(ApiError::new(StatusCode::FORBIDDEN, "forbidden_origin", message, json!({})));
+            }
+        }
+        if self.token.is_none() {
+            let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            if !host.is_empty() && !is_loopback_host(host) {
+                let message = "without a token the admin API answers only to a loopback Host";
+                return Some(ApiError::new(StatusCode::FORBIDDEN, "forbidden_host", message, json!({ "host": host })));
+            }
+        }
+        None
     }
 
     async fn v1(&self, method: &Method, segments: &[&str], body: &[u8]) -> Answer {
         let c = &self.controller;
+        // An unknown site is 404 whatever the body holds.
+        if let ["sites", site, _, ..] = segments {
+            if let Err(e) = c.site_exists(site).await {
+                return control_error(e).into_response();
+            }
+        }
         let result: Result<(StatusCode, serde_json::Value), ApiError> = match (method, segments) {
             (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
             (&Method::POST, ["reload"]) => reload(c).await,
@@ -215,8 +274,8 @@ impl Admin {
                 }
             }
             (&Method::POST, ["sites", site, "resume"]) => answer(c.resume(site, Actor::Api).await),
-            (&Method::PUT, ["sites", site, "weights"]) => match parse::<BTreeMap<String, u8>>(body) {
-                Ok(w) => answer(c.set_weights(site, w, Actor::Api).await),
+            (&Method::PUT, ["sites", site, "weights"]) => match parse::<Weights>(body) {
+                Ok(w) => answer(c.set_weights(site, w.0, Actor::Api).await),
                 Err(r) => Err(r),
             },
             (&Method::DELETE, ["sites", site, "weights"]) => answer(c.clear_weights(site, Actor::Api).await),
@@ -270,21 +329,15 @@ impl Admin {
                     Err(r) => Err(r),
                 }
             }
-            (
-                _,
-                ["reload"]
-                | ["deployments", _]
-                | ["sites", _, "deploy" | "mode" | "pause" | "resume" | "weights"]
-                | ["sites"]
-                | ["sites", _]
-                | ["sites", _, "history" | "switch" | "rollback"]
-                | ["sites", _, "targets", _],
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                &format!("{method} is not allowed here"),
-                json!({}),
-            )),
+            (_, ["reload"]) => return not_allowed(method, "POST"),
+            (_, ["deployments", _] | ["sites"] | ["sites", _] | ["sites", _, "history"]) => {
+                return not_allowed(method, "GET")
+            }
+            (_, ["sites", _, "mode"] | ["sites", _, "targets", _]) => return not_allowed(method, "PUT"),
+            (_, ["sites", _, "weights"]) => return not_allowed(method, "PUT, DELETE"),
+            (_, ["sites", _, "deploy" | "pause" | "resume" | "switch" | "rollback"]) => {
+                return not_allowed(method, "POST")
+            }
             _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -327,11 +380,13 @@ fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
 fn answer<T: Serialize>(r: Result<T, ControlError>) -> Result<(StatusCode, serde_json::Value), ApiError> {
     match r {
         Ok(v) => Ok((StatusCode::OK, to_json(&v))),
-        Err(e) => {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Err(ApiError { status, body: e.to_json() })
-        }
+        Err(e) => Err(control_error(e)),
     }
+}
+
+fn control_error(e: ControlError) -> ApiError {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    ApiError { status, body: e.to_json() }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -357,6 +412,12 @@ where
 {
     match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request body: larger than {MAX_BODY} bytes"),
+            json!({ "limit": MAX_BODY }),
+        )),
         Err(e) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
@@ -380,4 +441,38 @@ fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) 
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+/// `405` naming the methods `allow`ed here (RFC 9110 §15.5.6).
+fn not_allowed(method: &Method, allow: &'static str) -> Answer {
+    let message = format!("{method} is not allowed here (allowed: {allow})");
+    let mut r =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &message, json!({ "allow": allow }))
+            .into_response();
+    r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case, RFC 9110 §11.1).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start())
+}
+
+/// `http://127.0.0.1:9901`, `http://localhost`, `http://[::1]:9901`, ...
+fn is_loopback_origin(origin: &str) -> bool {
+    let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    rest.is_some_and(|host| !host.contains('/') && is_loopback_host(host))
+}
+
+/// A `Host` (with or without port) naming this machine: a loopback IP or `localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
