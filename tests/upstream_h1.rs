@@ -25,6 +25,8 @@ enum Script {
     Answer(&'static [u8]),
     /// Writes these bytes, then closes.
     AnswerAndClose(&'static [u8]),
+    /// Writes these bytes, then sends nothing more, keeping the connection open.
+    AnswerThenHang(&'static [u8]),
     /// The first request on a connection gets `ok`; the next one on the same
     /// connection is read and the connection closed without an answer (the
     /// keep-alive race: the upstream timed the connection out as it arrived).
@@ -94,6 +96,11 @@ async fn serve(
                 let _ = stream.write_all(bytes).await;
                 return;
             }
+            Script::AnswerThenHang(bytes) => {
+                let _ = stream.write_all(bytes).await;
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                return;
+            }
             Script::CloseOnSecond if served == 0 => {
                 if stream.write_all(OK).await.is_err() {
                     return;
@@ -113,9 +120,28 @@ async fn serve(
 }
 
 async fn proxy_for(origin: &RawOrigin) -> Proxy {
-    let p = Proxy::start(&site("raw", "raw.test", "blue", &[("blue", vec![origin.addr])])).await;
+    proxy_with(origin, "").await
+}
+
+/// A proxy in front of `origin` with `extra` top-level YAML.
+async fn proxy_with(origin: &RawOrigin, extra: &str) -> Proxy {
+    let sites = site("raw", "raw.test", "blue", &[("blue", vec![origin.addr])]);
+    let p = Proxy::start_with(&sites, support::Options { extra: extra.into(), ..Default::default() }).await;
     p.wait_healthy("raw", &["blue"]).await;
     p
+}
+
+/// A `POST` with a one-byte body (so that hyper's client carries it, not
+/// cutover's own): status, headers and body, or the transport error.
+async fn post(
+    client: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+) -> Result<(u16, http::HeaderMap, Bytes), hyper::Error> {
+    client.ready().await?;
+    let req = Request::post(path).header("host", "raw.test").body(Full::new(Bytes::from_static(b"x"))).unwrap();
+    let resp = client.send_request(req).await?;
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    Ok((status, headers, resp.into_body().collect().await?.to_bytes()))
 }
 
 /// One request with `method` on a kept-alive client connection: status, body
@@ -356,6 +382,46 @@ async fn invalid_answers_are_502_or_cut() {
         let r = fetch(&mut c, "GET", path).await;
         assert!(r.is_err(), "{path}: {r:?}");
     }
+    // The same through hyper's client (a request with a body).
+    for path in ["/gzip-chunked", "/gzip", "/chunked-twice"] {
+        let mut c = connect(p.addr).await;
+        let (status, _, _) = post(&mut c, path).await.unwrap();
+        assert_eq!(status, 502, "POST {path}");
+    }
+}
+
+/// An upstream that goes silent in the middle of a body is cut after
+/// `upstream_response_timeout` of silence, on both upstream clients; a slow
+/// stream that keeps sending is not.
+#[tokio::test]
+async fn an_upstream_silent_mid_body_is_cut() {
+    let origin = RawOrigin::start(&[
+        ("/hang", Script::AnswerThenHang(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")),
+        ("/hang-chunked", Script::AnswerThenHang(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")),
+    ])
+    .await;
+    let p = proxy_with(&origin, "limits: { upstream_response_timeout: 300ms }").await;
+    for path in ["/hang", "/hang-chunked"] {
+        let mut c = connect(p.addr).await;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), fetch(&mut c, "GET", path)).await;
+        assert!(matches!(r, Ok(Err(_))), "GET {path}: {r:?}");
+        let mut c = connect(p.addr).await;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), post(&mut c, path)).await;
+        assert!(matches!(r, Ok(Err(_))), "POST {path}: {r:?}");
+    }
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(
+        metrics.contains(r#"cutover_upstream_errors_total{kind="timeout",site="raw",target="blue"} 4"#),
+        "{metrics}"
+    );
+
+    // Chunks every 150 ms for 1.2 s: never 300 ms of silence.
+    let blue = support::Origin::start("blue").await;
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]);
+    let extra = "limits: { upstream_response_timeout: 300ms }".to_string();
+    let p = Proxy::start_with(&sites, support::Options { extra, ..Default::default() }).await;
+    let a = Client::connect(p.addr).await.get("shop.test", "/stream?chunks=8&ms=150").await.unwrap();
+    assert_eq!((a.status, a.body.lines().count()), (200, 8), "{}", a.body);
 }
 
 /// A response with both Content-Length and Transfer-Encoding is read as
@@ -398,6 +464,12 @@ async fn ambiguous_framing_is_not_trusted_again() {
         assert_eq!((status, &body[..]), (200, &b"wiki"[..]));
     }
     assert_eq!(origin.connections(), 6);
+    // Through hyper's client (a request with a body): chunked wins there too,
+    // and the wrong length does not reach the client.
+    let mut c = connect(p.addr).await;
+    let (status, headers, body) = post(&mut c, "/both").await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"wiki"[..]));
+    assert!(headers.get("content-length").is_none(), "{headers:?}");
 }
 
 /// A client that goes away mid-body takes the upstream connection with it

@@ -168,10 +168,51 @@ enum Drain {
     Closing(Pin<Box<tokio::time::Sleep>>),
 }
 
+/// Cuts a body whose upstream sends nothing for `limit` while cutover waits
+/// on it (`limits.upstream_response_timeout`, like nginx's `proxy_read_timeout`);
+/// time the client takes to read does not count.
+#[derive(Debug)]
+struct Silence {
+    limit: std::time::Duration,
+    /// Since when cutover has been waiting on the upstream (none: it is not).
+    since: Option<tokio::time::Instant>,
+    /// Armed at the first wait and re-armed only when it fires early.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Silence {
+    fn new(limit: std::time::Duration) -> Self {
+        Self { limit, since: None, timer: None }
+    }
+
+    /// The upstream gave bytes: the silence, if any, ended.
+    fn heard(&mut self) {
+        self.since = None;
+    }
+
+    /// The upstream has nothing now: whether it has been silent for the limit.
+    fn due(&mut self, cx: &mut Context<'_>) -> bool {
+        let now = tokio::time::Instant::now();
+        let deadline = *self.since.get_or_insert(now) + self.limit;
+        loop {
+            if now >= deadline {
+                return true;
+            }
+            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            // Armed for an earlier silence: wait for this one's end.
+            timer.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// A response body with its request's guard.
 pub struct ProxyBody {
     source: Source,
     drain: Drain,
+    silence: Option<Silence>,
     guard: Option<RequestGuard>,
 }
 
@@ -185,25 +226,43 @@ impl ProxyBody {
     /// A body made by cutover.
     pub fn full(bytes: impl Into<Bytes>, guard: Option<RequestGuard>) -> Self {
         let bytes = bytes.into();
-        Self { source: Source::Full((!bytes.is_empty()).then_some(bytes)), drain: Drain::Idle, guard }
+        Self { source: Source::Full((!bytes.is_empty()).then_some(bytes)), drain: Drain::Idle, silence: None, guard }
     }
 
     /// A body streamed from an upstream; `sender` is returned to the pool when
-    /// this body was read to the end and the request body (`request`) was all sent.
+    /// this body was read to the end and the request body (`request`) was all
+    /// sent. An upstream silent for `silence` is cut.
     pub fn upstream(
         body: Incoming,
         sender: Option<Sender>,
         request: Option<Arc<BodyProgress>>,
         endpoint: Arc<Endpoint>,
         guard: RequestGuard,
+        silence: std::time::Duration,
     ) -> Self {
-        Self { source: Source::Upstream { body, sender, request, endpoint }, drain: Drain::Idle, guard: Some(guard) }
+        Self {
+            source: Source::Upstream { body, sender, request, endpoint },
+            drain: Drain::Idle,
+            silence: Some(Silence::new(silence)),
+            guard: Some(guard),
+        }
     }
 
     /// A body read by cutover's own HTTP/1.1 client, with the upstream's
     /// fields, which are not in the response's map ([`ProxyBody::take_fields`]).
-    pub fn direct(body: h1::ResponseBody, fields: h1::Fields, guard: RequestGuard) -> Self {
-        Self { source: Source::Direct(body, Some(fields)), drain: Drain::Idle, guard: Some(guard) }
+    /// An upstream silent for `silence` is cut.
+    pub fn direct(
+        body: h1::ResponseBody,
+        fields: h1::Fields,
+        guard: RequestGuard,
+        silence: std::time::Duration,
+    ) -> Self {
+        Self {
+            source: Source::Direct(body, Some(fields)),
+            drain: Drain::Idle,
+            silence: Some(Silence::new(silence)),
+            guard: Some(guard),
+        }
     }
 
     /// The upstream's fields of a response read by cutover's own client, kept
@@ -263,7 +322,12 @@ impl ProxyBody {
     pub fn poll_splice(&mut self, cx: &mut Context<'_>, to: &tokio::net::TcpStream) -> Poll<Result<u64, BoxError>> {
         let Source::Direct(body, _) = &mut self.source else { return Poll::Ready(Ok(0)) };
         match body.poll_splice(cx, to) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
+            Poll::Ready(r) => {
+                if let Some(s) = &mut self.silence {
+                    s.heard();
+                }
+                Poll::Ready(r.map_err(Into::into))
+            }
             Poll::Pending if body.splice_waits_on_client() => Poll::Pending,
             Poll::Pending => match self.pending(cx) {
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
@@ -280,8 +344,16 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
-    /// The upstream has nothing yet: pending, unless the target's drain deadline cuts the body now.
+    /// The upstream has nothing yet: pending, unless the target's drain
+    /// deadline cuts the body now, or the upstream has been silent too long.
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.silence.as_mut().is_some_and(|s| s.due(cx)) {
+            if let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) {
+                target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Timeout);
+                tracing::warn!(site = site.name(), target = %target.name, "upstream silent mid-body: response cut");
+            }
+            return Poll::Ready(Some(Err("the upstream sent nothing for upstream_response_timeout".into())));
+        }
         if self.drain_due(cx) {
             if let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) {
                 target.metrics.forced_stream_closes.inc();
@@ -299,16 +371,19 @@ impl Body for ProxyBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match &mut this.source {
-            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream { body, .. } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-                Poll::Pending => this.pending(cx),
-            },
-            Source::Direct(body, _) => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-                Poll::Pending => this.pending(cx),
-            },
+        let polled = match &mut this.source {
+            Source::Full(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+            Source::Direct(body, _) => Pin::new(body).poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+        };
+        match polled {
+            Poll::Ready(frame) => {
+                if let Some(s) = &mut this.silence {
+                    s.heard();
+                }
+                Poll::Ready(frame)
+            }
+            Poll::Pending => this.pending(cx),
         }
     }
 

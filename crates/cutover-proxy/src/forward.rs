@@ -28,7 +28,8 @@ use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Send
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_TYPE, HOST, RETRY_AFTER, SET_COOKIE, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, SET_COOKIE, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -251,7 +252,8 @@ impl Proxy {
             return Ok(match self.send_direct(&routed, &head, &method, &mut guard).await {
                 Ok(answer) => {
                     guard.status = answer.status.as_u16();
-                    let mut resp = Response::new(ProxyBody::direct(answer.body, answer.fields, guard));
+                    let body = ProxyBody::direct(answer.body, answer.fields, guard, routed.response_timeout);
+                    let mut resp = Response::new(body);
                     *resp.status_mut() = answer.status;
                     *resp.version_mut() = answer.version;
                     finish_head(resp.headers_mut(), &pick, &routed);
@@ -280,13 +282,18 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
+        if !framing_passes(&mut parts.headers) {
+            exchange_failed(&routed.target, &endpoint, UpstreamErrorKind::Reset);
+            return Ok(failure(ForwardError::Broken("unsupported transfer coding".into()), &routed.target, guard));
+        }
         headers::remove_hop_by_hop_response(&mut parts.headers);
         finish_head(&mut parts.headers, &pick, &routed);
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
         };
-        Ok(Response::from_parts(parts, ProxyBody::upstream(body, sender, request_progress, endpoint, guard)))
+        let body = ProxyBody::upstream(body, sender, request_progress, endpoint, guard, routed.response_timeout);
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Finds the site for `req` with one snapshot load (the live target for
@@ -493,6 +500,19 @@ fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::Connec
     let kind = if e.is_timeout() { UpstreamErrorKind::Timeout } else { UpstreamErrorKind::Connect };
     target.metrics.upstream_error(kind);
     endpoint.mark_failed();
+}
+
+/// Whether an upstream response read by hyper's client can be passed on as
+/// framed: a `Transfer-Encoding` must be a single `chunked` (hyper removes
+/// that coding; any other would reach the client unmarked, as cutover's own
+/// client refuses too), and a `Content-Length` beside it is wrong by
+/// definition and removed (RFC 9112 §6.3).
+fn framing_passes(headers: &mut http::HeaderMap) -> bool {
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    let Some(first) = te.next() else { return true };
+    let single_chunked = te.next().is_none() && first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+    headers.remove(CONTENT_LENGTH);
+    single_chunked
 }
 
 /// An endpoint that broke an exchange or did not answer in time is taken out
