@@ -7,11 +7,10 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use cutover_core::upstream::BodyProgress;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -47,7 +46,7 @@ pub struct Activity {
     /// The last request body hyper read from this connection: until it was
     /// read to its end, its rest cannot be told from a next request, so the
     /// connection is never parked (hyper closes it after the response).
-    body: ArcSwapOption<BodyProgress>,
+    body: Mutex<Option<Arc<BodyProgress>>>,
 }
 
 impl Activity {
@@ -65,7 +64,7 @@ impl Activity {
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            body: ArcSwapOption::empty(),
+            body: Mutex::new(None),
         })
     }
 
@@ -157,7 +156,7 @@ impl Activity {
 
     /// A request with a body was read: see [`Activity::parkable`].
     pub fn body_started(&self, progress: Arc<BodyProgress>) {
-        self.body.store(Some(progress));
+        *self.body.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress);
     }
 
     /// Whether an HTTP/1.1 connection can be parked now: it served a request,
@@ -171,7 +170,7 @@ impl Activity {
             && !self.read_since_finish.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
             && self.idle_for() >= after
-            && self.body.load().as_ref().is_none_or(|b| b.done())
+            && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
     }
 
     /// Starts (`true`) or ends (`false`) parking.
