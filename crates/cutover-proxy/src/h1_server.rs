@@ -186,6 +186,9 @@ enum NotMine {
 const TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+/// The answer when the upstream's body failed before any of the response went out.
+const BROKEN_UPSTREAM: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 31\r\n\r\nthe upstream connection failed\n";
+
 /// The answer to a request that has both `Content-Length` and `Transfer-Encoding`.
 const AMBIGUOUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 54\r\n\r\nContent-Length and Transfer-Encoding must not be both\n";
 
@@ -311,11 +314,14 @@ async fn respond<IO: Transport>(
     drop(parts);
     let mut sent = 0u64;
     let mut trailers = None;
+    // Whether any byte went out: until then a failed body can still be a 502.
+    let mut wrote = false;
     if head.framing != Framing::None && !body.is_end_stream() {
         loop {
             #[cfg(target_os = "linux")]
             if let Framing::Length(n) = head.framing {
                 if n - sent >= SPLICE_MIN {
+                    wrote = true;
                     sent += splice_rest(io, out, &mut body, n - sent, stall).await?;
                 }
             }
@@ -323,6 +329,7 @@ async fn respond<IO: Transport>(
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
+                    wrote = true;
                     write_all(io, out, &[], stall).await?;
                     flush(io, stall).await?;
                     out.clear();
@@ -330,7 +337,15 @@ async fn respond<IO: Transport>(
                 }
             };
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(io::Error::other)?;
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) if !wrote => {
+                    // The upstream failed before the client got anything: say so.
+                    write_all(io, BROKEN_UPSTREAM, &[], stall).await?;
+                    return Err(io::Error::other(e));
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            };
             match frame.into_data() {
                 Ok(data) => {
                     sent += data.len() as u64;
@@ -348,6 +363,7 @@ async fn respond<IO: Transport>(
                     if data.len() <= COALESCE {
                         out.extend_from_slice(&data);
                     } else {
+                        wrote = true;
                         write_all(io, out, &data, stall).await?;
                         out.clear();
                     }
@@ -355,6 +371,7 @@ async fn respond<IO: Transport>(
                         out.extend_from_slice(b"\r\n");
                     }
                     if out.len() > COALESCE {
+                        wrote = true;
                         write_all(io, out, &[], stall).await?;
                         out.clear();
                     }
