@@ -111,17 +111,20 @@ async fn trusted_proxy_forwarded_headers_are_kept() {
 #[tokio::test]
 async fn repeated_forwarded_fields_and_a_bad_request_id() {
     let (p, blue) = one_site("trusted_proxies: [127.0.0.0/8]").await;
-    for (method, body) in [("GET", ""), ("POST", "Content-Length: 2\r\n\r\nhi")] {
-        let head = format!(
-            "{method} / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n\
-             X-Request-Id: has space\r\nX-Forwarded-Host: edge.test\r\nConnection: close\r\n{}",
-            if body.is_empty() { "\r\n" } else { body }
-        );
-        let answer = raw_exchange(p.addr, head.as_bytes()).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer:?}");
+    // A bad id, and two good ones (which is one too many): replaced either way.
+    for id in ["X-Request-Id: has space\r\n", "X-Request-Id: one\r\nX-Request-Id: two\r\n"] {
+        for (method, body) in [("GET", ""), ("POST", "Content-Length: 2\r\n\r\nhi")] {
+            let head = format!(
+                "{method} / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n\
+                 {id}X-Forwarded-Host: edge.test\r\nConnection: close\r\n{}",
+                if body.is_empty() { "\r\n" } else { body }
+            );
+            let answer = raw_exchange(p.addr, head.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer:?}");
+        }
     }
     let seen = blue.seen();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 4);
     for s in &seen {
         let all =
             |name: &str| s.headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();

@@ -731,3 +731,18 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
         }
     }
 }
+
+/// A request target that is not a path (`GET x`) gets 400, one over 8 KiB
+/// gets 414; neither is forwarded.
+#[tokio::test]
+async fn request_targets_that_are_no_path_or_too_long_are_refused() {
+    let (p, blue) = one_site("").await;
+    refused_with_canary(p.addr, b"GET x HTTP/1.1\r\nHost: shop.test\r\n\r\n", 400).await;
+    let long = format!("GET /{} HTTP/1.1\r\nHost: shop.test\r\n\r\n", "a".repeat(9 * 1024));
+    let r = raw(p.addr, &[long.as_bytes(), CANARY].concat()).await;
+    assert_eq!(r.status(), 414, "{:?}", r.text.get(..200));
+    let options = raw(p.addr, b"OPTIONS * HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").await;
+    assert_ne!(options.status(), 400, "{:?}", options.text);
+    settle().await;
+    assert!(paths(&blue).iter().all(|p| p == "*" || p == "/canary"), "forwarded: {:?}", paths(&blue));
+}

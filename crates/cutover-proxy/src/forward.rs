@@ -659,8 +659,12 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     Some(&host[..len])
 }
 
+/// The longest request target (path and query) accepted, as nginx's default buffers allow.
+const MAX_TARGET_LEN: usize = 8 * 1024;
+
 /// Requests refused before routing: framing that could be read two ways,
-/// `CONNECT`, a missing, repeated or conflicting `Host`.
+/// `CONNECT`, a request target that is no path or longer than 8 KiB (`414`),
+/// a missing, repeated or conflicting `Host`.
 pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     if req.method() == Method::CONNECT {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
@@ -670,6 +674,14 @@ pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static s
         if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Some((StatusCode::BAD_REQUEST, "only a single Transfer-Encoding: chunked is accepted\n"));
         }
+    }
+    // origin-form (`/path`), absolute-form (`http://host/path`), or `*` for OPTIONS.
+    let path = req.uri().path();
+    if req.uri().scheme().is_none() && !path.starts_with('/') && !(path == "*" && req.method() == Method::OPTIONS) {
+        return Some((StatusCode::BAD_REQUEST, "the request target must be a path\n"));
+    }
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_TARGET_LEN {
+        return Some((StatusCode::URI_TOO_LONG, "the request target is longer than 8 KiB\n"));
     }
     let mut hosts = req.headers().get_all(HOST).iter();
     let (host, more) = (hosts.next(), hosts.next().is_some());

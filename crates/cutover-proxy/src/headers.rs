@@ -273,7 +273,9 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 45]) -> &str {
 /// one to `added`; returns the request's id.
 pub fn add_request_id(headers: &mut HeaderMap, incoming: Present, added: &mut Added) -> RequestId {
     if incoming.request_id {
-        if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        // One sane id is kept; none, or more than one, is replaced.
+        if let (Some(v), None) = (ids.next(), ids.next()) {
             let b = v.as_bytes();
             if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
                 return RequestId::Kept(v.clone());
