@@ -261,6 +261,11 @@ fn version_and_help() {
         assert!(out.status.success(), "{cmd:?} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
+    for cmd in ["serve", "check", "demo", "ctl"] {
+        let out = Command::new(BIN).args([cmd, "--version"]).output().unwrap();
+        assert!(out.status.success(), "{cmd} --version");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")), "{cmd} --version");
+    }
 }
 
 fn signal(child: &Child, sig: &str) {

@@ -40,6 +40,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy.
+    #[command(version)]
     Serve {
         /// Configuration file [default: $CUTOVER_CONFIG, then ./cutover.yaml].
         #[arg(long, env = "CUTOVER_CONFIG", default_value = "cutover.yaml")]
@@ -49,14 +50,17 @@ enum Command {
         reset_state: bool,
     },
     /// Validate a configuration: print every error and exit 1, or exit 0.
+    #[command(version)]
     Check {
         /// Configuration file [default: $CUTOVER_CONFIG, then ./cutover.yaml].
         #[arg(long, env = "CUTOVER_CONFIG", default_value = "cutover.yaml")]
         config: PathBuf,
     },
     /// A self-contained tour: two demo releases behind the proxy on 127.0.0.1.
+    #[command(version)]
     Demo(demo::DemoArgs),
     /// Drive a running cutover through its admin API.
+    #[command(version)]
     Ctl(ctl::CtlArgs),
 }
 
