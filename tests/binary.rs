@@ -462,7 +462,8 @@ async fn a_second_instance_is_refused_and_state_faults_are_named() {
     std::fs::write(other.path().join("cutover.yaml"), &yaml).unwrap();
     let out = serve(other.path(), &[]).wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "a second cutover shared {http}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen.http"), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cutover.yaml: listen.http: cannot bind"), "{stderr}");
     assert_eq!(support::get(http, "shop", "/").await.body, "blue");
     child.kill().unwrap();
     child.wait().unwrap();

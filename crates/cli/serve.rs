@@ -39,10 +39,12 @@ pub fn run(
     reset_state: bool,
     ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> ExitCode {
+    // Errors name the configuration file, then the field.
+    let file = config_path.as_ref().map_or_else(String::new, |p| format!("{}: ", p.display()));
     let store = match FileStore::open(&config.state_path) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("cutover: state.path: {e}");
+            eprintln!("cutover: {file}state.path: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -69,7 +71,7 @@ pub fn run(
     match runtime.block_on(serve(config, config_path, Arc::new(store), ready)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cutover: {e:#}");
+            eprintln!("cutover: {file}{e:#}");
             ExitCode::FAILURE
         }
     }
