@@ -203,7 +203,10 @@ fn check_validates_tls_files() {
     let dir = tempfile::tempdir().unwrap();
     ca.leaf(dir.path(), "a", &["a.test"]);
     ca.leaf(dir.path(), "b", &["b.test"]);
-    let yaml = "listen: { http: 127.0.0.1:0, https: 127.0.0.1:0 }\ntls: { certificates: [{ cert: a.pem, key: b.key }, { cert: gone.pem, key: a.key }] }\nsites:\n  - { name: s, hosts: [\"*\"], live: b, targets: { b: { endpoints: [127.0.0.1:1] } } }\n";
+    // A PEM certificate block whose content is no certificate: the cert is at fault, not the key.
+    std::fs::write(dir.path().join("junk.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    let yaml = "listen: { http: 127.0.0.1:0, https: 127.0.0.1:0 }\ntls: { certificates: [{ cert: a.pem, key: b.key }, { cert: gone.pem, key: a.key }, { cert: junk.pem, key: a.key }] }\nsites:\n  - { name: s, hosts: [\"*\"], live: b, targets: { b: { endpoints: [127.0.0.1:1] } } }\n";
     let file = dir.path().join("cutover.yaml");
     std::fs::write(&file, yaml).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
@@ -215,6 +218,7 @@ fn check_validates_tls_files() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tls.certificates[0].key") && stderr.contains("does not match"), "{stderr}");
     assert!(stderr.contains("tls.certificates[1].cert") && stderr.contains("gone.pem"), "{stderr}");
+    assert!(stderr.contains("tls.certificates[2].cert") && !stderr.contains("tls.certificates[2].key"), "{stderr}");
 }
 
 /// `redirect_https`: plain HTTP gets 308 to the same path and query on the

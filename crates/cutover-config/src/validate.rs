@@ -262,8 +262,10 @@ impl Validator {
             let cert_ok = self.check_pem(&cert_field, &c.cert, &cert, PemKind::Certificate);
             let key_ok = self.check_pem(&key_field, &c.key, &key, PemKind::Key);
             if cert_ok && key_ok {
-                if let Err(m) = crate::tls::load_pair(&cert, &key) {
-                    self.err(key_field, &c.key, m);
+                match crate::tls::load_pair(&cert, &key) {
+                    Ok(_) => {}
+                    Err(crate::tls::PairError::Cert(m)) => self.err(cert_field, &c.cert, m),
+                    Err(crate::tls::PairError::Key(m)) => self.err(key_field, &c.key, m),
                 }
             }
             out.push(Certificate { cert, key });
