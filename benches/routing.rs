@@ -117,7 +117,6 @@ impl Fixture {
                             protocol: target.protocol,
                             metrics: self.metrics.target(&site.name, tname),
                             drain: CancellationToken::new(),
-                            cursor: Default::default(),
                         })
                     })
                     .collect();
@@ -206,7 +205,6 @@ fn pick(c: &mut Criterion) {
         protocol: cutover_config::Protocol::Http1,
         metrics: metrics.target("s", "t"),
         drain: CancellationToken::new(),
-        cursor: Default::default(),
     };
     assert_eq!(pool.pick(&[]), Some(1));
     let mut g = c.benchmark_group("pick");

@@ -6,7 +6,7 @@
 //! where it goes or how it is counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,9 +219,12 @@ pub struct TargetPool {
     /// Cancelled at this target's drain deadline: open upgrades and streams
     /// started under this token close then. Replaced afresh after each deadline.
     pub drain: CancellationToken,
-    /// Where the next pick starts looking, so that ties (requests one at a
-    /// time: every endpoint at zero outstanding) go round the endpoints.
-    pub cursor: AtomicUsize,
+}
+
+thread_local! {
+    /// Turns taken among tied endpoints on this thread: requests one at a
+    /// time (every endpoint at zero outstanding) go round the endpoints.
+    static TURN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl TargetPool {
@@ -231,16 +234,22 @@ impl TargetPool {
     }
 
     /// Picks an endpoint by least outstanding requests among the healthy ones,
-    /// skipping those in `exclude`; ties go round the endpoints. When no
-    /// endpoint is healthy, every one not excluded is a candidate (fail open).
+    /// skipping those in `exclude`; ties are taken in turn (per worker thread:
+    /// no shared counter to contend on). When no endpoint is healthy, every
+    /// one not excluded is a candidate (fail open).
     pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
-        let n = self.endpoints.len();
-        let start = if n > 1 { self.cursor.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
+        if self.endpoints.len() == 1 {
+            return (!exclude.contains(&0)).then_some(0);
+        }
         let choose = |healthy_only: bool| {
-            (0..n)
-                .map(|k| (start + k) % n)
-                .filter(|&i| !exclude.contains(&i) && (!healthy_only || self.endpoints[i].health() == Health::Healthy))
-                .min_by_key(|&i| self.endpoints[i].outstanding.load(Ordering::Relaxed))
+            let eligible =
+                |i: usize| !exclude.contains(&i) && (!healthy_only || self.endpoints[i].health() == Health::Healthy);
+            let load = |i: usize| self.endpoints[i].outstanding.load(Ordering::Relaxed);
+            let least = (0..self.endpoints.len()).filter(|&i| eligible(i)).map(load).min()?;
+            let ties = (0..self.endpoints.len()).filter(|&i| eligible(i) && load(i) == least);
+            let turn = TURN.with(|t| t.replace(t.get().wrapping_add(1)));
+            let count = ties.clone().count();
+            ties.clone().nth(turn % count)
         };
         choose(true).or_else(|| choose(false))
     }
@@ -268,7 +277,6 @@ mod tests {
             protocol: Protocol::Http1,
             metrics: m.target("s", "t"),
             drain: CancellationToken::new(),
-            cursor: AtomicUsize::new(0),
         }
     }
 
@@ -292,8 +300,15 @@ mod tests {
         let m = Metrics::new();
         let p = pool(&m, 3);
         p.endpoints.iter().for_each(|e| e.set_health(Health::Healthy));
-        let picks: Vec<_> = (0..6).filter_map(|_| p.pick(&[])).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let mut picks: Vec<_> = (0..6).filter_map(|_| p.pick(&[])).collect();
+        picks.sort_unstable();
+        assert_eq!(picks, [0, 0, 1, 1, 2, 2]);
+        // An unhealthy endpoint's turns are shared out evenly, not all given to its neighbour.
+        p.endpoints[1].set_health(Health::Unhealthy);
+        let mut picks: Vec<_> = (0..6).filter_map(|_| p.pick(&[])).collect();
+        picks.sort_unstable();
+        assert_eq!(picks, [0, 0, 0, 2, 2, 2]);
+        p.endpoints[1].set_health(Health::Healthy);
         // The one with fewer outstanding requests still wins over the turn.
         p.endpoints[0].outstanding.store(1, Ordering::Relaxed);
         p.endpoints[2].outstanding.store(1, Ordering::Relaxed);

@@ -193,7 +193,8 @@ impl Silence {
     /// The upstream has nothing now: whether it has been silent for the limit.
     fn due(&mut self, cx: &mut Context<'_>) -> bool {
         let now = tokio::time::Instant::now();
-        let deadline = *self.since.get_or_insert(now) + self.limit;
+        // A limit too far to add to the clock never comes.
+        let Some(deadline) = self.since.get_or_insert(now).checked_add(self.limit) else { return false };
         loop {
             if now >= deadline {
                 return true;
@@ -262,6 +263,18 @@ impl ProxyBody {
             drain: Drain::Idle,
             silence: Some(Silence::new(silence)),
             guard: Some(guard),
+        }
+    }
+
+    /// The upstream's body failed before any of the response reached the
+    /// client, which gets a `502` instead: counted and logged as one, and as
+    /// an upstream failure.
+    pub fn failed_before_sending(&mut self) {
+        if let Some(g) = &mut self.guard {
+            g.status = 502;
+            if let Some((_, target)) = g.route() {
+                target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Reset);
+            }
         }
     }
 
@@ -347,7 +360,9 @@ impl ProxyBody {
     /// The upstream has nothing yet: pending, unless the target's drain
     /// deadline cuts the body now, or the upstream has been silent too long.
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.silence.as_mut().is_some_and(|s| s.due(cx)) {
+        // While the client still uploads (a gRPC stream), the exchange is not silent.
+        let uploading = matches!(&self.source, Source::Upstream { request: Some(r), .. } if !r.done());
+        if !uploading && self.silence.as_mut().is_some_and(|s| s.due(cx)) {
             if let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) {
                 target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Timeout);
                 tracing::warn!(site = site.name(), target = %target.name, "upstream silent mid-body: response cut");

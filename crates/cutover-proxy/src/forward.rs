@@ -89,20 +89,24 @@ enum Upstream {
 }
 
 impl Upstream {
-    /// A pooled or new connection to `endpoint`.
-    async fn get(endpoint: &Endpoint, h2: bool, fresh: bool, timeout: Duration) -> Result<Self, ConnectError> {
+    /// A pooled or new connection to `endpoint`, and whether it was pooled
+    /// (the upstream may have closed it meanwhile).
+    async fn get(endpoint: &Endpoint, h2: bool, fresh: bool, timeout: Duration) -> Result<(Self, bool), ConnectError> {
         let tls = || endpoint.tls.load_full();
         if h2 {
             if let Some(s) = endpoint.pool.h2() {
-                return Ok(Upstream::Http2(s));
+                return Ok((Upstream::Http2(s), true));
             }
             let s = upstream::connect_h2(&endpoint.address, tls().as_deref(), timeout).await?;
             endpoint.pool.set_h2(s.clone());
-            return Ok(Upstream::Http2(s));
+            return Ok((Upstream::Http2(s), false));
         }
         match if fresh { None } else { endpoint.pool.checkout() } {
-            Some(s) => Ok(Upstream::Http1(s)),
-            None => Ok(Upstream::Http1(upstream::connect(&endpoint.address, tls().as_deref(), timeout).await?)),
+            Some(s) => Ok((Upstream::Http1(s), true)),
+            None => {
+                let s = upstream::connect(&endpoint.address, tls().as_deref(), timeout).await?;
+                Ok((Upstream::Http1(s), false))
+            }
         }
     }
 
@@ -334,7 +338,7 @@ impl Proxy {
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let mut conn = match Upstream::get(endpoint, h2, fresh || renew, routed.connect_timeout).await {
+            let (mut conn, reused) = match Upstream::get(endpoint, h2, fresh || renew, routed.connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => {
                     connect_failed(target, endpoint, &e);
@@ -366,11 +370,17 @@ impl Proxy {
                     }
                     None => {
                         let e = e.into_error();
-                        // The client's body failed (hyper's "user body" error): not the endpoint's fault.
-                        if e.is_user() {
+                        // The client's body failed: hyper's "user body" error, caused by
+                        // the client connection's own error. Not the endpoint's fault.
+                        if e.is_user() && std::error::Error::source(&e).is_some_and(|c| c.is::<hyper::Error>()) {
                             return Err(ForwardError::BadBody(e.into()));
                         }
-                        exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
+                        // A pooled connection the upstream closed meanwhile says nothing of the endpoint.
+                        if reused {
+                            target.metrics.upstream_error(UpstreamErrorKind::Reset);
+                        } else {
+                            exchange_failed(target, endpoint, UpstreamErrorKind::Reset);
+                        }
                         return Err(ForwardError::Broken(e.into()));
                     }
                 },

@@ -321,8 +321,9 @@ async fn respond<IO: Transport>(
             #[cfg(target_os = "linux")]
             if let Framing::Length(n) = head.framing {
                 if n - sent >= SPLICE_MIN {
-                    wrote = true;
                     sent += splice_rest(io, out, &mut body, n - sent, stall).await?;
+                    // The head went out unless splicing was not possible at all.
+                    wrote |= out.is_empty();
                 }
             }
             // What is ready now goes out with what is already waiting; the rest after a write.
@@ -341,6 +342,8 @@ async fn respond<IO: Transport>(
                 Ok(f) => f,
                 Err(e) if !wrote => {
                     // The upstream failed before the client got anything: say so.
+                    body.failed_before_sending();
+                    drop(body);
                     write_all(io, BROKEN_UPSTREAM, &[], stall).await?;
                     return Err(io::Error::other(e));
                 }

@@ -139,7 +139,6 @@ impl Registry {
                     read_only: target.read_only,
                     protocol: target.protocol,
                     drain,
-                    cursor: Default::default(),
                 }));
             }
             let Some(live) = pools.iter().find(|p| p.name == s.live).cloned() else {

@@ -32,11 +32,19 @@ pub struct BodyProgress {
     started: Instant,
     last_ms: std::sync::atomic::AtomicU64,
     done: std::sync::atomic::AtomicBool,
+    /// Whether the last read of the client's body found nothing yet (the
+    /// client is slow), rather than the upstream not asking for more.
+    waiting_on_client: std::sync::atomic::AtomicBool,
 }
 
 impl BodyProgress {
     fn touch(&self) {
         self.last_ms.store(self.started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the body is stuck on the client: its last read found nothing.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the whole body was sent upstream.
@@ -70,6 +78,7 @@ impl RequestBody {
                 started: Instant::now(),
                 last_ms: std::sync::atomic::AtomicU64::new(0),
                 done: std::sync::atomic::AtomicBool::new(false),
+                waiting_on_client: std::sync::atomic::AtomicBool::new(false),
             })
         });
         Self { inner: Some(inner), progress }
@@ -97,10 +106,13 @@ impl http_body::Body for RequestBody {
         let this = &mut *self;
         let Some(inner) = &mut this.inner else { return std::task::Poll::Ready(None) };
         let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
-        if let (std::task::Poll::Ready(frame), Some(p)) = (&polled, &this.progress) {
-            p.touch();
-            if frame.is_none() || inner.is_end_stream() {
-                p.done.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(p) = &this.progress {
+            p.waiting_on_client.store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
+            if let std::task::Poll::Ready(frame) = &polled {
+                p.touch();
+                if frame.is_none() || inner.is_end_stream() {
+                    p.done.store(true, std::sync::atomic::Ordering::Release);
+                }
             }
         }
         polled
@@ -120,7 +132,8 @@ impl http_body::Body for RequestBody {
 pub enum Silence {
     /// The upstream, after the request's last byte.
     Upstream,
-    /// The client, in the middle of its request body.
+    /// The client, in the middle of its request body (the upstream was
+    /// waiting for more of it).
     ClientBody,
 }
 
@@ -139,7 +152,8 @@ pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duratio
         }
         tokio::time::sleep(timeout.saturating_sub(idle).max(Duration::from_millis(50))).await;
         if !p.done() && p.idle_for() >= timeout {
-            return Silence::ClientBody;
+            // Stuck on the client, or on an upstream that stopped reading it.
+            return if p.waiting_on_client() { Silence::ClientBody } else { Silence::Upstream };
         }
     }
 }
