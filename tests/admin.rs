@@ -266,6 +266,11 @@ async fn oversized_wrong_method_unknown_site_and_duplicate_weights() {
         support::raw_exchange(p.admin, b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("allow: get"), "{answer}");
 
+    let (status, body) = admin_raw(p.admin, "POST", "/v1/sites/nope/switch", &big, Some("s3cret")).await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("site_not_found")), "{body}");
+    let head =
+        support::raw_exchange(p.admin, b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    assert!(head.await.starts_with("HTTP/1.1 200"), "HEAD is GET without the body");
     let (status, body) = admin_raw(p.admin, "PUT", "/v1/sites/nope/weights", r#"{"blue":60}"#, Some("s3cret")).await;
     assert_eq!((status, &body["error"]["code"]), (404, &json!("site_not_found")), "{body}");
     let (status, _) = admin_raw(p.admin, "PUT", "/v1/sites/nope/targets/x", "{}", Some("s3cret")).await;

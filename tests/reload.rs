@@ -80,3 +80,35 @@ async fn reload_drops_stale_state_and_reports_restart_settings() {
     assert!(site["targets"].get("green").is_none());
     assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
 }
+
+/// A reload that removes a paused site ends its pause and its series; the
+/// site added back later is not paused (its state and its gate agree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_removed_by_reload_leaves_no_pause_or_series_behind() {
+    let (blue, other) = (Origin::start("blue").await, Origin::start("other").await);
+    let sites = format!(
+        "{}{}",
+        site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]),
+        site("keep", "keep.test", "blue", &[("blue", vec![other.addr])])
+    );
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let (status, _) = p.api("POST", "/v1/sites/shop/pause", Some(json!({"timeout": "60s"}))).await;
+    assert_eq!(status, 200);
+    let file = p.dir.path().join("cutover.yaml");
+    let full = std::fs::read_to_string(&file).unwrap();
+    let shop_block = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]);
+    std::fs::write(&file, full.replace(&shop_block, "")).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(!metrics.contains(r#"site="shop""#), "series of a removed site are left:\n{metrics}");
+    assert!(metrics.contains(r#"cutover_switches_total{result="ok",site="keep"} 0"#), "{metrics}");
+
+    std::fs::write(&file, &full).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["mode"]["paused"], false);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(3), support::get(p.addr, "shop.test", "/")).await;
+    assert_eq!(answer.expect("the site added back is still paused").body, "blue");
+}

@@ -13,6 +13,23 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+/// `println!` that gives up quietly when stdout is closed (`ctl status | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// [`out!`] without the newline.
+macro_rules! out_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Options of `cutover ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -171,7 +188,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
         Ok((status, value)) if status >= 400 => {
             if args.json {
-                println!("{}", pretty(&value));
+                out!("{}", pretty(&value));
             } else {
                 print_error(status, &value);
             }
@@ -183,7 +200,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
         Ok((_, value)) => {
             if args.json {
-                println!("{}", pretty(&value));
+                out!("{}", pretty(&value));
             } else {
                 print_human(&args.command, &value);
             }
@@ -201,7 +218,7 @@ async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -
     let mut printed: Vec<String> = Vec::new();
     let mut frame = 0usize;
     if !json {
-        println!("deployment {id}");
+        out!("deployment {id}");
     }
     loop {
         let d = match call(admin, token, Method::GET, &format!("/v1/deployments/{id}"), None).await {
@@ -230,21 +247,21 @@ async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -
                 );
                 if state == "running" {
                     if tty {
-                        print!("\r{} {:<12} running\x1b[K", SPINNER[frame % 4], text(&step["name"]));
+                        out_part!("\r{} {:<12} running\x1b[K", SPINNER[frame % 4], text(&step["name"]));
                         let _ = std::io::stdout().flush();
                     }
                     break;
                 }
                 if printed.get(i) != Some(&line) {
                     if tty {
-                        print!("\r\x1b[K");
+                        out_part!("\r\x1b[K");
                     }
                     let mark = match state.as_str() {
                         "succeeded" => "ok",
                         "skipped" => "--",
                         _ => "!!",
                     };
-                    println!("{mark} {line}");
+                    out!("{mark} {line}");
                     printed.resize(i + 1, String::new());
                     printed[i] = line;
                 }
@@ -253,9 +270,9 @@ async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -
         let state = text(&d["state"]);
         if state != "running" {
             if json {
-                println!("{}", pretty(&d));
+                out!("{}", pretty(&d));
             } else {
-                println!("deployment {id}: {state}");
+                out!("deployment {id}: {state}");
                 if let Some(e) = d["error"].as_str() {
                     eprintln!("  {e}");
                 }
@@ -413,10 +430,10 @@ fn print_human(cmd: &CtlCommand, v: &Value) {
             print_table(&rows);
         }
         CtlCommand::Reload => {
-            println!("reloaded: sites {}", join(&v["sites"]));
+            out!("reloaded: sites {}", join(&v["sites"]));
             let restart = join(&v["restart_required"]);
             if !restart.is_empty() {
-                println!("changed but applied only after a restart: {restart}");
+                out!("changed but applied only after a restart: {restart}");
             }
         }
         _ => print_site(v),
@@ -424,18 +441,18 @@ fn print_human(cmd: &CtlCommand, v: &Value) {
 }
 
 fn print_site(s: &Value) {
-    println!("site {}  hosts: {}", text(&s["name"]), join(&s["hosts"]));
-    println!("live: {}   previous: {}   mode: {}", text(&s["live"]), text(&s["previous"]), mode(&s["mode"]));
+    out!("site {}  hosts: {}", text(&s["name"]), join(&s["hosts"]));
+    out!("live: {}   previous: {}   mode: {}", text(&s["live"]), text(&s["previous"]), mode(&s["mode"]));
     if let Some(w) = s["weights"].as_object() {
         let split: Vec<String> = w.iter().map(|(t, p)| format!("{t} {p}%")).collect();
-        println!("weights: {}", split.join(", "));
+        out!("weights: {}", split.join(", "));
     }
     if s["mode"]["paused"].as_bool() == Some(true) || s["held"].as_u64().unwrap_or(0) > 0 {
-        println!("held requests: {}", text(&s["held"]));
+        out!("held requests: {}", text(&s["held"]));
     }
     if s["watch"].is_object() {
         let w = &s["watch"];
-        println!(
+        out!(
             "watch: {} for {} — {} answers, {} errors (max rate {})",
             text(&w["target"]),
             text(&w["duration"]),
@@ -502,6 +519,6 @@ fn print_table(rows: &[Vec<String>]) {
         (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
     for r in rows {
         let line: Vec<String> = r.iter().enumerate().map(|(i, s)| format!("{s:<w$}", w = widths[i])).collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end());
     }
 }

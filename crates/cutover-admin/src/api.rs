@@ -194,7 +194,9 @@ impl Admin {
     {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        match (req.method(), segments.as_slice()) {
+        // HEAD is GET without the body (hyper leaves the body out).
+        let method = if req.method() == Method::HEAD { Method::GET } else { req.method().clone() };
+        match (&method, segments.as_slice()) {
             (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
             (&Method::GET, ["metrics"]) => {
                 text(StatusCode::OK, self.controller.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
@@ -210,14 +212,19 @@ impl Admin {
                     r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                     return r;
                 }
-                let method = req.method().clone();
+                // An unknown site is 404 whatever the body holds (even one too large).
+                if let ["v1", "sites", site, _, ..] = segments.as_slice() {
+                    if let Err(e) = self.controller.site_exists(site).await {
+                        return control_error(e).into_response();
+                    }
+                }
                 let body = match read_body(req.into_body()).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
                 self.v1(&method, &segments[1..], &body).await
             }
-            (_, ["healthz" | "metrics"]) => not_allowed(req.method(), "GET"),
+            (_, ["healthz" | "metrics"]) => not_allowed(&method, "GET, HEAD"),
             _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {path}"), json!({}))
                 .into_response(),
         }
@@ -253,12 +260,6 @@ impl Admin {
 
     async fn v1(&self, method: &Method, segments: &[&str], body: &[u8]) -> Answer {
         let c = &self.controller;
-        // An unknown site is 404 whatever the body holds.
-        if let ["sites", site, _, ..] = segments {
-            if let Err(e) = c.site_exists(site).await {
-                return control_error(e).into_response();
-            }
-        }
         let result: Result<(StatusCode, serde_json::Value), ApiError> = match (method, segments) {
             (&Method::GET, ["sites"]) => Ok((StatusCode::OK, to_json(&c.sites().await))),
             (&Method::POST, ["reload"]) => reload(c).await,
@@ -331,7 +332,7 @@ impl Admin {
             }
             (_, ["reload"]) => return not_allowed(method, "POST"),
             (_, ["deployments", _] | ["sites"] | ["sites", _] | ["sites", _, "history"]) => {
-                return not_allowed(method, "GET")
+                return not_allowed(method, "GET, HEAD")
             }
             (_, ["sites", _, "mode"] | ["sites", _, "targets", _]) => return not_allowed(method, "PUT"),
             (_, ["sites", _, "weights"]) => return not_allowed(method, "PUT, DELETE"),

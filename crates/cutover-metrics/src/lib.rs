@@ -158,6 +158,34 @@ impl Metrics {
         let _ = self.inflight.remove_label_values(&[site, target]);
         let _ = self.live_target.remove_label_values(&[site, target]);
         let _ = self.target_weight.remove_label_values(&[site, target]);
+        let _ = self.request_duration.remove_label_values(&[site, target]);
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            let _ = self.requests.remove_label_values(&[site, target, class]);
+        }
+        for kind in ["connect", "timeout", "reset"] {
+            let _ = self.upstream_errors.remove_label_values(&[site, target, kind]);
+        }
+        for kind in ["upgrade", "stream"] {
+            let _ = self.drain_forced_closes.remove_label_values(&[site, target, kind]);
+        }
+    }
+
+    /// Removes the site-level series of `site` (a site deleted by a reload);
+    /// its targets go with [`Metrics::forget_target`].
+    pub fn forget_site(&self, site: &str) {
+        for result in ["ok", "refused"] {
+            let _ = self.switches.remove_label_values(&[site, result]);
+        }
+        for reason in ["manual", "automatic"] {
+            let _ = self.rollbacks.remove_label_values(&[site, reason]);
+        }
+        for state in ["succeeded", "failed", "rolled_back"] {
+            let _ = self.deployments.remove_label_values(&[site, state]);
+        }
+        for mode in ["read_only", "maintenance", "paused"] {
+            let _ = self.site_mode.remove_label_values(&[site, mode]);
+        }
+        let _ = self.held_requests.remove_label_values(&[site]);
     }
 }
 

@@ -112,7 +112,9 @@ impl Registry {
         let mut used_endpoints = HashSet::new();
         let mut used_targets = HashSet::new();
         let mut routes = Vec::new();
+        let mut sites_seen = HashSet::new();
         for (name, site) in sites {
+            sites_seen.insert(name.clone());
             let Some(s) = state.sites.get(name) else { continue };
             let health = Arc::new(site.health.clone());
             let mut pools = Vec::new();
@@ -180,6 +182,16 @@ impl Registry {
             if !keep {
                 entry.probe.cancel();
                 let _ = metrics.endpoint_healthy.remove_label_values(&[&key.0, &key.1, &key.2]);
+            }
+            keep
+        });
+        // A site removed by a reload: its pause ends (what it held is
+        // released, to find no site), and its series go.
+        self.pauses.retain(|site, gate| {
+            let keep = sites_seen.contains(site);
+            if !keep {
+                gate.resume(std::time::Duration::ZERO);
+                metrics.forget_site(site);
             }
             keep
         });
