@@ -286,7 +286,7 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
-        if !framing_passes(&mut parts.headers) {
+        if !framing_passes(&parts.headers) {
             exchange_failed(&routed.target, &endpoint, UpstreamErrorKind::Reset);
             return Ok(failure(ForwardError::Broken("unsupported transfer coding".into()), &routed.target, guard));
         }
@@ -512,17 +512,17 @@ fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::Connec
     endpoint.mark_failed();
 }
 
-/// Whether an upstream response read by hyper's client can be passed on as
-/// framed: a `Transfer-Encoding` must be a single `chunked` (hyper removes
-/// that coding; any other would reach the client unmarked, as cutover's own
-/// client refuses too), and a `Content-Length` beside it is wrong by
-/// definition and removed (RFC 9112 §6.3).
-fn framing_passes(headers: &mut http::HeaderMap) -> bool {
+/// Whether an upstream response read by hyper's client can be passed on, as
+/// cutover's own client decides: a `Transfer-Encoding` must be a single
+/// `chunked` (hyper removes that coding; any other would reach the client
+/// unmarked), with no `Content-Length` beside it (read two ways: RFC 9112
+/// §6.3 says it ought to be an error).
+fn framing_passes(headers: &http::HeaderMap) -> bool {
     let mut te = headers.get_all(TRANSFER_ENCODING).iter();
     let Some(first) = te.next() else { return true };
-    let single_chunked = te.next().is_none() && first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
-    headers.remove(CONTENT_LENGTH);
-    single_chunked
+    te.next().is_none()
+        && first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
+        && !headers.contains_key(CONTENT_LENGTH)
 }
 
 /// An endpoint that broke an exchange or did not answer in time is taken out

@@ -9,12 +9,13 @@
 //! endpoint's pool the moment its response was read to the end.
 //!
 //! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
-//! `Transfer-Encoding: chunked` over `Content-Length`; otherwise the body
+//! `Transfer-Encoding: chunked`, else `Content-Length`; otherwise the body
 //! ends when the upstream closes. Any other transfer coding (`gzip, chunked`)
 //! is refused: cutover does not undo it, and the client would get coded bytes
 //! with nothing saying so. 1xx interim answers are skipped. A response that
-//! could be read two ways (`Content-Length` and `Transfer-Encoding`, conflicting
-//! lengths, `Transfer-Encoding` in HTTP/1.0) is never reused, or refused.
+//! could be read two ways (`Content-Length` with `Transfer-Encoding`, or
+//! conflicting lengths) is refused (`502`); `Transfer-Encoding` in HTTP/1.0
+//! is read, and its connection never reused.
 //! Requests with a body and upgrades go through hyper's client instead.
 
 use std::io;
@@ -387,9 +388,14 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
         if codings != 1 || chunked != 1 {
             return Err(Error::Invalid("a transfer coding other than chunked"));
         }
-        // Read two ways (Transfer-Encoding wins), or in HTTP/1.0, which has no
-        // Transfer-Encoding (RFC 9112 §6.1): the connection is not trusted again.
-        if length.is_some() || minor == 0 {
+        // Could be read two ways: RFC 9112 §6.3 says it "ought to be handled
+        // as an error" (a smuggling or splitting attempt), and so it is.
+        if length.is_some() {
+            return Err(Error::Invalid("both Content-Length and Transfer-Encoding"));
+        }
+        // HTTP/1.0 has no Transfer-Encoding (RFC 9112 §6.1): read, but the
+        // connection is not trusted again.
+        if minor == 0 {
             reusable = false;
         }
         Framing::Chunked(Chunk::Size)
