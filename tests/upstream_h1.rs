@@ -357,6 +357,9 @@ async fn invalid_answers_are_502_or_cut() {
             Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
         ),
         ("/silent", Script::AnswerAndClose(b"")),
+        // An obsolete folded line, and a bare CR inside a field value.
+        ("/obs-fold", Script::Answer(b"HTTP/1.1 200 OK\r\nx-a: one\r\n two\r\ncontent-length: 2\r\n\r\nok")),
+        ("/bare-cr", Script::Answer(b"HTTP/1.1 200 OK\r\nx-a: one\rtwo\r\ncontent-length: 2\r\n\r\nok")),
         // Codings cutover cannot undo would reach the client unmarked.
         ("/gzip-chunked", Script::Answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n")),
         ("/gzip", Script::AnswerAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped")),
@@ -369,8 +372,18 @@ async fn invalid_answers_are_502_or_cut() {
     ])
     .await;
     let p = proxy_for(&origin).await;
-    let refused =
-        ["/garbage", "/two-lengths", "/bad-length", "/big-head", "/silent", "/gzip-chunked", "/gzip", "/chunked-twice"];
+    let refused = [
+        "/garbage",
+        "/two-lengths",
+        "/bad-length",
+        "/big-head",
+        "/silent",
+        "/gzip-chunked",
+        "/gzip",
+        "/chunked-twice",
+        "/obs-fold",
+        "/bare-cr",
+    ];
     for path in refused {
         let mut c = connect(p.addr).await;
         let (status, _, _, _) = fetch(&mut c, "GET", path).await.unwrap();
