@@ -746,3 +746,54 @@ async fn request_targets_that_are_no_path_or_too_long_are_refused() {
     settle().await;
     assert!(paths(&blue).iter().all(|p| p == "*" || p == "/canary"), "forwarded: {:?}", paths(&blue));
 }
+
+/// `Expect: 100-continue` (reliability.md B-8): an upstream that refuses from
+/// the head alone (`401`) is answered without the client sending its body,
+/// since cutover's `100 Continue` waits for the upstream's; an upstream that
+/// reads the body gets it after its own `100 Continue` reached the client.
+#[tokio::test]
+async fn expect_100_continue_waits_for_the_upstream() {
+    // /refuse: 401 at once, the body never read; /up: health.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_head(&mut s, &mut buf).await {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let answer: &[u8] = if head.starts_with("GET /up ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
+                    } else {
+                        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    };
+                    if s.write_all(answer).await.is_err() || !head.starts_with("GET /up ") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![refusing])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let head = b"POST /refuse HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n";
+    s.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    timeout(Duration::from_secs(5), read_head(&mut s, &mut got)).await.unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 401"), "before the final answer: {:?}", String::from_utf8_lossy(&got));
+
+    let (p, blue) = one_site("").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let head = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    s.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    timeout(Duration::from_secs(5), read_head(&mut s, &mut got)).await.unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 100 Continue"), "{:?}", String::from_utf8_lossy(&got));
+    s.write_all(b"hello").await.unwrap();
+    let rest = read_until_close(&mut s, Duration::from_secs(2)).await;
+    let all = String::from_utf8_lossy(&got).to_string() + &rest.text;
+    assert!(all.contains("HTTP/1.1 200") && all.ends_with("hello"), "{all:?}");
+    assert_eq!(blue.seen()[0].body_len, 5);
+}

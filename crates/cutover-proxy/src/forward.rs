@@ -28,8 +28,8 @@ use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Send
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, SET_COOKIE, TE, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -269,7 +269,14 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
             .insert_into(&mut parts.headers);
-        let req = Request::from_parts(parts, body);
+        let mut req = Request::from_parts(parts, body);
+        // The upload waits for the upstream's `100 Continue` (HTTP/1.1 only:
+        // hyper reports 1xx answers there), so one that refuses from the head
+        // alone spares the client the upload.
+        let expects = req.headers().get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects && protocol == Protocol::Http1 && upgrade.is_none() {
+            RequestBody::expect_continue(&mut req);
+        }
         let request_progress = req.body().progress();
         let sent = Box::pin(self.send(&routed, req, &mut guard, upgrade.is_some())).await;
         let (mut resp, via, endpoint) = match sent {

@@ -67,7 +67,24 @@ pub struct RequestBody {
     /// `None`: a request that has no body (read by cutover's own HTTP/1.1 server).
     inner: Option<Incoming>,
     progress: Option<std::sync::Arc<BodyProgress>>,
+    /// For `Expect: 100-continue`: the body is not read until this opens.
+    expect: Option<Box<ExpectGate>>,
 }
+
+/// Holds back a body sent with `Expect: 100-continue` until the upstream
+/// answers `100 Continue` (or for [`EXPECT_WAIT`] at most, for an upstream
+/// that ignores the expectation). hyper's server sends the client its own
+/// `100 Continue` only when the body is first read: an upstream that answers
+/// from the head alone (`401`, `417`) spares the client the upload.
+#[derive(Debug)]
+struct ExpectGate {
+    continued: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    fallback: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+/// How long a body with `Expect: 100-continue` waits for the upstream's
+/// `100 Continue` before it goes anyway (curl waits as long).
+pub const EXPECT_WAIT: Duration = Duration::from_secs(1);
 
 impl RequestBody {
     /// Wraps `inner`; a body that is already complete needs no tracking.
@@ -81,12 +98,30 @@ impl RequestBody {
                 waiting_on_client: std::sync::atomic::AtomicBool::new(false),
             })
         });
-        Self { inner: Some(inner), progress }
+        Self { inner: Some(inner), progress, expect: None }
     }
 
     /// The body of a request that has none.
     pub fn empty() -> Self {
-        Self { inner: None, progress: None }
+        Self { inner: None, progress: None, expect: None }
+    }
+
+    /// Holds the body back until `req` gets `100 Continue` from an HTTP/1.1
+    /// upstream, or [`EXPECT_WAIT`] passed (see [`ExpectGate`]).
+    pub fn expect_continue(req: &mut http::Request<RequestBody>) {
+        use http_body::Body as _;
+        if req.body().is_end_stream() {
+            return;
+        }
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let continued = Box::pin(notify.clone().notified_owned());
+        hyper::ext::on_informational(req, move |res| {
+            if res.status() == http::StatusCode::CONTINUE {
+                notify.notify_one();
+            }
+        });
+        let fallback = Box::pin(tokio::time::sleep(EXPECT_WAIT));
+        req.body_mut().expect = Some(Box::new(ExpectGate { continued, fallback }));
     }
 
     /// Its progress, when it has content.
@@ -104,6 +139,13 @@ impl http_body::Body for RequestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(gate) = &mut this.expect {
+            use std::future::Future as _;
+            if gate.continued.as_mut().poll(cx).is_pending() && gate.fallback.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            this.expect = None;
+        }
         let Some(inner) = &mut this.inner else { return std::task::Poll::Ready(None) };
         let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
         if let Some(p) = &this.progress {
