@@ -717,6 +717,16 @@ async fn a_late_body_after_an_early_answer_is_never_a_request() {
     assert!(!paths.iter().any(|p| p == "/smuggled"), "the late body reached the origin as a request: {paths:?}");
 }
 
+/// Sends `head` on a new connection; the connection and what came back up
+/// to the end of the first answer's head (within 5 s).
+async fn first_answer(addr: SocketAddr, head: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    timeout(Duration::from_secs(5), read_head(&mut s, &mut got)).await.unwrap();
+    (s, got)
+}
+
 /// Reads from `s` into `buf` until it holds a whole head; its length, or
 /// `None` when the connection ends first.
 async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
@@ -777,19 +787,13 @@ async fn expect_100_continue_waits_for_the_upstream() {
     });
     let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![refusing])])).await;
     p.wait_healthy("shop", &["blue"]).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
     let head = b"POST /refuse HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n";
-    s.write_all(head).await.unwrap();
-    let mut got = Vec::new();
-    timeout(Duration::from_secs(5), read_head(&mut s, &mut got)).await.unwrap();
+    let (_, got) = first_answer(p.addr, head).await;
     assert!(got.starts_with(b"HTTP/1.1 401"), "before the final answer: {:?}", String::from_utf8_lossy(&got));
 
     let (p, blue) = one_site("").await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
     let head = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
-    s.write_all(head).await.unwrap();
-    let mut got = Vec::new();
-    timeout(Duration::from_secs(5), read_head(&mut s, &mut got)).await.unwrap();
+    let (mut s, got) = first_answer(p.addr, head).await;
     assert!(got.starts_with(b"HTTP/1.1 100 Continue"), "{:?}", String::from_utf8_lossy(&got));
     s.write_all(b"hello").await.unwrap();
     let rest = read_until_close(&mut s, Duration::from_secs(2)).await;

@@ -247,9 +247,10 @@ impl TargetPool {
             let load = |i: usize| self.endpoints[i].outstanding.load(Ordering::Relaxed);
             let least = (0..self.endpoints.len()).filter(|&i| eligible(i)).map(load).min()?;
             let ties = (0..self.endpoints.len()).filter(|&i| eligible(i) && load(i) == least);
-            let turn = TURN.with(|t| t.replace(t.get().wrapping_add(1)));
-            let count = ties.clone().count();
-            ties.clone().nth(turn % count)
+            match ties.clone().count() {
+                1 => ties.clone().next(),
+                count => ties.clone().nth(TURN.with(|t| t.replace(t.get().wrapping_add(1))) % count),
+            }
         };
         choose(true).or_else(|| choose(false))
     }

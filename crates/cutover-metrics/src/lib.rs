@@ -125,13 +125,13 @@ impl Metrics {
     /// Makes `site`'s counters exist at zero, so that every metric family
     /// shows from the start, not only after its first event.
     pub fn seed_site(&self, site: &str) {
-        for result in ["ok", "refused"] {
+        for result in SWITCH_RESULTS {
             self.switches.with_label_values(&[site, result]);
         }
-        for reason in ["manual", "automatic"] {
+        for reason in ROLLBACK_REASONS {
             self.rollbacks.with_label_values(&[site, reason]);
         }
-        for state in ["succeeded", "failed", "rolled_back"] {
+        for state in DEPLOYMENT_STATES {
             self.deployments.with_label_values(&[site, state]);
         }
         self.held_requests.with_label_values(&[site]);
@@ -139,10 +139,9 @@ impl Metrics {
 
     /// Resolves every per-target handle of `site`/`target` once.
     pub fn target(&self, site: &str, target: &str) -> TargetMetrics {
-        let code = |c: &str| self.requests.with_label_values(&[site, target, c]);
         let err = |k: &str| self.upstream_errors.with_label_values(&[site, target, k]);
         TargetMetrics {
-            by_class: [code("1xx"), code("2xx"), code("3xx"), code("4xx"), code("5xx")],
+            by_class: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[site, target, c])),
             duration: self.request_duration.with_label_values(&[site, target]),
             inflight: self.inflight.with_label_values(&[site, target]),
             connect_errors: err("connect"),
@@ -159,13 +158,13 @@ impl Metrics {
         let _ = self.live_target.remove_label_values(&[site, target]);
         let _ = self.target_weight.remove_label_values(&[site, target]);
         let _ = self.request_duration.remove_label_values(&[site, target]);
-        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+        for class in STATUS_CLASSES {
             let _ = self.requests.remove_label_values(&[site, target, class]);
         }
-        for kind in ["connect", "timeout", "reset"] {
+        for kind in UPSTREAM_ERROR_KINDS {
             let _ = self.upstream_errors.remove_label_values(&[site, target, kind]);
         }
-        for kind in ["upgrade", "stream"] {
+        for kind in FORCED_CLOSE_KINDS {
             let _ = self.drain_forced_closes.remove_label_values(&[site, target, kind]);
         }
     }
@@ -173,16 +172,16 @@ impl Metrics {
     /// Removes the site-level series of `site` (a site deleted by a reload);
     /// its targets go with [`Metrics::forget_target`].
     pub fn forget_site(&self, site: &str) {
-        for result in ["ok", "refused"] {
+        for result in SWITCH_RESULTS {
             let _ = self.switches.remove_label_values(&[site, result]);
         }
-        for reason in ["manual", "automatic"] {
+        for reason in ROLLBACK_REASONS {
             let _ = self.rollbacks.remove_label_values(&[site, reason]);
         }
-        for state in ["succeeded", "failed", "rolled_back"] {
+        for state in DEPLOYMENT_STATES {
             let _ = self.deployments.remove_label_values(&[site, state]);
         }
-        for mode in ["read_only", "maintenance", "paused"] {
+        for mode in SITE_MODES {
             let _ = self.site_mode.remove_label_values(&[site, mode]);
         }
         let _ = self.held_requests.remove_label_values(&[site]);
@@ -194,6 +193,16 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The label values each labelled family takes (SPEC §6), so that series
+/// are made and removed alike.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "reset"];
+const FORCED_CLOSE_KINDS: [&str; 2] = ["upgrade", "stream"];
+const SWITCH_RESULTS: [&str; 2] = ["ok", "refused"];
+const ROLLBACK_REASONS: [&str; 2] = ["manual", "automatic"];
+const DEPLOYMENT_STATES: [&str; 3] = ["succeeded", "failed", "rolled_back"];
+const SITE_MODES: [&str; 3] = ["read_only", "maintenance", "paused"];
 
 /// Per-target handles the data plane uses without any label lookup.
 #[derive(Clone, Debug)]

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::activity::Activity;
+use crate::quiet::QuietTimer;
 
 /// Errors a response body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -168,52 +169,14 @@ enum Drain {
     Closing(Pin<Box<tokio::time::Sleep>>),
 }
 
-/// Cuts a body whose upstream sends nothing for `limit` while cutover waits
-/// on it (`limits.upstream_response_timeout`, like nginx's `proxy_read_timeout`);
-/// time the client takes to read does not count.
-#[derive(Debug)]
-struct Silence {
-    limit: std::time::Duration,
-    /// Since when cutover has been waiting on the upstream (none: it is not).
-    since: Option<tokio::time::Instant>,
-    /// Armed at the first wait and re-armed only when it fires early.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Silence {
-    fn new(limit: std::time::Duration) -> Self {
-        Self { limit, since: None, timer: None }
-    }
-
-    /// The upstream gave bytes: the silence, if any, ended.
-    fn heard(&mut self) {
-        self.since = None;
-    }
-
-    /// The upstream has nothing now: whether it has been silent for the limit.
-    fn due(&mut self, cx: &mut Context<'_>) -> bool {
-        let now = tokio::time::Instant::now();
-        // A limit too far to add to the clock never comes.
-        let Some(deadline) = self.since.get_or_insert(now).checked_add(self.limit) else { return false };
-        loop {
-            if now >= deadline {
-                return true;
-            }
-            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            // Armed for an earlier silence: wait for this one's end.
-            timer.as_mut().reset(deadline);
-        }
-    }
-}
-
 /// A response body with its request's guard.
 pub struct ProxyBody {
     source: Source,
     drain: Drain,
-    silence: Option<Silence>,
+    /// Cuts a body whose upstream sends nothing for
+    /// `limits.upstream_response_timeout` while cutover waits on it (nginx's
+    /// `proxy_read_timeout`); time the client takes to read does not count.
+    silence: Option<QuietTimer>,
     guard: Option<RequestGuard>,
 }
 
@@ -244,7 +207,7 @@ impl ProxyBody {
         Self {
             source: Source::Upstream { body, sender, request, endpoint },
             drain: Drain::Idle,
-            silence: Some(Silence::new(silence)),
+            silence: Some(QuietTimer::new(silence)),
             guard: Some(guard),
         }
     }
@@ -261,7 +224,7 @@ impl ProxyBody {
         Self {
             source: Source::Direct(body, Some(fields)),
             drain: Drain::Idle,
-            silence: Some(Silence::new(silence)),
+            silence: Some(QuietTimer::new(silence)),
             guard: Some(guard),
         }
     }
@@ -337,7 +300,7 @@ impl ProxyBody {
         match body.poll_splice(cx, to) {
             Poll::Ready(r) => {
                 if let Some(s) = &mut self.silence {
-                    s.heard();
+                    s.progress();
                 }
                 Poll::Ready(r.map_err(Into::into))
             }
@@ -362,7 +325,7 @@ impl ProxyBody {
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // While the client still uploads (a gRPC stream), the exchange is not silent.
         let uploading = matches!(&self.source, Source::Upstream { request: Some(r), .. } if !r.done());
-        if !uploading && self.silence.as_mut().is_some_and(|s| s.due(cx)) {
+        if !uploading && self.silence.as_mut().is_some_and(|s| s.expired(cx)) {
             if let Some((site, target)) = self.guard.as_ref().and_then(|g| g.route()) {
                 target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Timeout);
                 tracing::warn!(site = site.name(), target = %target.name, "upstream silent mid-body: response cut");
@@ -394,7 +357,7 @@ impl Body for ProxyBody {
         match polled {
             Poll::Ready(frame) => {
                 if let Some(s) = &mut this.silence {
-                    s.heard();
+                    s.progress();
                 }
                 Poll::Ready(frame)
             }

@@ -15,7 +15,7 @@
 //! trailers only when chunked and declared in `Trailer`.
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use crate::activity::{Activity, Tracked};
 use crate::body::ProxyBody;
 use crate::forward::{ClientConn, Proxy};
+use crate::quiet::QuietTimer;
 
 /// Header fields in a request head (hyper's limit too: more goes to hyper, which answers 431).
 const MAX_HEADERS: usize = 100;
@@ -428,14 +429,14 @@ async fn splice_rest<IO: Transport>(
     out.clear();
     let Some(socket) = io.socket() else { return Ok(0) };
     let mut moved = 0;
-    let mut stalled = Stall::new(stall);
+    let mut quiet = QuietTimer::new(stall);
     loop {
         // A wait on the client (not on the upstream) has `stall` to end.
         let step = poll_fn(|cx| match body.poll_splice(cx, socket) {
             Poll::Ready(r) => Poll::Ready(r.map_err(io::Error::other)),
-            Poll::Pending if body.splice_waits_on_client() => stalled.poll(cx).map(Err),
+            Poll::Pending if body.splice_waits_on_client() => stalled(&mut quiet, cx),
             Poll::Pending => {
-                stalled.progress();
+                quiet.progress();
                 Poll::Pending
             }
         });
@@ -443,7 +444,7 @@ async fn splice_rest<IO: Transport>(
             0 => return Ok(moved),
             n => moved += n,
         }
-        stalled.progress();
+        quiet.progress();
     }
 }
 
@@ -600,7 +601,7 @@ fn date(out: &mut Vec<u8>) {
 /// with `TimedOut` when the client reads nothing for `stall`.
 async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8], stall: Duration) -> io::Result<()> {
     let (mut a, mut b) = (a, b);
-    let mut stalled = Stall::new(stall);
+    let mut quiet = QuietTimer::new(stall);
     poll_fn(|cx| {
         while !a.is_empty() || !b.is_empty() {
             let io = Pin::new(&mut *io);
@@ -614,9 +615,9 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8], stal
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return stalled.poll(cx).map(Err),
+                Poll::Pending => return stalled(&mut quiet, cx),
             };
-            stalled.progress();
+            quiet.progress();
             let from_a = n.min(a.len());
             a = &a[from_a..];
             // (A stream never reports more than it was given; `min` keeps a broken one from panicking.)
@@ -629,39 +630,25 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, a: &[u8], b: &[u8], stal
 
 /// Flushes `io`, as [`write_all`] writes.
 async fn flush<IO: AsyncWrite + Unpin>(io: &mut IO, stall: Duration) -> io::Result<()> {
-    let mut stalled = Stall::new(stall);
+    let mut quiet = QuietTimer::new(stall);
     poll_fn(|cx| match Pin::new(&mut *io).poll_flush(cx) {
-        Poll::Pending => stalled.poll(cx).map(Err),
+        Poll::Pending => stalled(&mut quiet, cx),
         done => done,
     })
     .await
 }
 
-/// How long a wait on the client may last before the response is given up:
-/// a timer only once it has to wait (most writes complete at once), and a
-/// fresh one after each step that made progress.
-struct Stall {
-    limit: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+/// The error of a response given up on a client that read nothing of it for `idle_timeout`.
+fn client_stalled() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the client read nothing of its response for idle_timeout")
 }
 
-impl Stall {
-    fn new(limit: Duration) -> Self {
-        Self { limit, timer: None }
-    }
-
-    /// The client is not ready: pending, or the error once it has not been for `limit`.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let limit = self.limit;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        timer.as_mut().poll(cx).map(|()| {
-            io::Error::new(io::ErrorKind::TimedOut, "the client read nothing of its response for idle_timeout")
-        })
-    }
-
-    /// The client took bytes: the wait starts again at the next one.
-    fn progress(&mut self) {
-        self.timer = None;
+/// Pending while a wait on the client is shorter than its limit, then the error.
+fn stalled<T>(quiet: &mut QuietTimer, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    if quiet.expired(cx) {
+        Poll::Ready(Err(client_stalled()))
+    } else {
+        Poll::Pending
     }
 }
 

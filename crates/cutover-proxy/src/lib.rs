@@ -11,7 +11,9 @@
 //!   until the last byte is sent and returns the upstream connection to its pool.
 //! - [`modes`]: preview, sticky canary, maintenance and read-only answers.
 //! - `upgrade`: WebSocket and other upgrades as tunnels closed at the drain deadline.
-//! - [`activity`]: per-connection idle tracking.
+//! - [`activity`]: per-connection idle tracking; `quiet`: the timer for
+//!   "nothing moved for this long" (a client that reads nothing, an upstream
+//!   silent mid-body).
 //! - [`sniff`]: HTTP/1 or HTTP/2 prior knowledge, from a connection's first read.
 //! - [`tls`]: TLS termination with SNI and hot certificate reload.
 //!
@@ -23,6 +25,7 @@ pub mod forward;
 mod h1_server;
 pub mod headers;
 pub mod modes;
+mod quiet;
 pub mod server;
 pub mod sniff;
 pub mod tls;

@@ -68,7 +68,7 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     progress: Option<std::sync::Arc<BodyProgress>>,
     /// For `Expect: 100-continue`: the body is not read until this opens.
-    expect: Option<Box<ExpectGate>>,
+    expect: Option<ExpectGate>,
 }
 
 /// Holds back a body sent with `Expect: 100-continue` until the upstream
@@ -121,7 +121,7 @@ impl RequestBody {
             }
         });
         let fallback = Box::pin(tokio::time::sleep(EXPECT_WAIT));
-        req.body_mut().expect = Some(Box::new(ExpectGate { continued, fallback }));
+        req.body_mut().expect = Some(ExpectGate { continued, fallback });
     }
 
     /// Its progress, when it has content.
@@ -200,6 +200,7 @@ pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duratio
     }
 }
 
+/// A ready-to-use HTTP/1.1 connection to one endpoint.
 pub type Sender = http1::SendRequest<UpstreamBody>;
 
 /// A multiplexed HTTP/2 connection to one endpoint (`protocol: h2`).
