@@ -143,6 +143,42 @@ async fn https_keep_alive_outlives_header_read_timeout() {
     assert!(!sender.is_closed());
 }
 
+/// Clients that connect and send nothing, or only the start of a hello, hold
+/// up no one: with more of them open than any handshake limit, a real client's
+/// handshake and request are answered long before they are cut at
+/// `header_read_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_clients_delay_no_handshake() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "a", &["a.test"]);
+    let extra = format!("{}\nlimits: {{ header_read_timeout: 20s }}", tls_yaml(&["a"]));
+    let opts = Options { https: true, extra, dir: Some(dir), ..Default::default() };
+    let p = Proxy::start_with(&site(origin.addr, ""), opts).await;
+    let https = p.https.unwrap();
+    let mut silent = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(https).await.unwrap();
+        if i % 2 == 0 {
+            // A TLS record header, and no more.
+            s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        }
+        silent.push(s);
+    }
+    let request = async {
+        let tls = handshake(&ca, https, "a.test", &[b"http/1.1"]).await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
+        sender.send_request(req).await.unwrap().status()
+    };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), request).await;
+    assert_eq!(status.expect("the handshake waited behind silent clients"), 200);
+    drop(silent);
+}
+
 /// ALPN h2 from the client, HTTP/1.1 to the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_to_an_http1_upstream() {

@@ -33,6 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,8 +49,6 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// h2 resets cutover itself may send for a client's errors before GOAWAY.
 const H2_MAX_LOCAL_RESETS: usize = 1024;
-/// TLS handshakes in progress at once per listener (they cost CPU, not just a socket).
-const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 /// An HTTP/1.1 connection idle this long is parked (hyper's buffers freed),
 /// as nginx frees a kept-alive connection's buffers: long enough that busy
 /// connections never are, short enough that a burst of idle ones never holds
@@ -97,7 +96,6 @@ pub async fn serve(
 ) {
     let builder = Arc::new(Builders::new(&config.limits));
     let permits = config.permits.clone();
-    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();
     let mut nodelay_inherited = None;
@@ -153,14 +151,15 @@ pub async fn serve(
                 connections.spawn(Box::pin(conn.run_plain(stream)));
             }
             Some(tls) => {
-                let (acceptor, handshakes) = (tls.acceptor(), handshakes.clone());
+                let tls = tls.config();
                 let timeout = config.limits.header_read_timeout;
                 connections.spawn(Box::pin(async move {
                     let io = Tracked::new(stream, conn.client.activity.clone());
-                    // rustls has no handshake timeout of its own, and handshakes cost CPU: bound both.
+                    // The client's hello is read before rustls makes a connection
+                    // state for it; rustls has no handshake timeout of its own.
                     let handshake = async {
-                        let _slot = handshakes.acquire().await;
-                        acceptor.accept(io).await
+                        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+                        hello.into_stream(tls).await
                     };
                     match tokio::time::timeout(timeout, handshake).await {
                         Ok(Ok(tls_stream)) => {

@@ -12,7 +12,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::{DnsName, ServerName};
-use tokio_rustls::TlsAcceptor;
 
 /// The certificates a TLS listener serves; replaceable at any time.
 #[derive(Debug)]
@@ -32,9 +31,9 @@ impl TlsStore {
         Ok(())
     }
 
-    /// An acceptor with the certificates of this moment.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
+    /// The server configuration, with the certificates of this moment.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
     }
 }
 
