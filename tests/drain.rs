@@ -111,6 +111,52 @@ async fn websocket_survives_switch_and_closes_at_drain_deadline() {
     );
 }
 
+/// The close at the drain deadline is a FIN the client can answer: bytes it
+/// still sends after the FIN (a frame that was on its way) are read and
+/// dropped, and it gets no reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_closed_at_the_deadline_is_not_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (blue, green) = (ws_origin("blue").await, ws_origin("green").await);
+    let p = Proxy::start(&ws_sites(blue, green, "300ms")).await;
+    p.wait_healthy("chat", &["blue", "green"]).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let upgrade = "GET /socket HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the upgrade");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    p.switch("chat", "green").await;
+    let eof = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    eof.await.expect("never closed").expect("the deadline's close was a reset");
+    // A masked WebSocket text frame that was already on its way, twice: a
+    // socket that was closed answers the first with a reset, which fails the second.
+    let frame = [0x81, 0x84, 1, 2, 3, 4, b'l' ^ 1, b'a' ^ 2, b't' ^ 3, b'e' ^ 4];
+    s.write_all(&frame).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(&frame).await.expect("reset after the FIN");
+    s.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match s.read(&mut buf).await {
+        Ok(n) => assert_eq!(n, 0),
+        Err(e) => panic!("reset after the FIN: {e}"),
+    }
+}
+
 /// Switching back to a draining target cancels its drain: its WebSocket stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_back_cancels_the_drain() {

@@ -13,6 +13,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::body::RequestGuard;
 
+/// How long a tunnel closed at the drain deadline waits for both sides to
+/// close after its FIN, reading and dropping what they still send.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// A random number (std's per-instance random hasher keys; no extra dependency).
 pub(crate) fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new().build_hasher().finish()
@@ -57,10 +61,18 @@ pub(crate) async fn tunnel(
         _ = deadline => {
             target.metrics.forced_upgrade_closes.inc();
             tracing::info!(site = site.name(), target = %target.name, "drain deadline: upgraded connection closed");
-            // FIN on both sides, not RST.
+            // FIN on both sides, not RST. A socket closed with bytes unread
+            // sends RST, so what either side still sends is read and dropped
+            // until it closes too (or LINGER passed); the tunnel no longer
+            // counts as in flight meanwhile.
             let _ = client.shutdown().await;
             let _ = upstream.shutdown().await;
+            drop(guard);
+            let discard = async {
+                let (mut a, mut b) = (tokio::io::sink(), tokio::io::sink());
+                let _ = tokio::join!(tokio::io::copy(&mut client, &mut a), tokio::io::copy(&mut upstream, &mut b));
+            };
+            let _ = tokio::time::timeout(LINGER, discard).await;
         }
     }
-    drop(guard);
 }
