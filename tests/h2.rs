@@ -61,6 +61,31 @@ async fn h2c_streams_across_a_switch() {
     assert_eq!(seen[0].headers["host"], "shop.test");
 }
 
+/// An h2 request with more than 100 header fields gets 431 from cutover, as
+/// over HTTP/1.1, and is not forwarded.
+#[tokio::test]
+async fn h2_requests_over_100_fields_get_431() {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
+    let mut sender = h2c(p.addr).await;
+    // (The test origin, hyper's server, takes 100 fields at most: cutover adds its forwarded ones.)
+    for (fields, status) in [(90, 200), (101, 431), (150, 431)] {
+        let mut req = get("shop.test", &format!("/f{fields}"));
+        for i in 0..fields {
+            req.headers_mut().insert(http::HeaderName::try_from(format!("x-h{i}")).unwrap(), "v".parse().unwrap());
+        }
+        let resp = sender.send_request(req).await.unwrap();
+        let got = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, status, "{fields} fields: {body:?}");
+        if got == 431 {
+            assert_eq!(body, "more than 100 header fields\n", "not cutover's answer");
+        }
+    }
+    let paths: Vec<String> = blue.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/f90"]);
+}
+
 /// A `protocol: h2` target is spoken to over HTTP/2, and response trailers
 /// (gRPC status) reach an h2 client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,6 +130,25 @@ async fn h1_trailers_pass_through() {
         .unwrap();
     let collected = sender.send_request(req).await.unwrap().into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some("0".parse().unwrap()));
+}
+
+/// A request's trailers reach an HTTP/1.1 upstream, declared in `Trailer`
+/// as the client declared them.
+#[tokio::test]
+async fn request_trailers_reach_an_h1_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let req = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\nTrailer: X-Req-T\r\n\
+        Connection: close\r\n\r\n2\r\nab\r\n0\r\nX-Req-T: 1\r\n\r\n";
+    s.write_all(req).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    let seen = &blue.seen()[0];
+    assert_eq!(seen.body_len, 2);
+    assert_eq!(seen.trailers.as_ref().and_then(|t| t.get("x-req-t")).map(|v| v.as_bytes()), Some(&b"1"[..]));
 }
 
 /// An h2c client that goes silent after its request, without even answering

@@ -33,6 +33,8 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// The request's trailers, if it had any.
+    pub trailers: Option<HeaderMap>,
     /// Which of the origin's connections (numbered from 0 as accepted) carried it.
     pub conn: usize,
 }
@@ -186,9 +188,16 @@ async fn origin_answer(
     let method = req.method().clone();
     let version = req.version();
     let headers = req.headers().clone();
-    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let (body, trailers) = match req.into_body().collect().await {
+        Ok(c) => {
+            let trailers = c.trailers().cloned();
+            (c.to_bytes(), trailers)
+        }
+        Err(_) => Default::default(),
+    };
     if !probe {
-        seen.lock().unwrap().push(Seen { version, method, path: path.clone(), headers, body_len: body.len(), conn });
+        let body_len = body.len();
+        seen.lock().unwrap().push(Seen { version, method, path: path.clone(), headers, body_len, trailers, conn });
     }
     let full = |b: Bytes| Full::new(b).boxed();
     let resp = if probe {

@@ -28,7 +28,7 @@ use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Send
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -594,9 +594,17 @@ fn prepare(
             host = Some(v.clone());
         }
     }
+    // Trailers pass through, and hyper's client sends only those `Trailer` declares: it stays.
+    let declared: Vec<HeaderValue> = match scan.declares_trailers() {
+        true => parts.headers.get_all(TRAILER).iter().cloned().collect(),
+        false => Vec::new(),
+    };
     // Fields `Connection` named are gone: what came is looked at again then (rare).
     let incoming =
         if scan.remove_hop_by_hop(&mut parts.headers) { headers::Present::of(&parts.headers) } else { scan.present };
+    for v in declared {
+        parts.headers.append(TRAILER, v);
+    }
     if scan.underscore {
         headers::drop_underscore_names(&mut parts.headers);
     }
@@ -676,6 +684,9 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     Some(&host[..len])
 }
 
+/// The most header fields a request may have, over any protocol.
+const MAX_HEADER_FIELDS: usize = 100;
+
 /// The longest request target (path and query) accepted, as nginx's default buffers allow.
 const MAX_TARGET_LEN: usize = 8 * 1024;
 
@@ -696,6 +707,10 @@ pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static s
     let path = req.uri().path();
     if req.uri().scheme().is_none() && !path.starts_with('/') && !(path == "*" && req.method() == Method::OPTIONS) {
         return Some((StatusCode::BAD_REQUEST, "the request target must be a path\n"));
+    }
+    // HTTP/1.1 heads stop at this many already (hyper's limit, and cutover's own server's).
+    if req.headers().len() > MAX_HEADER_FIELDS {
+        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "more than 100 header fields\n"));
     }
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_TARGET_LEN {
         return Some((StatusCode::URI_TOO_LONG, "the request target is longer than 8 KiB\n"));

@@ -49,6 +49,12 @@ impl Scan {
         self.present.note(name);
     }
 
+    /// Whether a `Trailer` field came (hyper's HTTP/1.1 client sends a
+    /// request's trailers only when it declares them there: it is kept).
+    pub fn declares_trailers(&self) -> bool {
+        self.hop_by_hop & 1 << hop_by_hop::TRAILER_INDEX != 0
+    }
+
     /// Removes the hop-by-hop fields found, and every field `Connection`
     /// names; `true` when it named any (what was noted may be gone then).
     pub fn remove_hop_by_hop(&self, headers: &mut HeaderMap) -> bool {
