@@ -220,6 +220,38 @@ async fn te_and_content_length_is_refused_or_read_one_way_and_closes() {
     }
 }
 
+/// 4b. Bodies and plain `GET`s alternate on one kept-alive connection
+/// without losing a byte, and a `GET` whose head arrives in two parts, the
+/// first with the body before it, is answered once it is whole.
+#[tokio::test]
+async fn bodies_and_gets_alternate_on_one_connection() {
+    let (p, blue) = one_site("").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    for i in 0..3 {
+        let post = format!("POST /post{i} HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello");
+        s.write_all(post.as_bytes()).await.unwrap();
+        let r = read_one_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+        s.write_all(format!("GET /get{i} HTTP/1.1\r\nHost: shop.test\r\n\r\n").as_bytes()).await.unwrap();
+        let r = read_one_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+    }
+    // A body, and half of the next head in the same write; the rest later.
+    s.write_all(b"POST /split HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\nokGET /after HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let r = read_one_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"st: shop.test\r\n\r\n").await.unwrap();
+    let r = read_one_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
+    settle().await;
+    let seen = paths(&blue);
+    assert_eq!(seen, ["/post0", "/get0", "/post1", "/get1", "/post2", "/get2", "/split", "/after"]);
+    assert!(blue.seen().iter().filter(|s| s.path.starts_with("/post")).all(|s| s.body_len == 5));
+}
+
 /// 5. `CONNECT` (to a configured host or to any address) gets 405 and the
 /// connection closes; nothing is forwarded and nothing connects to the
 /// named address (no open proxy).
