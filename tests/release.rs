@@ -307,8 +307,6 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{refused}");
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
     assert_eq!((status, sw["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{sw}");
-    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue", "force": true}))).await;
-    assert_eq!(status, 200, "forced: {sw}");
 
     let d = wait_deployment(&p, &id).await;
     assert_eq!(d["state"], "failed", "{d}");
@@ -347,4 +345,51 @@ async fn deploy_rolled_back_by_its_watch() {
     assert_eq!(d["state"], "rolled_back", "{d}");
     assert!(d["error"].as_str().unwrap().contains("error rate"), "{d}");
     assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+}
+
+/// An operator's forced switch or rollback during a deploy takes the site
+/// over: a deploy still waiting for its target to be healthy fails and never
+/// switches after the operator (even once the target is healthy); a deploy
+/// already live, in its watch, ends `rolled_back`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_switch_or_rollback_ends_a_running_deploy() {
+    let (blue, green, clone) =
+        (Origin::start("blue").await, Origin::start("green").await, Origin::start("clone").await);
+    let targets = [("blue", vec![blue.addr]), ("green", vec![green.addr]), ("clone", vec![clone.addr])];
+    let p = Proxy::start(&shop(&targets, FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green", "clone"]).await;
+
+    // Before going live: the operator forces clone live while green is not healthy yet.
+    green.faults.health_fail.store(true, Ordering::Relaxed);
+    let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "healthy_timeout": "10s"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "clone", "force": true}))).await;
+    assert_eq!(status, 200, "forced: {sw}");
+    green.faults.health_fail.store(false, Ordering::Relaxed);
+    let d = wait_deployment(&p, &id).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(d["error"].as_str().unwrap().contains("overridden"), "{d}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "clone", "the deploy switched after the operator");
+
+    // Live, in its watch: the operator forces a rollback.
+    let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "watch": "30s"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+    for _ in 0..200 {
+        if p.api("GET", "/v1/sites/shop", None).await.1["live"] == "green" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, rb) = p.api("POST", "/v1/sites/shop/rollback", Some(json!({"force": true}))).await;
+    assert_eq!(status, 200, "forced rollback: {rb}");
+    let d = wait_deployment(&p, &id).await;
+    assert_eq!(d["state"], "rolled_back", "{d}");
+    assert!(d["error"].as_str().unwrap().contains("clone is live"), "{d}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="rolled_back"} 1"#), "{metrics}");
 }

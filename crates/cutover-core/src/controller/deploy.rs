@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cutover_config::Require;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::watch::{now_rfc3339, WatchOutcome};
-use super::{not_found, refused, Actor, Controller, SwitchRequest};
+use super::{not_found, refused, Actor, Controller, RunningDeploy, SwitchRequest};
 use crate::endpoint::Health;
 use crate::error::ControlError;
 
@@ -147,6 +148,7 @@ impl Controller {
         self.site_exists(site).await?;
         super::check_new_target(&req.target, &req.endpoints)?;
         let id = new_id();
+        let overridden = CancellationToken::new();
         {
             let mut inner = self.inner.lock().await;
             let s = inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?;
@@ -156,11 +158,11 @@ impl Controller {
             if let Some(running) = inner.deploying.get(site) {
                 return Err(refused(
                     "deploy_in_progress",
-                    format!("deployment {running} is running on {site:?}"),
+                    format!("deployment {} is running on {site:?}", running.id),
                     vec![],
                 ));
             }
-            inner.deploying.insert(site.to_string(), id.clone());
+            inner.deploying.insert(site.to_string(), RunningDeploy { id: id.clone(), overridden: overridden.clone() });
         }
         let steps = STEPS
             .iter()
@@ -180,7 +182,7 @@ impl Controller {
         tokio::spawn(async move {
             let Some(c) = me.upgrade() else { return };
             let tracker = Tracker { d };
-            let state = c.run_deploy(&site, req, &tracker).await;
+            let state = c.run_deploy(&site, req, &tracker, &overridden).await;
             c.inner.lock().await.deploying.remove(&site);
             c.metrics.deployments.with_label_values(&[&site, state]).inc();
         });
@@ -192,8 +194,16 @@ impl Controller {
         self.deployments.get(id).ok_or_else(|| not_found("deployment", id))
     }
 
-    /// Runs the steps; returns the final state.
-    async fn run_deploy(&self, site: &str, req: DeployRequest, t: &Tracker) -> &'static str {
+    /// Runs the steps; returns the final state. `overridden`: an operator's
+    /// forced switch or rollback took the site over, which ends the deploy.
+    async fn run_deploy(
+        &self,
+        site: &str,
+        req: DeployRequest,
+        t: &Tracker,
+        overridden: &CancellationToken,
+    ) -> &'static str {
+        const OVERRIDDEN: &str = "overridden by a forced switch or rollback";
         let fail = |i: usize, why: String| {
             t.finish(i, "failed", why.clone());
             for j in i + 1..STEPS.len() {
@@ -213,7 +223,11 @@ impl Controller {
         t.start(1);
         let timeout = req.healthy_timeout.unwrap_or(DEFAULT_HEALTHY_TIMEOUT);
         let started = Instant::now();
-        match self.wait_healthy(site, &req.target, timeout).await {
+        let healthy = tokio::select! {
+            r = self.wait_healthy(site, &req.target, timeout) => r,
+            _ = overridden.cancelled() => return fail(1, OVERRIDDEN.into()),
+        };
+        match healthy {
             Ok(()) => t.finish(1, "succeeded", format!("healthy after {:.1}s", started.elapsed().as_secs_f64())),
             Err(reasons) => return fail(1, format!("not healthy within {timeout:?}: {}", reasons.join("; "))),
         }
@@ -228,7 +242,10 @@ impl Controller {
         if route.config.switch.smoke.is_empty() {
             t.finish(2, "skipped", "no smoke checks configured");
         } else {
-            let reasons = self.smoke_reasons(&route.config, &target).await;
+            let reasons = tokio::select! {
+                r = self.smoke_reasons(&route.config, &target) => r,
+                _ = overridden.cancelled() => return fail(2, OVERRIDDEN.into()),
+            };
             if !reasons.is_empty() {
                 return fail(2, format!("smoke checks failed: {}", reasons.join("; ")));
             }
@@ -247,12 +264,30 @@ impl Controller {
             Err(e) => return fail(3, e.to_string()),
         };
         t.finish(3, "succeeded", format!("{from} → {}", req.target));
+        // Live, then taken back by an operator: rolled back, not by the watch.
+        let undone = || async {
+            let inner = self.inner.lock().await;
+            let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
+            (live != req.target).then(|| format!("{OVERRIDDEN}: {live} is live"))
+        };
         // 5. drain
         t.start(4);
-        let drained = self.wait_drained(site, &from).await;
+        let drained = tokio::select! {
+            d = self.wait_drained(site, &from) => d,
+            _ = overridden.cancelled() => format!("{from} was draining when the deploy was {OVERRIDDEN}"),
+        };
         t.finish(4, "succeeded", drained);
         // 6. watch
-        let Some(mut outcome) = outcome else {
+        let Some(mut outcome) = outcome.filter(|_| !overridden.is_cancelled()) else {
+            let why = match overridden.is_cancelled() {
+                true => undone().await,
+                false => None,
+            };
+            if let Some(why) = why {
+                t.finish(5, "skipped", why.clone());
+                t.end("rolled_back", Some(why));
+                return "rolled_back";
+            }
             t.finish(5, "skipped", "no watch configured");
             t.end("succeeded", None);
             return "succeeded";
@@ -282,11 +317,18 @@ impl Controller {
                 t.end("failed", Some(why));
                 "failed"
             }
-            WatchOutcome::Cancelled => {
-                t.finish(5, "skipped", "the watch was ended by a later switch");
-                t.end("succeeded", None);
-                "succeeded"
-            }
+            WatchOutcome::Cancelled => match undone().await {
+                Some(why) => {
+                    t.finish(5, "skipped", format!("the watch was ended: {why}"));
+                    t.end("rolled_back", Some(why));
+                    "rolled_back"
+                }
+                None => {
+                    t.finish(5, "skipped", "the watch was ended by a later switch");
+                    t.end("succeeded", None);
+                    "succeeded"
+                }
+            },
         }
     }
 
@@ -334,7 +376,7 @@ impl Controller {
                 return format!("{target} drained in {:.1}s", started.elapsed().as_secs_f64());
             }
             if !draining {
-                return format!("{target} reached its drain deadline with {inflight} in flight (closed)");
+                return format!("{target} reached its drain deadline with {inflight} in flight");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -122,8 +122,16 @@ struct Inner {
     drains: HashMap<TargetKey, DrainTimer>,
     /// The running post-switch watch of each site.
     watches: HashMap<String, WatchHandle>,
-    /// site → id of the deployment running there.
-    deploying: HashMap<String, String>,
+    /// site → the deployment running there.
+    deploying: HashMap<String, RunningDeploy>,
+}
+
+/// A deployment in progress on a site.
+struct RunningDeploy {
+    id: String,
+    /// Cancelled when an operator's forced switch or rollback takes the site
+    /// over: the deploy stops where it is and never switches after it.
+    overridden: CancellationToken,
 }
 
 /// The control plane of one running cutover.
@@ -283,7 +291,20 @@ impl Controller {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         self.refuse_during_deploy(site, "switch", Some(&req.to), req.force, actor).await?;
-        self.switch_locked(site, req, "switch", actor).await
+        let forced = req.force;
+        let switched = self.switch_locked(site, req, "switch", actor).await?;
+        self.override_deploy(site, forced, actor).await;
+        Ok(switched)
+    }
+
+    /// An operator's forced switch or rollback, done while a deploy runs on
+    /// `site`, ends that deploy: it never switches after the operator.
+    async fn override_deploy(&self, site: &str, forced: bool, actor: Actor) {
+        if forced && actor == Actor::Api {
+            if let Some(d) = self.inner.lock().await.deploying.get(site) {
+                d.overridden.cancel();
+            }
+        }
     }
 
     /// While a deploy runs on `site`, other switches and rollbacks need `force`.
@@ -295,14 +316,27 @@ impl Controller {
         force: bool,
         actor: Actor,
     ) -> Result<(), ControlError> {
-        if force || actor == Actor::Deploy || actor == Actor::Watch {
-            return Ok(());
-        }
         let (running, live) = {
             let inner = self.inner.lock().await;
             let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
-            (inner.deploying.get(site).cloned(), live)
+            let running = inner.deploying.get(site).map(|d| (d.id.clone(), d.overridden.is_cancelled()));
+            (running, live)
         };
+        if actor == Actor::Deploy {
+            // The deploy's own switch, unless an operator took the site over meanwhile.
+            return match running {
+                Some((id, true)) => Err(refused(
+                    "deploy_overridden",
+                    format!("deployment {id} was overridden by a forced {kind}"),
+                    vec![],
+                )),
+                _ => Ok(()),
+            };
+        }
+        if force || actor == Actor::Watch {
+            return Ok(());
+        }
+        let running = running.map(|(id, _)| id);
         let Some(id) = running else { return Ok(()) };
         let err = refused(
             "deploy_in_progress",
@@ -329,6 +363,7 @@ impl Controller {
         };
         let req = SwitchRequest { to, force, ..Default::default() };
         let (view, _) = self.switch_locked(site, req, "rollback", actor).await?;
+        self.override_deploy(site, force, actor).await;
         self.metrics.rollbacks.with_label_values(&[site, "manual"]).inc();
         Ok(view)
     }
