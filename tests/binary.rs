@@ -319,6 +319,13 @@ async fn sighup_reloads_the_configuration() {
     assert_eq!(status, 404, "SIGHUP did not reload");
     assert_eq!(support::get(http, "shop.test", "/").await.body, "blue");
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the process");
+    // A refused `ctl reload` prints every error, each naming its field.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("sites:", "bogus_key: 1\nsites:")).unwrap();
+    let out = ctl(admin, &["reload"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid_config") && stderr.contains("  - bogus_key: "), "{stderr}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

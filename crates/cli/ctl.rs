@@ -396,6 +396,17 @@ fn print_error(status: u16, v: &Value) {
             eprintln!("  - {}", r.as_str().unwrap_or_default());
         }
     }
+    // A refused reload: every error of the file, as `cutover check` prints them.
+    if let Some(errors) = err["details"]["errors"].as_array() {
+        for e in errors {
+            let path = e["path"].as_str().filter(|p| !p.is_empty()).map(|p| format!("{p}: ")).unwrap_or_default();
+            let message = text(&e["message"]);
+            match e["value"].as_str().filter(|v| !v.is_empty()) {
+                Some(value) => eprintln!("  - {path}{message} (value: {value:?})"),
+                None => eprintln!("  - {path}{message}"),
+            }
+        }
+    }
 }
 
 fn print_human(cmd: &CtlCommand, v: &Value) {
