@@ -37,7 +37,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Validates configuration `text`; relative paths are taken from `base_dir`.
 pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { errors: Vec::new(), base: base_dir.to_path_buf() };
+    let mut v = Validator { errors: Vec::new(), base: base_dir.to_path_buf(), https_listener: true };
     let config = v.config(text);
     match config {
         Some(config) if v.errors.is_empty() => Ok(config),
@@ -92,6 +92,8 @@ pub fn validate_site_name(name: &str) -> Result<(), String> {
 struct Validator {
     errors: Vec<ConfigError>,
     base: PathBuf,
+    /// Whether there is an HTTPS listener to redirect to (or `listen` is in error).
+    https_listener: bool,
 }
 
 impl Validator {
@@ -181,6 +183,7 @@ impl Validator {
         let limits = self.limits(limits);
         let shutdown_timeout = self.duration("shutdown_timeout", shutdown, Duration::from_secs(30));
         let trusted_proxies = self.trusted_proxies(trusted);
+        self.https_listener = listen.as_ref().is_none_or(|l| l.https.is_some());
         let sites = self.sites(sites);
         // Port 0 (an ephemeral port each) never clashes.
         if let (Some(l), Some(a)) = (&listen, &admin) {
@@ -497,6 +500,10 @@ impl Validator {
         if !is_token(&canary_cookie) {
             self.err(format!("{path}.canary.cookie"), &canary_cookie, "not a valid cookie name");
         }
+        let redirect_https = raw.redirect_https.unwrap_or(false);
+        if redirect_https && !self.https_listener {
+            self.err(format!("{path}.redirect_https"), true, "there is no listen.https to redirect to");
+        }
         Some(Site {
             name: raw.name,
             hosts,
@@ -507,7 +514,7 @@ impl Validator {
             read_only,
             maintenance_page,
             pause,
-            redirect_https: raw.redirect_https.unwrap_or(false),
+            redirect_https,
             preview,
             canary_cookie,
         })
