@@ -258,11 +258,16 @@ async fn preview_never_falls_back() {
     std::env::set_var("CUTOVER_TEST_PREVIEW_TOKEN", "letmein");
     let extra = "    preview: { token_env: CUTOVER_TEST_PREVIEW_TOKEN, hosts: { green.shop.test: green } }\n";
     let p = Proxy::start(&shop(
-        &[("blue", vec![blue.addr], ""), ("green", vec![green.addr], ""), ("broken", vec![dead], "")],
+        &[
+            ("blue", vec![blue.addr], ""),
+            ("green", vec![green.addr], ""),
+            ("broken", vec![dead], ""),
+            ("clone", vec![green.addr], ", read_only: true"),
+        ],
         extra,
     ))
     .await;
-    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.wait_healthy("shop", &["blue", "green", "clone"]).await;
     let preview = |target: &str, token: Option<&str>| {
         let mut r = req("GET", "/", "");
         r.headers_mut().insert("x-cutover-target", target.parse().unwrap());
@@ -287,6 +292,12 @@ async fn preview_never_falls_back() {
     assert_eq!(c.send(preview("green", Some("wrong"))).await.unwrap().status, 403);
     assert_eq!(c.send(preview("purple", Some("letmein"))).await.unwrap().status, 503);
     assert_eq!(c.send(preview("broken", Some("letmein"))).await.unwrap().status, 503);
+    // A write previewed on a read-only target is refused by it, and says so.
+    let mut write = preview("clone", Some("letmein"));
+    *write.method_mut() = http::Method::POST;
+    let a = c.send(write).await.unwrap();
+    assert_eq!((a.status, a.headers["x-cutover-read-only"].to_str().unwrap()), (503, "1"));
+    assert_eq!(a.headers["x-cutover-served-by"], "clone clone-v1");
     // Preview host.
     let mut r = Request::get("/")
         .header("host", "green.shop.test")

@@ -214,7 +214,11 @@ impl Proxy {
                 Ok(p) => p,
                 Err(r) => return Ok(refused(r, routed.site, conn.activity.clone(), method, uri)),
             };
-            if let Some(r) = modes::refusal(&routed.site, &pick.target, &req) {
+            if let Some(mut r) = modes::refusal(&routed.site, &pick.target, &req) {
+                // A preview answer says which target gave it, refusal or not.
+                if let Some(v) = pick.preview.then(|| modes::served_by(&pick.target)).flatten() {
+                    r.headers.push((modes::SERVED_BY.clone(), v));
+                }
                 return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
             }
             let gate = &routed.site.pause;
