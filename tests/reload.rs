@@ -79,6 +79,10 @@ async fn reload_drops_stale_state_and_reports_restart_settings() {
     assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("blue"), None));
     assert!(site["targets"].get("green").is_none());
     assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+    // The change of live target is in the history, by the reload.
+    let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
+    let got = (&last["kind"], &last["from"], &last["to"], &last["actor"], &last["result"]);
+    assert_eq!(got, (&json!("switch"), &json!("green"), &json!("blue"), &json!("reload"), &json!("ok")), "{last}");
 }
 
 /// A reload that removes a paused site ends its pause and its series; the

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use cutover_config::{Config, Site, Target};
 
+use crate::history::{self, HistoryEntry};
 use crate::state::{SiteState, State, STATE_VERSION};
 
 /// The targets of a site: those of the configuration, with API-set ones laid over.
@@ -34,7 +35,10 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
         let known = |t: &str, s: &SiteState| site.targets.contains_key(t) || s.targets.contains_key(t);
         if !known(&s.live, &s) {
             tracing::warn!(site = %site.name, target = %s.live, "state's live target no longer exists; using the configured live target");
-            s.live = site.live.clone();
+            let gone = std::mem::replace(&mut s.live, site.live.clone());
+            let entry = HistoryEntry::now("switch", Some(&gone), Some(&s.live), "reload", "ok")
+                .reason(format!("target {gone:?} is no longer configured"));
+            history::push(&mut s.history, entry);
         }
         if let Some(p) = s.previous.clone() {
             if !known(&p, &s) || p == s.live {
@@ -46,6 +50,9 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
             if w.keys().any(|t| !known(t, &s)) {
                 tracing::warn!(site = %site.name, "state's weights name a target that no longer exists; dropped");
                 s.weights = None;
+                let entry = HistoryEntry::now("weights", None, None, "reload", "ok")
+                    .reason("cleared: they named a target that is no longer configured");
+                history::push(&mut s.history, entry);
             }
         }
         state.sites.insert(site.name.clone(), s);
