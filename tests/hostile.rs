@@ -220,7 +220,28 @@ async fn te_and_content_length_is_refused_or_read_one_way_and_closes() {
     }
 }
 
-/// 4b. Bodies and plain `GET`s alternate on one kept-alive connection
+/// 4b. After a request hyper's server took (a body), the next request head
+/// is judged as cutover's own server judges a first one: a request that
+/// could be read two ways, sent after the answer, gets `400` and is never
+/// forwarded.
+#[tokio::test]
+async fn a_request_read_two_ways_after_a_body_is_refused() {
+    let (p, blue) = one_site("").await;
+    let ambiguous = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"POST /first HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+    let first = read_one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    s.write_all(&[&ambiguous[..], CANARY].concat()).await.unwrap();
+    let r = read_until_close(&mut s, Duration::from_secs(2)).await;
+    assert_eq!(r.status(), 400, "{:?}", r.text);
+    assert_eq!(r.responses(), 1, "the canary was answered: {:?}", r.text);
+    assert!(r.closed, "connection left open after a request read two ways");
+    settle().await;
+    assert_eq!(paths(&blue), ["/first"], "forwarded after the first request");
+}
+
+/// 4c. Bodies and plain `GET`s alternate on one kept-alive connection
 /// without losing a byte, and a `GET` whose head arrives in two parts, the
 /// first with the body before it, is answered once it is whole.
 #[tokio::test]

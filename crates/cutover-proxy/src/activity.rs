@@ -43,6 +43,15 @@ pub struct Activity {
     /// Set when the connection is asked to finish (shutdown, `idle_timeout`):
     /// cutover's own HTTP/1.1 server closes it after the response in flight.
     closing: AtomicBool,
+    /// Set when the next request head, read while hyper's HTTP/1.1 server
+    /// was idle, is one for cutover's own server ([`crate::handover`]).
+    hand_back: AtomicBool,
+    /// Set while hyper's HTTP/1.1 server hands the connection back to
+    /// cutover's own: hyper's shutdown of the stream is skipped.
+    handing_back: AtomicBool,
+    /// Set when a request's connection became a tunnel (an upgrade): it is
+    /// never handed back.
+    upgraded: AtomicBool,
     /// The last request body hyper read from this connection: until it was
     /// read to its end, its rest cannot be told from a next request, so the
     /// connection is never parked (hyper closes it after the response).
@@ -64,6 +73,9 @@ impl Activity {
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            hand_back: AtomicBool::new(false),
+            handing_back: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
             body: Mutex::new(None),
         })
     }
@@ -171,6 +183,44 @@ impl Activity {
             && !self.write_blocked.load(Ordering::Relaxed)
             && self.idle_for() >= after
             && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
+    }
+
+    /// Whether hyper's HTTP/1.1 server, serving this connection after a
+    /// hand-over, can give it back now: no request open, every request body
+    /// read to its end, nothing left to write, no upgrade, not finishing.
+    pub fn can_hand_back(&self) -> bool {
+        !self.open()
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && !self.closing()
+            && !self.upgraded.load(Ordering::Relaxed)
+            && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
+    }
+
+    /// Asks (`true`) for the connection to go back to cutover's own server, or no more.
+    pub fn ask_hand_back(&self, on: bool) {
+        self.hand_back.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is to go back to cutover's own server.
+    pub fn hand_back_asked(&self) -> bool {
+        self.hand_back.load(Ordering::Relaxed)
+    }
+
+    /// Starts (`true`) or ends (`false`) a hand-back to cutover's own server.
+    pub fn set_handing_back(&self, on: bool) {
+        self.handing_back.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is being handed back to cutover's own server.
+    pub fn handing_back(&self) -> bool {
+        self.handing_back.load(Ordering::Relaxed)
+    }
+
+    /// A request on this connection was upgraded: the connection is a tunnel
+    /// from now on, and the request no longer counts as open on it.
+    pub fn request_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+        self.request_finished();
     }
 
     /// Starts (`true`) or ends (`false`) parking.

@@ -101,10 +101,11 @@ impl RequestGuard {
         self.route.as_ref()
     }
 
-    /// Detaches the request from its client connection (an upgrade leaves it).
+    /// Detaches the request from its client connection, which has become
+    /// the request's tunnel (an upgrade).
     pub fn detach_connection(&mut self) {
         if let Some(a) = self.activity.take() {
-            a.request_finished();
+            a.request_upgraded();
         }
     }
 }
@@ -115,7 +116,9 @@ impl Drop for RequestGuard {
         if let Some(e) = &self.endpoint {
             e.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
-        self.detach_connection();
+        if let Some(a) = self.activity.take() {
+            a.request_finished();
+        }
         let (site, target) = match &self.route {
             Some((site, target)) => {
                 target.metrics.inflight.dec();

@@ -5,10 +5,12 @@
 //! writes the response head and its first bytes with one system call. It
 //! judges nothing else: a request it does not take (a body, an upgrade,
 //! HTTP/1.0, any other method, a head that does not parse) hands the
-//! connection, with every byte read so far, to hyper's HTTP/1.1 server for
-//! the rest of its life, so hyper still answers every malformed request and
-//! every framing question. A head larger than `max_header_bytes` gets 431
-//! here (hyper's buffer cannot be smaller than 8 KiB). Responses follow hyper's rules:
+//! connection, with every byte read so far, to hyper's HTTP/1.1 server, so
+//! hyper still answers every malformed request and every framing question;
+//! the connection comes back for a next request this server takes
+//! ([`crate::handover`]). A head larger than `max_header_bytes` gets 431
+//! here (hyper's buffer cannot be smaller than 8 KiB), and one with both
+//! `Content-Length` and `Transfer-Encoding` 400. Responses follow hyper's rules:
 //! `Content-Length` from the head or the body's exact size, else chunked;
 //! no body for `HEAD`, `204` and `304`; a `Date` when the response has none;
 //! `Connection: close` when the client or the server ends the connection;
@@ -192,6 +194,25 @@ const BROKEN_UPSTREAM: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nconnection: close\r
 
 /// The answer to a request that has both `Content-Length` and `Transfer-Encoding`.
 const AMBIGUOUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 54\r\n\r\nContent-Length and Transfer-Encoding must not be both\n";
+
+/// How cutover's own server takes a request head ([`crate::handover`]).
+pub enum Judged {
+    /// Not all there yet.
+    Incomplete,
+    /// A request for hyper's server.
+    Hyper,
+    /// One cutover's own server serves or answers.
+    Own,
+}
+
+/// Judges the request head at the start of `head` as [`serve`] would.
+pub fn judge(head: &Bytes, limit: usize) -> Judged {
+    match parse(&mut head.clone(), limit) {
+        Ok(None) => Judged::Incomplete,
+        Err(NotMine::Hyper) => Judged::Hyper,
+        Ok(Some(_)) | Err(NotMine::TooLarge | NotMine::Ambiguous) => Judged::Own,
+    }
+}
 
 /// Parses the request head at the start of `buf`: the request, whether the
 /// client asked to close and whether it takes trailers (`TE: trailers`) (the

@@ -3,7 +3,7 @@
 //! - [`server`]: the accept loop and per-connection server (HTTP/1.1
 //!   and h2c), connection limit, graceful shutdown.
 //! - `h1_server`: cutover's own HTTP/1.1 server for `GET` and `HEAD` without
-//!   a body; anything else goes on to hyper's.
+//!   a body; anything else goes on to hyper's (`handover`: there and back).
 //! - [`forward`]: the life of one request: route through one snapshot, pick
 //!   an endpoint, forward, retry a connection that could not be made.
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
@@ -23,6 +23,7 @@ pub mod activity;
 pub mod body;
 pub mod forward;
 mod h1_server;
+mod handover;
 pub mod headers;
 pub mod modes;
 mod quiet;

@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::activity::{Activity, Tracked};
 use crate::forward::{ClientConn, Proxy};
 use crate::h1_server;
+use crate::handover::{self, HandedOver, HyperH1, Returned};
 use crate::sniff::{sniff, Prefixed, Speaks};
 use crate::tls::TlsStore;
 
@@ -357,13 +358,23 @@ impl Connection {
                         activity.set_parking(false);
                         break;
                     }
-                    // A request cutover's own server does not take: hyper serves the rest.
+                    // A request cutover's own server does not take: hyper serves it.
                     Outcome::Handoff(io, rest) => {
-                        let io = TokioIo::new(Prefixed::new(rest, io));
-                        conn = Served::H1(Box::pin(self.builder.h1.serve_connection(io, service()).with_upgrades()));
+                        let io = TokioIo::new(HandedOver::new(rest, io, activity.clone(), self.builder.max_head));
+                        let hyper = self.builder.h1.serve_connection(io, service()).with_upgrades();
+                        conn = Served::H1(Some(Box::new(hyper)), activity.clone());
                         if closing {
                             graceful_shutdown!(conn, activity);
                         }
+                    }
+                    // The next request is one for cutover's own server again.
+                    Outcome::Handback(io, rest) => {
+                        if !rest.is_empty() {
+                            activity.head_buffered();
+                        }
+                        let limit = self.builder.max_head;
+                        let own = h1_server::serve(io, rest, &self.proxy, &self.client, limit, self.idle_timeout);
+                        conn = Served::Own(Box::pin(own));
                     }
                 },
                 _ = self.stop.cancelled(), if !closing => {
@@ -438,10 +449,12 @@ impl Builders {
     }
 }
 
-/// One client connection's server: cutover's own HTTP/1.1 server first, then
-/// hyper's HTTP/1.1 server if a request needs it, or hyper's HTTP/2 server.
+/// One client connection's server: cutover's own HTTP/1.1 server, hyper's
+/// HTTP/1.1 server for requests it does not take (the connection comes back
+/// for one it takes: [`crate::handover`]), or hyper's HTTP/2 server.
 enum Served<A, B, C> {
-    H1(Pin<Box<A>>),
+    /// hyper's, until it is done or hands the connection back (then `None`).
+    H1(Option<Box<A>>, Arc<Activity>),
     H2(Pin<Box<B>>),
     Own(Pin<Box<C>>),
 }
@@ -452,11 +465,13 @@ enum Outcome<IO> {
     Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
     /// cutover's own server hands the connection to hyper's, these bytes first.
     Handoff(IO, bytes::Bytes),
+    /// hyper's server hands the connection back, these bytes first.
+    Handback(IO, bytes::Bytes),
 }
 
 impl<A, B, C, IO> Future for Served<A, B, C>
 where
-    A: Future<Output = hyper::Result<()>>,
+    A: HyperH1<IO>,
     B: Future<Output = hyper::Result<()>>,
     C: Future<Output = std::io::Result<h1_server::Ended<IO>>>,
 {
@@ -465,7 +480,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let ended = |r: hyper::Result<()>| Outcome::Ended(r.map_err(Into::into));
         match self.get_mut() {
-            Served::H1(c) => c.as_mut().poll(cx).map(ended),
+            Served::H1(c, activity) => handover::poll_back(c, activity, cx).map(|r| match r {
+                Returned::Done(r) => ended(r),
+                Returned::Back(io, rest) => Outcome::Handback(io, rest),
+            }),
             Served::H2(c) => c.as_mut().poll(cx).map(ended),
             Served::Own(c) => c.as_mut().poll(cx).map(|r| match r {
                 Ok(h1_server::Ended::Closed) => Outcome::Ended(Ok(())),
@@ -481,7 +499,12 @@ where
 macro_rules! graceful_shutdown {
     ($conn:expr, $activity:expr) => {
         match &mut $conn {
-            Served::H1(c) => c.as_mut().graceful_shutdown(),
+            Served::H1(c, _) => {
+                $activity.set_closing();
+                if let Some(c) = c {
+                    std::pin::Pin::new(&mut **c).graceful_shutdown();
+                }
+            }
             Served::H2(c) => c.as_mut().graceful_shutdown(),
             Served::Own(_) => $activity.set_closing(),
         }
