@@ -361,6 +361,13 @@ async fn a_forced_switch_or_rollback_ends_a_running_deploy() {
 
     // Before going live: the operator forces clone live while green is not healthy yet.
     green.faults.health_fail.store(true, Ordering::Relaxed);
+    for _ in 0..200 {
+        if endpoint_health(&p, "green", 0).await == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(endpoint_health(&p, "green", 0).await, false, "green never seen unhealthy");
     let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "healthy_timeout": "10s"});
     let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
     assert_eq!(status, 202, "{answer}");
