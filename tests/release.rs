@@ -303,6 +303,9 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
 
     let (status, again) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
     assert_eq!((status, again["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{again}");
+    let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
+    let got = (&last["kind"], &last["to"], &last["actor"], &last["result"]);
+    assert_eq!(got, (&json!("switch"), &json!("green"), &json!("deploy"), &json!("refused")), "{last}");
     let (status, refused) = p.api("POST", "/v1/sites/shop/rollback", Some(json!({}))).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{refused}");
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;

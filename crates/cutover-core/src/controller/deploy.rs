@@ -149,20 +149,25 @@ impl Controller {
         super::check_new_target(&req.target, &req.endpoints)?;
         let id = new_id();
         let overridden = CancellationToken::new();
-        {
+        let refusal = {
             let mut inner = self.inner.lock().await;
             let s = inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?;
-            if s.live == req.target {
-                return Err(refused("target_is_live", format!("target {:?} is live on {site:?}", req.target), vec![]));
+            let live = s.live.clone();
+            if live == req.target {
+                Some((live, refused("target_is_live", format!("target {:?} is live on {site:?}", req.target), vec![])))
+            } else if let Some(running) = inner.deploying.get(site) {
+                let why = format!("deployment {} is running on {site:?}", running.id);
+                Some((live, refused("deploy_in_progress", why, vec![])))
+            } else {
+                let running = RunningDeploy { id: id.clone(), overridden: overridden.clone() };
+                inner.deploying.insert(site.to_string(), running);
+                None
             }
-            if let Some(running) = inner.deploying.get(site) {
-                return Err(refused(
-                    "deploy_in_progress",
-                    format!("deployment {} is running on {site:?}", running.id),
-                    vec![],
-                ));
-            }
-            inner.deploying.insert(site.to_string(), RunningDeploy { id: id.clone(), overridden: overridden.clone() });
+        };
+        // A refused deploy is recorded as the switch it would have made.
+        if let Some((live, err)) = refusal {
+            self.record_refusal(site, "switch", Some((&live, &req.target)), Actor::Deploy, &err).await;
+            return Err(err);
         }
         let steps = STEPS
             .iter()
