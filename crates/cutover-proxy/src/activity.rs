@@ -216,6 +216,11 @@ impl Activity {
         self.handing_back.load(Ordering::Relaxed)
     }
 
+    /// Whether a request on this connection was upgraded (it is a tunnel).
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
     /// A request on this connection was upgraded: the connection is a tunnel
     /// from now on, and the request no longer counts as open on it.
     pub fn request_upgraded(&self) {

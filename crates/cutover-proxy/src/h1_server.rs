@@ -205,9 +205,19 @@ pub enum Judged {
     Own,
 }
 
-/// Judges the request head at the start of `head` as [`serve`] would.
+/// Judges the request head at the start of `head` as [`serve`] would. An
+/// incomplete head that holds an empty line is the end of one whose start
+/// hyper already holds (a head cannot hold an empty line before its end): hyper's.
 pub fn judge(head: &Bytes, limit: usize) -> Judged {
     match parse(&mut head.clone(), limit) {
+        Ok(None)
+            if head.starts_with(b"\n")
+                || head.starts_with(b"\r\n")
+                || head.windows(2).any(|w| w == b"\n\n")
+                || head.windows(3).any(|w| w == b"\n\r\n") =>
+        {
+            Judged::Hyper
+        }
         Ok(None) => Judged::Incomplete,
         Err(NotMine::Hyper) => Judged::Hyper,
         Ok(Some(_)) | Err(NotMine::TooLarge | NotMine::Ambiguous) => Judged::Own,

@@ -112,8 +112,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for HandedOver<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pending.is_empty() && (!this.judging.is_empty() || this.between_requests()) {
-            if this.activity.closing() {
-                // hyper finishes the connection (it was not let go of): the head is its after all.
+            if this.activity.closing() || this.activity.upgraded() {
+                // hyper finishes the connection (it was not let go of), or it is a
+                // tunnel now: the bytes are its after all.
                 this.pending = this.judging.split().freeze();
             } else if this.activity.hand_back_asked() {
                 // Going back: hyper waits meanwhile.

@@ -263,12 +263,17 @@ impl Connection {
             let (proxy, client) = (self.proxy.clone(), self.client.clone());
             service_fn(move |req: Request<Incoming>| {
                 let (proxy, client) = (proxy.clone(), client.clone());
+                // Open from the moment hyper has the head, before the future first
+                // runs: hyper goes on reading the body meanwhile, and those bytes
+                // are the request's (`handover` judges only between requests).
+                let req = req.map(RequestBody::new);
+                if let Some(progress) = req.body().progress() {
+                    client.activity.body_started(progress);
+                }
+                let open = client.activity.hold_open();
                 async move {
-                    let req = req.map(RequestBody::new);
-                    if let Some(progress) = req.body().progress() {
-                        client.activity.body_started(progress);
-                    }
                     let Ok(resp) = proxy.handle(req, &client).await;
+                    drop(open);
                     Ok::<_, std::convert::Infallible>(crate::body::fields_into_map(resp))
                 }
             })
