@@ -159,7 +159,8 @@ impl Controller {
                 let why = format!("deployment {} is running on {site:?}", running.id);
                 Some((live, refused("deploy_in_progress", why, vec![])))
             } else {
-                let running = RunningDeploy { id: id.clone(), overridden: overridden.clone() };
+                let running =
+                    RunningDeploy { id: id.clone(), target: req.target.clone(), overridden: overridden.clone() };
                 inner.deploying.insert(site.to_string(), running);
                 None
             }

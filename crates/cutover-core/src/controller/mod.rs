@@ -129,6 +129,8 @@ struct Inner {
 /// A deployment in progress on a site.
 struct RunningDeploy {
     id: String,
+    /// The target it deploys to.
+    target: String,
     /// Cancelled when an operator's forced switch or rollback takes the site
     /// over: the deploy stops where it is and never switches after it.
     overridden: CancellationToken,
@@ -174,7 +176,15 @@ impl Controller {
         store: Arc<dyn StateStore>,
         metrics: Metrics,
     ) -> Result<Arc<Self>, StateError> {
-        let state = reconcile(&config, store.load()?);
+        let loaded = store.load()?;
+        let state = reconcile(&config, loaded.clone());
+        // What reconciling changed (and recorded in the history) is saved, so
+        // the next start does not record it again.
+        if loaded.is_some_and(|l| l != state) {
+            if let Err(e) = store.save(&state) {
+                tracing::warn!(error = %e, "could not save the state reconciled with the configuration");
+            }
+        }
         let shutdown = CancellationToken::new();
         let inner = Inner {
             state,
@@ -290,24 +300,26 @@ impl Controller {
     ) -> Result<(SiteView, Option<WatchReceiver>), ControlError> {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
-        self.refuse_during_deploy(site, "switch", Some(&req.to), req.force, actor).await?;
-        let forced = req.force;
+        let overriding = self.refuse_during_deploy(site, "switch", Some(&req.to), req.force, actor).await?;
         let switched = self.switch_locked(site, req, "switch", actor).await?;
-        self.override_deploy(site, forced, actor).await;
+        self.override_deploy(site, overriding).await;
         Ok(switched)
     }
 
     /// An operator's forced switch or rollback, done while a deploy runs on
-    /// `site`, ends that deploy: it never switches after the operator.
-    async fn override_deploy(&self, site: &str, forced: bool, actor: Actor) {
-        if forced && actor == Actor::Api {
-            if let Some(d) = self.inner.lock().await.deploying.get(site) {
-                d.overridden.cancel();
-            }
+    /// `site`, ends that deploy when it moved the site off the deploy's
+    /// target: the deploy never switches after the operator.
+    async fn override_deploy(&self, site: &str, overriding: Option<(CancellationToken, String)>) {
+        let Some((overridden, target)) = overriding else { return };
+        let live = self.inner.lock().await.state.sites.get(site).map(|s| s.live.clone());
+        if live.as_deref() != Some(target.as_str()) {
+            overridden.cancel();
         }
     }
 
-    /// While a deploy runs on `site`, other switches and rollbacks need `force`.
+    /// While a deploy runs on `site`, other switches and rollbacks need
+    /// `force`. `Ok` with the running deploy's token and target when an
+    /// operator forces one (see [`Controller::override_deploy`]).
     async fn refuse_during_deploy(
         &self,
         site: &str,
@@ -315,29 +327,33 @@ impl Controller {
         to: Option<&str>,
         force: bool,
         actor: Actor,
-    ) -> Result<(), ControlError> {
+    ) -> Result<Option<(CancellationToken, String)>, ControlError> {
         let (running, live) = {
             let inner = self.inner.lock().await;
             let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
-            let running = inner.deploying.get(site).map(|d| (d.id.clone(), d.overridden.is_cancelled()));
+            let running = inner.deploying.get(site).map(|d| (d.id.clone(), d.overridden.clone(), d.target.clone()));
             (running, live)
         };
         if actor == Actor::Deploy {
             // The deploy's own switch, unless an operator took the site over meanwhile.
             return match running {
-                Some((id, true)) => Err(refused(
-                    "deploy_overridden",
-                    format!("deployment {id} was overridden by a forced {kind}"),
-                    vec![],
-                )),
-                _ => Ok(()),
+                Some((id, overridden, _)) if overridden.is_cancelled() => {
+                    let why = format!("deployment {id} was overridden by a forced switch or rollback");
+                    let err = refused("deploy_overridden", why, vec![]);
+                    self.record_refusal(site, kind, to.map(|t| (live.as_str(), t)), actor, &err).await;
+                    Err(err)
+                }
+                _ => Ok(None),
             };
         }
-        if force || actor == Actor::Watch {
-            return Ok(());
+        if actor == Actor::Watch {
+            return Ok(None);
         }
-        let running = running.map(|(id, _)| id);
-        let Some(id) = running else { return Ok(()) };
+        if force {
+            return Ok(running.filter(|_| actor == Actor::Api).map(|(_, token, target)| (token, target)));
+        }
+        let running = running.map(|(id, _, _)| id);
+        let Some(id) = running else { return Ok(None) };
         let err = refused(
             "deploy_in_progress",
             format!("deployment {id} is running on {site:?}; use force to override"),
@@ -355,7 +371,7 @@ impl Controller {
             let inner = self.inner.lock().await;
             inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.previous.clone()
         };
-        self.refuse_during_deploy(site, "rollback", previous.as_deref(), force, actor).await?;
+        let overriding = self.refuse_during_deploy(site, "rollback", previous.as_deref(), force, actor).await?;
         let Some(to) = previous else {
             let err = refused("nothing_to_roll_back", format!("site {site:?} has no previous target"), vec![]);
             self.record_refusal(site, "rollback", None, actor, &err).await;
@@ -363,7 +379,7 @@ impl Controller {
         };
         let req = SwitchRequest { to, force, ..Default::default() };
         let (view, _) = self.switch_locked(site, req, "rollback", actor).await?;
-        self.override_deploy(site, force, actor).await;
+        self.override_deploy(site, overriding).await;
         self.metrics.rollbacks.with_label_values(&[site, "manual"]).inc();
         Ok(view)
     }
