@@ -28,7 +28,7 @@ use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Send
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -712,9 +712,14 @@ pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static s
     if req.uri().scheme().is_none() && !path.starts_with('/') && !(path == "*" && req.method() == Method::OPTIONS) {
         return Some((StatusCode::BAD_REQUEST, "the request target must be a path\n"));
     }
-    // HTTP/1.1 heads stop at this many already (hyper's limit, and cutover's own server's).
+    // HTTP/1.1 heads stop at this many already (hyper's limit, and cutover's
+    // own server's). HTTP/2 clients send each cookie as a field of its own
+    // (RFC 9113 §8.2.3): those count as one.
     if req.headers().len() > MAX_HEADER_FIELDS {
-        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "more than 100 header fields\n"));
+        let cookies = req.headers().get_all(COOKIE).iter().count();
+        if req.headers().len() - cookies.saturating_sub(1) > MAX_HEADER_FIELDS {
+            return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "more than 100 header fields\n"));
+        }
     }
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_TARGET_LEN {
         return Some((StatusCode::URI_TOO_LONG, "the request target is longer than 8 KiB\n"));

@@ -63,16 +63,17 @@ pub(crate) async fn tunnel(
             tracing::info!(site = site.name(), target = %target.name, "drain deadline: upgraded connection closed");
             // FIN on both sides, not RST. A socket closed with bytes unread
             // sends RST, so what either side still sends is read and dropped
-            // until it closes too (or LINGER passed); the tunnel no longer
+            // until it closes too (or LINGER passed: a TLS close_notify to a
+            // client that reads nothing waits no longer). The tunnel no longer
             // counts as in flight meanwhile.
-            let _ = client.shutdown().await;
-            let _ = upstream.shutdown().await;
             drop(guard);
-            let discard = async {
+            let close = async {
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
                 let (mut a, mut b) = (tokio::io::sink(), tokio::io::sink());
                 let _ = tokio::join!(tokio::io::copy(&mut client, &mut a), tokio::io::copy(&mut upstream, &mut b));
             };
-            let _ = tokio::time::timeout(LINGER, discard).await;
+            let _ = tokio::time::timeout(LINGER, close).await;
         }
     }
 }
