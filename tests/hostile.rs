@@ -283,6 +283,111 @@ async fn bodies_and_gets_alternate_on_one_connection() {
     assert!(blue.seen().iter().filter(|s| s.path.starts_with("/post") || s.path == "/late").all(|s| s.body_len == 5));
 }
 
+/// 4d. Back and forth between the two servers, at random: `GET`s, bodies
+/// with a length and chunked bodies, one to three pipelined at a time, each
+/// group written in one to four pieces with short pauses. Every answer comes
+/// back in order with its own body, and the origin sees every body whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_mixes_of_gets_and_bodies_lose_nothing() {
+    let (p, blue) = one_site("").await;
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut inbox: Vec<u8> = Vec::new();
+    let (mut bodies_sent, mut i) = (0usize, 0usize);
+    while i < 150 {
+        let group = 1 + next(3) as usize;
+        let mut bytes = Vec::new();
+        let mut expect = Vec::new();
+        for _ in 0..group {
+            i += 1;
+            match next(3) {
+                0 => {
+                    bytes.extend_from_slice(format!("GET /g{i} HTTP/1.1\r\nHost: shop.test\r\n\r\n").as_bytes());
+                    expect.push(b"blue".to_vec());
+                }
+                kind => {
+                    let len = 1 + next(1500) as usize;
+                    let body: Vec<u8> = (0..len).map(|k| b'a' + ((k + i) % 26) as u8).collect();
+                    if kind == 1 {
+                        let head = format!("POST /echo HTTP/1.1\r\nHost: shop.test\r\nContent-Length: {len}\r\n\r\n");
+                        bytes.extend_from_slice(head.as_bytes());
+                        bytes.extend_from_slice(&body);
+                    } else {
+                        bytes.extend_from_slice(
+                            b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        );
+                        let cut = 1 + next(len as u64) as usize;
+                        for part in [&body[..cut.min(len)], &body[cut.min(len)..]] {
+                            if !part.is_empty() {
+                                bytes.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                                bytes.extend_from_slice(part);
+                                bytes.extend_from_slice(b"\r\n");
+                            }
+                        }
+                        bytes.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    bodies_sent += 1;
+                    expect.push(body);
+                }
+            }
+        }
+        let pieces = 1 + next(4) as usize;
+        let mut at = 0;
+        for k in 0..pieces {
+            let end = if k + 1 == pieces {
+                bytes.len()
+            } else {
+                (at + 1 + next(bytes.len() as u64) as usize).min(bytes.len())
+            };
+            s.write_all(&bytes[at..end]).await.unwrap();
+            at = end;
+            if next(2) == 0 {
+                tokio::time::sleep(Duration::from_millis(next(3))).await;
+            }
+        }
+        for want in expect {
+            let got =
+                timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no answer in 5 s");
+            assert_eq!(got.0, 200, "request {i}: {:?}", String::from_utf8_lossy(&got.1));
+            assert_eq!(got.1, want, "request {i}: wrong body");
+        }
+    }
+    settle().await;
+    let seen = blue.seen();
+    assert_eq!(seen.iter().filter(|s| s.path == "/echo").count(), bodies_sent);
+}
+
+/// Reads the next response (status, `Content-Length` body) from `s`, keeping
+/// what follows it in `inbox`.
+async fn next_response(s: &mut TcpStream, inbox: &mut Vec<u8>) -> (u16, Vec<u8>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = inbox.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&inbox[..end]).to_ascii_lowercase();
+            let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if inbox.len() >= end + 4 + len {
+                let body = inbox[end + 4..end + 4 + len].to_vec();
+                inbox.drain(..end + 4 + len);
+                return (status, body);
+            }
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection closed");
+        inbox.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// 5. `CONNECT` (to a configured host or to any address) gets 405 and the
 /// connection closes; nothing is forwarded and nothing connects to the
 /// named address (no open proxy).
