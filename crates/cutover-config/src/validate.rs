@@ -92,7 +92,7 @@ pub fn validate_site_name(name: &str) -> Result<(), String> {
 struct Validator {
     errors: Vec<ConfigError>,
     base: PathBuf,
-    /// Whether there is an HTTPS listener to redirect to (or `listen` is in error).
+    /// Whether `listen.https` is set (or `listen` could not be read).
     https_listener: bool,
 }
 
@@ -183,7 +183,6 @@ impl Validator {
         let limits = self.limits(limits);
         let shutdown_timeout = self.duration("shutdown_timeout", shutdown, Duration::from_secs(30));
         let trusted_proxies = self.trusted_proxies(trusted);
-        self.https_listener = listen.as_ref().is_none_or(|l| l.https.is_some());
         let sites = self.sites(sites);
         // Port 0 (an ephemeral port each) never clashes.
         if let (Some(l), Some(a)) = (&listen, &admin) {
@@ -234,6 +233,8 @@ impl Validator {
             }
             v => self.section("listen", v)?,
         };
+        // A bad `listen.https` is its own error, not also every site's redirect's.
+        self.https_listener = raw.https.is_some();
         let https = raw.https.as_deref().map(|a| self.socket_addr("listen.https", a));
         let http = match raw.http.as_deref() {
             Some(a) => self.socket_addr("listen.http", a),
