@@ -74,16 +74,8 @@ async fn read_one_response(s: &mut TcpStream) -> String {
     let mut buf = [0u8; 4096];
     let read = async {
         loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if out.len() >= end + 4 + len {
-                    return;
-                }
+            if first_response(&out).is_some() {
+                return;
             }
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -363,24 +355,26 @@ async fn random_mixes_of_gets_and_bodies_lose_nothing() {
     assert_eq!(seen.iter().filter(|s| s.path == "/echo").count(), bodies_sent);
 }
 
+/// Where the first whole response in `bytes` (a head and a `Content-Length`
+/// body) has its body and where it ends; `None` while it is incomplete.
+fn first_response(bytes: &[u8]) -> Option<(usize, usize)> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    (bytes.len() >= end + len).then_some((end, end + len))
+}
+
 /// Reads the next response (status, `Content-Length` body) from `s`, keeping
 /// what follows it in `inbox`.
 async fn next_response(s: &mut TcpStream, inbox: &mut Vec<u8>) -> (u16, Vec<u8>) {
     let mut buf = [0u8; 8192];
     loop {
-        if let Some(end) = inbox.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&inbox[..end]).to_ascii_lowercase();
-            let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if inbox.len() >= end + 4 + len {
-                let body = inbox[end + 4..end + 4 + len].to_vec();
-                inbox.drain(..end + 4 + len);
-                return (status, body);
-            }
+        if let Some((body, end)) = first_response(inbox) {
+            let status = inbox.get(9..12).and_then(|c| std::str::from_utf8(c).ok()?.parse().ok()).unwrap_or(0);
+            let answer = (status, inbox[body..end].to_vec());
+            inbox.drain(..end);
+            return answer;
         }
         let n = s.read(&mut buf).await.unwrap();
         assert!(n > 0, "the connection closed");

@@ -116,3 +116,30 @@ async fn a_site_removed_by_reload_leaves_no_pause_or_series_behind() {
     let answer = tokio::time::timeout(std::time::Duration::from_secs(3), support::get(p.addr, "shop.test", "/")).await;
     assert_eq!(answer.expect("the site added back is still paused").body, "blue");
 }
+
+/// A start that moves a site off a target the configuration no longer has
+/// records it once: the reconciled state is saved, so the next start finds
+/// nothing to change and records nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_records_a_reconciled_live_target_once() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.switch("shop", "green").await;
+    let mut dir = p.stop().await;
+    let only_blue = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]);
+    let mut recorded = Vec::new();
+    for _ in 0..2 {
+        let p = Proxy::start_with(&only_blue, support::Options { dir: Some(dir), ..Default::default() }).await;
+        let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+        let by_reload: Vec<_> =
+            history.as_array().unwrap().iter().filter(|e| e["actor"] == "reload").cloned().collect();
+        assert_eq!(by_reload.len(), 1, "{history}");
+        recorded.push(by_reload[0]["at"].clone());
+        assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+        dir = p.stop().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(recorded[0], recorded[1], "the second start recorded the change again");
+}

@@ -66,6 +66,13 @@ async fn handshake(ca: &Ca, addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> TlsS
     ca.client(alpn).connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.expect("TLS handshake")
 }
 
+/// An HTTP/1.1 client over `tls`.
+async fn http1(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 fn served_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
@@ -108,9 +115,7 @@ async fn sni_picks_the_certificate() {
     let err = ca.client(&[]).connect(ServerName::try_from("c.test").unwrap(), tcp).await.unwrap_err();
     assert!(err.to_string().contains("certificate"), "{err}");
 
-    let tls = handshake(&ca, https, "b.test", &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1(handshake(&ca, https, "b.test", &[b"http/1.1"]).await).await;
     let resp = sender
         .send_request(Request::get("/").header("host", "b.test").body(Empty::<Bytes>::new()).unwrap())
         .await
@@ -131,9 +136,7 @@ async fn https_keep_alive_outlives_header_read_timeout() {
     let extra = format!("{}\nlimits: {{ header_read_timeout: 300ms, idle_timeout: 60s }}", tls_yaml(&["a"]));
     let opts = Options { https: true, extra, dir: Some(dir), ..Default::default() };
     let p = Proxy::start_with(&site(origin.addr, ""), opts).await;
-    let tls = handshake(&ca, p.https.unwrap(), "a.test", &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1(handshake(&ca, p.https.unwrap(), "a.test", &[b"http/1.1"]).await).await;
     for _ in 0..2 {
         sender.ready().await.expect("the kept-alive connection was closed");
         let req = Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
@@ -168,9 +171,7 @@ async fn silent_tls_clients_delay_no_handshake() {
         silent.push(s);
     }
     let request = async {
-        let tls = handshake(&ca, https, "a.test", &[b"http/1.1"]).await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
-        tokio::spawn(conn);
+        let mut sender = http1(handshake(&ca, https, "a.test", &[b"http/1.1"]).await).await;
         let req = Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
         sender.send_request(req).await.unwrap().status()
     };

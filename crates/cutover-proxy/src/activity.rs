@@ -180,8 +180,13 @@ impl Activity {
         self.requests() > 0
             && !self.multiplexed.load(Ordering::Relaxed)
             && !self.read_since_finish.load(Ordering::Relaxed)
-            && !self.write_blocked.load(Ordering::Relaxed)
             && self.idle_for() >= after
+            && self.all_read_all_written()
+    }
+
+    /// Nothing left to write, and the last request body read to its end.
+    fn all_read_all_written(&self) -> bool {
+        !self.write_blocked.load(Ordering::Relaxed)
             && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
     }
 
@@ -189,11 +194,7 @@ impl Activity {
     /// hand-over, can give it back now: no request open, every request body
     /// read to its end, nothing left to write, no upgrade, not finishing.
     pub fn can_hand_back(&self) -> bool {
-        !self.open()
-            && !self.write_blocked.load(Ordering::Relaxed)
-            && !self.closing()
-            && !self.upgraded.load(Ordering::Relaxed)
-            && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
+        !self.open() && !self.closing() && !self.upgraded() && self.all_read_all_written()
     }
 
     /// Asks (`true`) for the connection to go back to cutover's own server, or no more.

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1::UpgradeableConnection;
 use hyper::service::HttpService;
@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::activity::Activity;
 use crate::h1_server::{self, Judged};
+use crate::sniff::Prefixed;
 
 /// What one read of a next request head asks for.
 const READ_SIZE: usize = 4096;
@@ -36,9 +37,8 @@ const READ_SIZE: usize = 4096;
 /// client is not done).
 #[derive(Debug)]
 pub struct HandedOver<T> {
-    inner: T,
-    /// Bytes for hyper, before anything more is read.
-    pending: Bytes,
+    /// The stream, after bytes for hyper that are to be read first.
+    inner: Prefixed<T>,
     /// The start of a next request head, not judged yet.
     judging: BytesMut,
     activity: Arc<Activity>,
@@ -52,7 +52,7 @@ impl<T> HandedOver<T> {
     /// `inner`, to be read after `prefix`, on the connection with `activity`.
     pub fn new(prefix: Bytes, inner: T, activity: Arc<Activity>, limit: usize) -> Self {
         let served_before = activity.requests();
-        Self { inner, pending: prefix, judging: BytesMut::new(), activity, served_before, limit }
+        Self { inner: Prefixed::new(prefix, inner), judging: BytesMut::new(), activity, served_before, limit }
     }
 
     /// Whether hyper, reading now, waits for a next request (one it has not
@@ -60,18 +60,11 @@ impl<T> HandedOver<T> {
     fn between_requests(&self) -> bool {
         self.activity.requests() > self.served_before && self.judging.is_empty() && self.activity.can_hand_back()
     }
-
-    /// Moves up to `buf`'s room from `pending` into it.
-    fn give_pending(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
-    }
 }
 
 impl<T: AsyncRead + Unpin> HandedOver<T> {
     /// Reads a next request head until it can be judged: `Ready` once it
-    /// went to `pending` for hyper (or the stream ended), `Pending` while it
+    /// is to be read by hyper (or the stream ended), `Pending` while it
     /// is incomplete or is to go back to cutover's own server.
     fn judge(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
@@ -79,7 +72,7 @@ impl<T: AsyncRead + Unpin> HandedOver<T> {
                 let head = self.judging.split().freeze();
                 let judged = h1_server::judge(&head, self.limit);
                 if let Judged::Hyper = judged {
-                    self.pending = head;
+                    self.inner.set_prefix(head);
                     return Poll::Ready(Ok(()));
                 }
                 // (No copy: the judge kept no part of it.)
@@ -111,21 +104,17 @@ impl<T: AsyncRead + Unpin> HandedOver<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for HandedOver<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pending.is_empty() && (!this.judging.is_empty() || this.between_requests()) {
+        if this.inner.prefix_read() && (!this.judging.is_empty() || this.between_requests()) {
             if this.activity.closing() || this.activity.upgraded() {
                 // hyper finishes the connection (it was not let go of), or it is a
                 // tunnel now: the bytes are its after all.
-                this.pending = this.judging.split().freeze();
+                this.inner.set_prefix(this.judging.split().freeze());
             } else if this.activity.hand_back_asked() {
                 // Going back: hyper waits meanwhile.
                 return Poll::Pending;
             } else {
                 std::task::ready!(this.judge(cx))?;
             }
-        }
-        if !this.pending.is_empty() {
-            this.give_pending(buf);
-            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
@@ -185,12 +174,13 @@ where
 
     fn into_io(self) -> Option<(IO, Bytes)> {
         let parts = self.into_parts()?;
-        let mut over = parts.io.into_inner();
+        let over = parts.io.into_inner();
+        let (unread, io) = over.inner.into_parts();
         // In the order they came: what hyper read, then what it was not given yet.
         let mut rest = BytesMut::from(&parts.read_buf[..]);
-        rest.extend_from_slice(&over.pending);
-        rest.extend_from_slice(&over.judging.split());
-        Some((over.inner, rest.freeze()))
+        rest.extend_from_slice(&unread);
+        rest.extend_from_slice(&over.judging);
+        Some((io, rest.freeze()))
     }
 }
 

@@ -78,6 +78,22 @@ impl<T> Prefixed<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
+
+    /// Whether the prefix was all read.
+    pub fn prefix_read(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
+    /// `bytes` to be read next, once the prefix was all read.
+    pub fn set_prefix(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty());
+        self.prefix = bytes;
+    }
+
+    /// What is left of the prefix, and the stream.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
