@@ -107,7 +107,7 @@ fn parts_with(headers: HeaderMap) -> http::request::Parts {
 /// The rules with the added fields inserted into the map, then the upstream head.
 fn encode_inserted(parts: &mut http::request::Parts, peer: IpAddr) -> Vec<u8> {
     rewrite(&mut parts.headers, peer);
-    h1::encode_head(parts, std::iter::empty())
+    h1::encode_request(parts, std::iter::empty(), &[])
 }
 
 /// The rules with the added fields written after the map's (what the proxy does).
@@ -119,7 +119,7 @@ fn encode_added(parts: &mut http::request::Parts, peer: &HeaderValue) -> Vec<u8>
     let mut added = Added::default();
     add_forwarded(&mut parts.headers, incoming, peer, false, "http", host.as_ref(), &mut added);
     add_request_id(&mut parts.headers, incoming, &mut added);
-    h1::encode_head(parts, added.iter())
+    h1::encode_request(parts, added.iter(), &[])
 }
 
 /// A copy of `base` allocated the way hyper's HTTP/1 parser allocates a

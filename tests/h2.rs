@@ -123,6 +123,29 @@ async fn h2_upstream_with_trailers() {
     assert!(grpc.connections.load(std::sync::atomic::Ordering::Relaxed) <= 3);
 }
 
+/// A small body that came whole with its head (read by cutover's own
+/// server) reaches a `protocol: h2` target as an HTTP/2 request body.
+#[tokio::test]
+async fn a_small_body_reaches_an_h2_target() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let grpc = Origin::start("grpc").await;
+    let sites = format!(
+        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{}\"], protocol: h2 }}\n",
+        grpc.addr
+    );
+    let p = Proxy::start(&sites).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nhello"), "{text}");
+    let seen = &grpc.seen()[0];
+    assert_eq!((seen.version, seen.body_len), (http::Version::HTTP_2, 5));
+}
+
 /// An HTTP/1.1 client gets trailers from an HTTP/1.1 upstream when it asks for them.
 #[tokio::test]
 async fn h1_trailers_pass_through() {

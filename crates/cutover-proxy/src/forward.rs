@@ -250,14 +250,20 @@ impl Proxy {
         let mut guard = RequestGuard::new(Some(route), Some(conn.activity.clone()), method, uri);
         let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
         let protocol = routed.target.protocol;
-        if upgrade.is_none() && protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body()) {
-            // In a block, so that the request's parts are not kept in the future across the await.
-            let (head, method) = {
+        let whole = match (&upgrade, protocol) {
+            (None, Protocol::Http1) => req.body_mut().take_whole(),
+            _ => None,
+        };
+        if let Some(body) = whole {
+            // A request without a body, or with one read whole: cutover's own
+            // client sends it in one write. In a block, so that the request's
+            // parts are not kept in the future across the await.
+            let (wire, method) = {
                 let (mut parts, _) = req.into_parts();
                 let added = prepare(&mut parts, conn, &routed, &mut guard, None, protocol);
-                (h1::encode_head(&parts, added.iter()), parts.method)
+                (h1::encode_request(&parts, added.iter(), &body), parts.method)
             };
-            return Ok(match self.send_direct(&routed, &head, &method, &mut guard).await {
+            return Ok(match self.send_direct(&routed, &wire, &method, &mut guard).await {
                 Ok(answer) => {
                     guard.status = answer.status.as_u16();
                     let body = ProxyBody::direct(answer.body, answer.fields, guard, routed.response_timeout);
@@ -405,14 +411,14 @@ impl Proxy {
         Err(ForwardError::NoEndpoint)
     }
 
-    /// Sends a request without a body (its encoded `head`) with cutover's own
-    /// HTTP/1.1 client. A connection that cannot be made is retried on another
+    /// Sends a request encoded whole, body included (`request`), with cutover's
+    /// own HTTP/1.1 client. A connection that cannot be made is retried on another
     /// endpoint; a pooled one that the upstream closed before answering is
     /// retried on a new connection when `method` is idempotent (RFC 9110 §9.2.2).
     async fn send_direct(
         &self,
         routed: &Routed,
-        head: &[u8],
+        request: &[u8],
         method: &Method,
         guard: &mut RequestGuard,
     ) -> Result<h1::Answer, ForwardError> {
@@ -445,7 +451,7 @@ impl Proxy {
                 }
             };
             guard.set_endpoint(endpoint.clone());
-            let exchange = h1::exchange(conn, head, *method == Method::HEAD, endpoint.clone());
+            let exchange = h1::exchange(conn, request, *method == Method::HEAD, endpoint.clone());
             match tokio::time::timeout(routed.response_timeout, exchange).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if e.is_stale() && reused && idempotent => renew = true,

@@ -1,10 +1,13 @@
 //! cutover's own HTTP/1.1 server for the everyday request: `GET` or `HEAD`
-//! over HTTP/1.1, without a body, an upgrade or an `Expect`.
+//! without a body, or `POST`, `PUT`, `PATCH` or `DELETE` with a
+//! `Content-Length` body that came whole with its head (a small form or API
+//! call), over HTTP/1.1, without an upgrade or an `Expect`.
 //!
 //! It parses the head straight into the request that is forwarded, and
 //! writes the response head and its first bytes with one system call. It
-//! judges nothing else: a request it does not take (a body, an upgrade,
-//! HTTP/1.0, any other method, a head that does not parse) hands the
+//! judges nothing else: a request it does not take (a chunked body or one
+//! still on its way, an upgrade, HTTP/1.0, any other method, a head that does
+//! not parse) hands the
 //! connection, with every byte read so far, to hyper's HTTP/1.1 server, so
 //! hyper still answers every malformed request and every framing question;
 //! the connection comes back for a next request this server takes
@@ -237,9 +240,14 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         Ok(_) => return Err(NotMine::TooLarge),
         Err(_) => return Err(NotMine::Hyper),
     };
-    let method = match req.method {
-        Some("GET") => Method::GET,
-        Some("HEAD") => Method::HEAD,
+    // Whether the method may carry a body (a `GET` or `HEAD` with one is hyper's).
+    let (method, may_have_body) = match req.method {
+        Some("GET") => (Method::GET, false),
+        Some("HEAD") => (Method::HEAD, false),
+        Some("POST") => (Method::POST, true),
+        Some("PUT") => (Method::PUT, true),
+        Some("PATCH") => (Method::PATCH, true),
+        Some("DELETE") => (Method::DELETE, true),
         _ => return Err(for_hyper(&req)),
     };
     let (Some(path), Some(1)) = (req.path, req.version) else { return Err(for_hyper(&req)) };
@@ -248,15 +256,23 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     }
     let uri = Uri::from_maybe_shared(shared(buf, path.as_bytes())?).map_err(|_| NotMine::Hyper)?;
     let mut headers = HeaderMap::with_capacity(req.headers.len());
-    let (mut close, mut te_trailers) = (false, false);
+    let (mut close, mut te_trailers, mut length) = (false, false, None);
     for f in req.headers.iter() {
         let name = f.name.as_bytes();
         if name.eq_ignore_ascii_case(b"te") {
             te_trailers |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
-        // A body, an upgrade or an expectation: hyper's business, unless the
-        // body could be read two ways (hyper would silently drop the length).
-        let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"];
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // One plain length, on a method that may have a body; anything
+            // else (a list, a second field) is for hyper to judge.
+            match (may_have_body, length, plain_length(f.value)) {
+                (true, None, Some(n)) => length = Some(n),
+                _ => return Err(for_hyper(&req)),
+            }
+        }
+        // A chunked body, an upgrade or an expectation: hyper's business, unless
+        // the body could be read two ways (hyper would silently drop the length).
+        let framing = [&b"transfer-encoding"[..], b"upgrade", b"expect"];
         if framing.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             return Err(for_hyper(&req));
         }
@@ -277,17 +293,33 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine::Hyper)?;
         headers.append(name, value);
     }
-    buf.advance(len);
+    // A body is taken only when it came whole with its head (then it is at
+    // most a read's worth): one still on its way streams through hyper, which
+    // also answers a client that stops sending it.
+    let length = length.unwrap_or(0);
+    let end = usize::try_from(length).ok().and_then(|n| len.checked_add(n)).filter(|&end| end <= buf.len());
+    let Some(end) = end else { return Err(NotMine::Hyper) };
+    let body = buf.slice(len..end);
+    buf.advance(end);
     if buf.is_empty() {
         // Nothing pipelined: the connection keeps nothing of this read while it waits.
         *buf = Bytes::new();
     }
-    let mut request = Request::new(RequestBody::empty());
+    let mut request = Request::new(RequestBody::whole(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Ok(Some((request, close, te_trailers)))
+}
+
+/// A `Content-Length` value of digits only (RFC 9110 §8.6), surrounding
+/// blanks aside (httparse has removed them).
+fn plain_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// A request for hyper, unless its body could be read two ways (both

@@ -1,9 +1,10 @@
 //! A client connection's hand-over to hyper's HTTP/1.1 server, and its way
-//! back. cutover's own server hands hyper a request it does not take (a body,
-//! an upgrade, HTTP/1.0, …) with the bytes it has read. While hyper waits for
-//! a next request on that connection, the head that arrives is judged first,
-//! as cutover's own server would judge it: one for hyper (another body) goes
-//! to hyper; any other (a plain `GET`, or one cutover answers itself, such as
+//! back. cutover's own server hands hyper a request it does not take (a
+//! chunked body or one still on its way, an upgrade, HTTP/1.0, …) with the
+//! bytes it has read. While hyper waits for a next request on that connection,
+//! the head that arrives is judged first, as cutover's own server would judge
+//! it: one for hyper (another such body) goes to hyper; any other (a plain
+//! `GET`, a small `POST` with its body, or one cutover answers itself, such as
 //! a request that could be read two ways, which hyper would read as chunked
 //! without a word) brings the connection back to cutover's own server, with
 //! those bytes, once hyper has let go of it. A head hyper already holds (sent

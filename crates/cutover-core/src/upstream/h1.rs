@@ -100,18 +100,20 @@ impl Conn {
     }
 }
 
-/// Encodes the head of a request without a body (`parts.uri` in origin form):
-/// the map's fields, then the `added` ones (fields the proxy sets, which need
-/// not go through the map). `POST`, `PUT` and `PATCH` without a length get
-/// `content-length: 0`.
-pub fn encode_head<'a>(
+/// Encodes a request (`parts.uri` in origin form) with a body already read
+/// whole (`body`, often empty): the map's fields, then the `added` ones (fields
+/// the proxy sets, which need not go through the map), then the body. A body
+/// without a `Content-Length` in the map gets one; so do `POST`, `PUT` and
+/// `PATCH` without a body (`content-length: 0`).
+pub fn encode_request<'a>(
     parts: &'a http::request::Parts,
     added: impl Iterator<Item = (&'a HeaderName, &'a [u8])> + Clone,
+    body: &[u8],
 ) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let map = || parts.headers.iter().map(|(k, v)| (k, v.as_bytes()));
     let fields: usize = map().chain(added.clone()).map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 40);
+    let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 64 + body.len());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -122,11 +124,14 @@ pub fn encode_head<'a>(
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    let wants_length = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    let wants_length = !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
     if wants_length && !parts.headers.contains_key(CONTENT_LENGTH) {
-        out.extend_from_slice(b"content-length: 0\r\n");
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
     out
 }
 
@@ -218,11 +223,12 @@ impl Fields {
     }
 }
 
-/// Sends `head` (a request without a body) on `conn` and reads the response
-/// head. The body reads the rest and returns the connection to `endpoint`'s
-/// pool when it ended cleanly. `is_head`: the request was `HEAD` (no body follows).
-pub async fn exchange(mut conn: Conn, head: &[u8], is_head: bool, endpoint: Arc<Endpoint>) -> Result<Answer, Error> {
-    conn.io.write_all(head).await.map_err(|e| Error::Stale(Some(e)))?;
+/// Sends `request` (encoded whole, body included: [`encode_request`]) on
+/// `conn` and reads the response head. The body reads the rest and returns the
+/// connection to `endpoint`'s pool when it ended cleanly. `is_head`: the request
+/// was `HEAD` (no body follows).
+pub async fn exchange(mut conn: Conn, request: &[u8], is_head: bool, endpoint: Arc<Endpoint>) -> Result<Answer, Error> {
+    conn.io.write_all(request).await.map_err(|e| Error::Stale(Some(e)))?;
     conn.io.flush().await.map_err(|e| Error::Stale(Some(e)))?;
     let mut received = false;
     let parsed = loop {

@@ -64,11 +64,21 @@ impl BodyProgress {
 /// is not a slow upstream) and the connection is reused only once it was sent.
 #[derive(Debug)]
 pub struct RequestBody {
-    /// `None`: a request that has no body (read by cutover's own HTTP/1.1 server).
-    inner: Option<Incoming>,
+    source: Source,
     progress: Option<std::sync::Arc<BodyProgress>>,
     /// For `Expect: 100-continue`: the body is not read until this opens.
     expect: Option<ExpectGate>,
+}
+
+/// Where a request body's bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// No body, or a whole one already taken ([`RequestBody::take_whole`]).
+    Empty,
+    /// A body cutover's own HTTP/1.1 server read whole with its head.
+    Whole(bytes::Bytes),
+    /// The client's body as hyper's server reads it.
+    Streamed(Incoming),
 }
 
 /// Holds back a body sent with `Expect: 100-continue` until the upstream
@@ -98,12 +108,37 @@ impl RequestBody {
                 waiting_on_client: std::sync::atomic::AtomicBool::new(false),
             })
         });
-        Self { inner: Some(inner), progress, expect: None }
+        Self { source: Source::Streamed(inner), progress, expect: None }
     }
 
     /// The body of a request that has none.
     pub fn empty() -> Self {
-        Self { inner: None, progress: None, expect: None }
+        Self { source: Source::Empty, progress: None, expect: None }
+    }
+
+    /// A body read whole with the request's head (nothing to track: it is
+    /// sent upstream at once, or not at all).
+    pub fn whole(bytes: bytes::Bytes) -> Self {
+        let source = if bytes.is_empty() { Source::Empty } else { Source::Whole(bytes) };
+        Self { source, progress: None, expect: None }
+    }
+
+    /// The bytes of a body read whole (empty for a request without a body),
+    /// leaving it empty; `None` for a body that is still streaming in.
+    pub fn take_whole(&mut self) -> Option<bytes::Bytes> {
+        use http_body::Body as _;
+        match &mut self.source {
+            Source::Streamed(b) if !b.is_end_stream() => None,
+            Source::Whole(bytes) => {
+                let bytes = std::mem::take(bytes);
+                self.source = Source::Empty;
+                Some(bytes)
+            }
+            _ => {
+                self.source = Source::Empty;
+                Some(bytes::Bytes::new())
+            }
+        }
     }
 
     /// Holds the body back until `req` gets `100 Continue` from an HTTP/1.1
@@ -146,7 +181,15 @@ impl http_body::Body for RequestBody {
             }
             this.expect = None;
         }
-        let Some(inner) = &mut this.inner else { return std::task::Poll::Ready(None) };
+        let inner = match &mut this.source {
+            Source::Empty => return std::task::Poll::Ready(None),
+            Source::Whole(bytes) => {
+                let bytes = std::mem::take(bytes);
+                this.source = Source::Empty;
+                return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+            }
+            Source::Streamed(inner) => inner,
+        };
         let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
         if let Some(p) = &this.progress {
             p.waiting_on_client.store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
@@ -161,11 +204,19 @@ impl http_body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.source {
+            Source::Empty => true,
+            Source::Whole(_) => false,
+            Source::Streamed(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.as_ref().map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+        match &self.source {
+            Source::Empty => http_body::SizeHint::with_exact(0),
+            Source::Whole(bytes) => http_body::SizeHint::with_exact(bytes.len() as u64),
+            Source::Streamed(b) => b.size_hint(),
+        }
     }
 }
 
