@@ -10,9 +10,11 @@
 //! watchdog, one timer per connection, replaces hyper's own HTTP/1 header
 //! timer, which would cost a timer per request. Beyond
 //! `max_connections` new connections are closed at once. A plain HTTP/1.1
-//! connection idle for `PARK_AFTER` (20 ms) is parked: its server state (after a
-//! hand-over, hyper's connection with two 8 KiB buffers) is dropped and the
-//! socket alone waits for the next request, which gets a fresh server. On shutdown the
+//! connection idle for `PARK_AFTER` (20 ms) is parked: its server state is
+//! dropped and the socket alone waits for the next request, which gets a fresh
+//! server. (hyper's connection, with its two 8 KiB buffers, first hands the
+//! connection back to cutover's own server with any bytes of a next head it
+//! holds.) On shutdown the
 //! listener closes, every connection is asked to finish gracefully (h1 ends
 //! after its in-flight response, h2 gets GOAWAY), and the caller's deadline
 //! bounds the wait, upgraded tunnels included.
@@ -416,8 +418,16 @@ impl Connection {
                         graceful_shutdown!(conn, activity);
                         tick.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
                     } else if parkable && activity.parkable(PARK_AFTER) {
-                        // hyper's next read gets an end of stream and lets go.
-                        activity.set_parking(true);
+                        if matches!(conn, Served::H1(..)) {
+                            // hyper may hold the start of a next head, read with the
+                            // request before it: the connection goes back to cutover's
+                            // own server first, with those bytes, which parks it once
+                            // it is idle (or times the head).
+                            activity.ask_hand_back(true);
+                        } else {
+                            // The server's next read gets an end of stream and lets go.
+                            activity.set_parking(true);
+                        }
                     }
                 }
             }
