@@ -776,6 +776,38 @@ async fn half_head_behind_a_pipelined_request_is_cut_at_header_read_timeout() {
     half_head_was_cut(&r, start, &blue).await;
 }
 
+/// A half head that came in the same packet as a request hyper's server
+/// took (an `OPTIONS`, a chunked `POST`), and its rest after the connection
+/// has been quiet long enough to be parked: nothing is lost, both are
+/// answered, and the connection stays usable.
+#[tokio::test]
+async fn half_head_behind_a_hyper_request_survives_parking() {
+    let (p, blue) = one_site("").await;
+    let firsts: [&[u8]; 2] = [
+        b"OPTIONS /first HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ];
+    for first in firsts {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(&[first, b"GET /se"].concat()).await.unwrap();
+        let mut inbox = Vec::new();
+        let (status, _) = timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no answer");
+        assert_eq!(status, 200);
+        // Longer than PARK_AFTER (20 ms), well within header_read_timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"cond HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+        let (status, body) =
+            timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("the second was lost");
+        assert_eq!((status, &body[..]), (200, &b"blue"[..]));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"GET /third HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+        let (status, _) = timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no third");
+        assert_eq!(status, 200);
+    }
+    settle().await;
+    assert_eq!(paths(&blue), ["/first", "/second", "/third", "/echo", "/second", "/third"]);
+}
+
 /// The connection of a half head (sent at `start`, after `/first`) was closed
 /// at `header_read_timeout` (500 ms), and nothing but `/first` was forwarded.
 async fn half_head_was_cut(r: &Raw, start: Instant, blue: &Origin) {

@@ -47,6 +47,10 @@ const MAX_HEADERS: usize = 100;
 const MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// What one read asks for.
 const READ_SIZE: usize = 4096;
+/// The largest body this server takes (whole, with its head): written
+/// upstream before the answer is read, it must fit the sockets' buffers
+/// whatever the upstream does. Larger ones stream through hyper.
+const MAX_WHOLE_BODY: u64 = 16 * 1024;
 /// Body bytes copied behind the head (or a previous frame) to go out in the
 /// same write; larger frames are written from their own buffer.
 const COALESCE: usize = 16 * 1024;
@@ -263,10 +267,10 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
             te_trailers |= f.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
         if name.eq_ignore_ascii_case(b"content-length") {
-            // One plain length, on a method that may have a body; anything
-            // else (a list, a second field) is for hyper to judge.
+            // One plain length of a small body, on a method that may have
+            // one; anything else (a list, a second field) is for hyper to judge.
             match (may_have_body, length, plain_length(f.value)) {
-                (true, None, Some(n)) => length = Some(n),
+                (true, None, Some(n)) if n <= MAX_WHOLE_BODY => length = Some(n),
                 _ => return Err(for_hyper(&req)),
             }
         }
