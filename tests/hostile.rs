@@ -1027,6 +1027,52 @@ async fn request_targets_that_are_no_path_or_too_long_are_refused() {
     assert!(paths(&blue).iter().all(|p| p == "*" || p == "/canary"), "forwarded: {:?}", paths(&blue));
 }
 
+/// An upstream that ignores `Expect: 100-continue` gets the body after
+/// cutover's wait for its `100 Continue` (1 s), and that wait is not the
+/// upstream's silence: with an `upstream_response_timeout` shorter than it,
+/// the upload still gets the upstream's answer, not `504`.
+#[tokio::test]
+async fn the_wait_for_100_continue_is_not_upstream_silence() {
+    // Never sends 100 Continue; answers once the whole body is there.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ignoring = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_head(&mut s, &mut buf).await {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + length {
+                        let mut more = [0u8; 4096];
+                        match s.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                    }
+                    buf.drain(..end + length);
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![ignoring])]);
+    let extra = "limits: { upstream_response_timeout: 300ms }".to_string();
+    let p = Proxy::start_with(&sites, Options { extra, ..Default::default() }).await;
+    let req = b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\
+        Connection: close\r\n\r\nhello";
+    let r = raw_for(p.addr, req, Duration::from_secs(4)).await;
+    assert!(r.text.contains("HTTP/1.1 200"), "{:?}", r.text);
+    assert!(!r.text.contains("HTTP/1.1 504"), "{:?}", r.text);
+}
+
 /// `Expect: 100-continue` (reliability.md B-8): an upstream that refuses from
 /// the head alone (`401`) is answered without the client sending its body,
 /// since cutover's `100 Continue` waits for the upstream's; an upstream that

@@ -35,6 +35,9 @@ pub struct BodyProgress {
     /// Whether the last read of the client's body found nothing yet (the
     /// client is slow), rather than the upstream not asking for more.
     waiting_on_client: std::sync::atomic::AtomicBool,
+    /// Whether the body is held back for `Expect: 100-continue` ([`ExpectGate`]):
+    /// meanwhile the exchange is not silent, however long the upstream takes.
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl BodyProgress {
@@ -52,8 +55,13 @@ impl BodyProgress {
         self.done.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Time since a body byte last moved (or since the request started).
+    /// Time since a body byte last moved (or since the request started, or
+    /// since the body was let go after an `Expect: 100-continue`); zero while
+    /// it is held back for one.
     pub fn idle_for(&self) -> Duration {
+        if self.held.load(std::sync::atomic::Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
     }
@@ -106,6 +114,7 @@ impl RequestBody {
                 last_ms: std::sync::atomic::AtomicU64::new(0),
                 done: std::sync::atomic::AtomicBool::new(false),
                 waiting_on_client: std::sync::atomic::AtomicBool::new(false),
+                held: std::sync::atomic::AtomicBool::new(false),
             })
         });
         Self { source: Source::Streamed(inner), progress, expect: None }
@@ -156,7 +165,11 @@ impl RequestBody {
             }
         });
         let fallback = Box::pin(tokio::time::sleep(EXPECT_WAIT));
-        req.body_mut().expect = Some(ExpectGate { continued, fallback });
+        let body = req.body_mut();
+        if let Some(p) = &body.progress {
+            p.held.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        body.expect = Some(ExpectGate { continued, fallback });
     }
 
     /// Its progress, when it has content.
@@ -180,6 +193,11 @@ impl http_body::Body for RequestBody {
                 return std::task::Poll::Pending;
             }
             this.expect = None;
+            // The response timeout counts from here: the wait was cutover's.
+            if let Some(p) = &this.progress {
+                p.touch();
+                p.held.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let inner = match &mut this.source {
             Source::Empty => return std::task::Poll::Ready(None),
