@@ -431,6 +431,47 @@ async fn a_refused_small_body_is_not_read_as_a_request() {
     assert_eq!(paths(&blue), ["/after"]);
 }
 
+/// 4g. A read-only refusal of a write whose body hyper's server streams (it
+/// came after the head, or chunked) reads and drops a small body, so the
+/// connection carries the next request; a large body, or one that waits for
+/// `100 Continue`, closes the connection after an answer that says so. No
+/// byte of any of them reaches the origin.
+#[tokio::test]
+async fn a_refused_streamed_body_is_discarded_or_the_connection_closes() {
+    let (p, blue) = one_site("").await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let (status, _) = p.api("PUT", "/v1/sites/shop/mode", Some(serde_json::json!({"read_only": true}))).await;
+    assert_eq!(status, 200);
+    let late: [(&[u8], &[u8]); 2] = [
+        (b"POST /late HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\n", b"hello"),
+        (b"PUT /chunked HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for (head, body) in late {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(&[body, b"GET /after HTTP/1.1\r\nHost: shop.test\r\n\r\n"].concat()).await.unwrap();
+        let mut inbox = Vec::new();
+        let (status, _) = timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no answer");
+        assert_eq!(status, 503);
+        let (status, body) =
+            timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("connection not kept");
+        assert_eq!((status, &body[..]), (200, &b"blue"[..]));
+    }
+    let closing: [&[u8]; 2] = [
+        b"POST /big HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 1000000\r\n\r\nabc",
+        b"POST /expect HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    ];
+    for req in closing {
+        let r = raw(p.addr, req).await;
+        assert_eq!(r.status(), 503, "{:?}", r.text);
+        assert!(r.text.to_ascii_lowercase().contains("connection: close"), "{:?}", r.text);
+        assert!(r.closed, "{:?}", r.text);
+    }
+    settle().await;
+    assert_eq!(paths(&blue), ["/after", "/after"]);
+}
+
 /// Where the first whole response in `bytes` (a head and a `Content-Length`
 /// body) has its body and where it ends; `None` while it is incomplete.
 fn first_response(bytes: &[u8]) -> Option<(usize, usize)> {

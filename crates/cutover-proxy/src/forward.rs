@@ -207,19 +207,19 @@ impl Proxy {
             };
             if conn.scheme == "http" && routed.site.config.redirect_https && !routed.site.allowed_path(uri.path()) {
                 if let Some(r) = https_redirect(&req, routed.https_port) {
-                    return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
+                    return Ok(refused(r, routed.site, conn.activity.clone(), &mut req).await);
                 }
             }
             let pick = match modes::pick(&routed.site, preview_host.as_deref(), &req) {
                 Ok(p) => p,
-                Err(r) => return Ok(refused(r, routed.site, conn.activity.clone(), method, uri)),
+                Err(r) => return Ok(refused(r, routed.site, conn.activity.clone(), &mut req).await),
             };
             if let Some(mut r) = modes::refusal(&routed.site, &pick.target, &req) {
                 // A preview answer says which target gave it, refusal or not.
                 if let Some(v) = pick.preview.then(|| modes::served_by(&pick.target)).flatten() {
                     r.headers.push((modes::SERVED_BY.clone(), v));
                 }
-                return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
+                return Ok(refused(r, routed.site, conn.activity.clone(), &mut req).await);
             }
             let gate = &routed.site.pause;
             if !pick.preview && gate.is_paused() {
@@ -239,7 +239,7 @@ impl Proxy {
                         body: Bytes::from_static(body.as_bytes()),
                     };
                     r.headers.push((CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")));
-                    return Ok(refused(r, routed.site, conn.activity.clone(), method, uri));
+                    return Ok(refused(r, routed.site, conn.activity.clone(), &mut req).await);
                 }
                 continue;
             }
@@ -504,22 +504,57 @@ fn https_redirect<B>(req: &Request<B>, https_port: Option<u16>) -> Option<modes:
     })
 }
 
-/// An answer cutover gives itself on behalf of a site mode.
-fn refused(
+/// An answer cutover gives itself on behalf of a site mode. The request's
+/// body never goes upstream. Over HTTP/1.1, one still on the client's
+/// connection is read and dropped first, as nginx discards it, so that the
+/// connection can carry the next request; one that is large, waits for a
+/// `100 Continue` or is slow to come instead closes the connection after the
+/// answer, which says so.
+async fn refused(
     r: modes::Refusal,
     site: Arc<SiteRoute>,
     activity: Arc<Activity>,
-    method: Method,
-    uri: Uri,
+    req: &mut Request<RequestBody>,
 ) -> Response<ProxyBody> {
-    let mut guard = RequestGuard::site_only(site, Some(activity), method, uri);
+    let keep_alive = !req.body().unread()
+        || req.version() == Version::HTTP_2
+        || (!req.headers().contains_key(EXPECT) && Box::pin(discard(req.body_mut())).await);
+    let mut guard = RequestGuard::site_only(site, Some(activity), req.method().clone(), req.uri().clone());
     guard.status = r.status.as_u16();
     let mut resp = Response::new(ProxyBody::full(r.body, Some(guard)));
     *resp.status_mut() = r.status;
     for (k, v) in r.headers {
         resp.headers_mut().insert(k, v);
     }
+    if !keep_alive {
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
+}
+
+/// At most this much of a refused request's body is read and dropped ...
+const DISCARD_MAX: u64 = 64 * 1024;
+/// ... within this long.
+const DISCARD_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads `body` to its end and drops it; `false` when it is (or turns out)
+/// longer than [`DISCARD_MAX`], fails, or takes longer than [`DISCARD_WAIT`].
+async fn discard(body: &mut RequestBody) -> bool {
+    use http_body_util::BodyExt as _;
+    if http_body::Body::size_hint(body).lower() > DISCARD_MAX {
+        return false;
+    }
+    let read = async {
+        let mut left = DISCARD_MAX;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            let Some(rest) = left.checked_sub(n) else { return false };
+            left = rest;
+        }
+        true
+    };
+    tokio::time::timeout(DISCARD_WAIT, read).await.unwrap_or(false)
 }
 
 fn connect_failed(target: &TargetPool, endpoint: &Endpoint, e: &upstream::ConnectError) {

@@ -172,6 +172,13 @@ impl RequestBody {
         body.expect = Some(ExpectGate { continued, fallback });
     }
 
+    /// Whether some of the body is still to be read from the client's
+    /// connection (a body hyper's server streams; not one read whole).
+    pub fn unread(&self) -> bool {
+        use http_body::Body as _;
+        matches!(&self.source, Source::Streamed(b) if !b.is_end_stream())
+    }
+
     /// Its progress, when it has content.
     pub fn progress(&self) -> Option<std::sync::Arc<BodyProgress>> {
         self.progress.clone()
