@@ -409,6 +409,40 @@ async fn small_bodies_sent_with_their_heads_are_forwarded_exactly() {
     assert!(!paths(&blue).contains(&"/canary".to_string()));
 }
 
+/// 4e'. A body written apart from its head, in pieces a few milliseconds
+/// apart (as urllib3 and Node write them; hyper's server streams it), at and
+/// around the 16 KiB cutover's own server takes whole: each reaches the
+/// origin whole and the connection goes on.
+#[tokio::test]
+async fn bodies_written_after_their_heads_are_forwarded_exactly() {
+    let (p, blue) = one_site("").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut inbox = Vec::new();
+    let sizes = [5usize, 4000, 16 * 1024, 16 * 1024 + 1];
+    for len in sizes {
+        let body: Vec<u8> = (0..len).map(|k| b'a' + (k % 26) as u8).collect();
+        let head = format!("PUT /echo HTTP/1.1\r\nHost: shop.test\r\nContent-Length: {len}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (a, b) = body.split_at(len / 2);
+        s.write_all(a).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.write_all(&[b, b"GET /next HTTP/1.1\r\nHost: shop.test\r\n\r\n"].concat()).await.unwrap();
+        let (status, got) =
+            timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no answer");
+        assert_eq!(status, 200, "{len}");
+        assert!(got == body, "{len}: wrong body");
+        let (status, got) =
+            timeout(Duration::from_secs(5), next_response(&mut s, &mut inbox)).await.expect("no answer");
+        assert_eq!((status, &got[..]), (200, &b"blue"[..]), "{len}");
+    }
+    settle().await;
+    let seen = blue.seen();
+    let puts: Vec<usize> = seen.iter().filter(|s| s.path == "/echo").map(|s| s.body_len).collect();
+    assert_eq!(puts, sizes);
+    assert_eq!(seen.len(), 2 * sizes.len());
+}
+
 /// 4f. A read-only site refuses a small `POST` that came whole with its head
 /// and keeps the connection: the body is not read as a next request, the
 /// pipelined `GET` behind it is answered, and nothing of the write reaches
