@@ -94,15 +94,19 @@ async fn h2_requests_over_100_fields_get_431() {
     assert_eq!(paths[0], "/f90");
 }
 
+/// Site `api` (host `api.test`) whose live target `blue` is `origin`, spoken to over HTTP/2.
+fn h2_site(origin: std::net::SocketAddr) -> String {
+    format!(
+        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{origin}\"], protocol: h2 }}\n"
+    )
+}
+
 /// A `protocol: h2` target is spoken to over HTTP/2, and response trailers
 /// (gRPC status) reach an h2 client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_upstream_with_trailers() {
     let grpc = Origin::start("grpc").await;
-    let sites = format!(
-        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{}\"], protocol: h2 }}\n",
-        grpc.addr
-    );
+    let sites = h2_site(grpc.addr);
     let p = Proxy::start(&sites).await;
     let mut sender = h2c(p.addr).await;
     for _ in 0..5 {
@@ -129,10 +133,7 @@ async fn h2_upstream_with_trailers() {
 async fn a_small_body_reaches_an_h2_target() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let grpc = Origin::start("grpc").await;
-    let sites = format!(
-        "  - name: api\n    hosts: [api.test]\n    live: blue\n    targets:\n      blue: {{ endpoints: [\"{}\"], protocol: h2 }}\n",
-        grpc.addr
-    );
+    let sites = h2_site(grpc.addr);
     let p = Proxy::start(&sites).await;
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")

@@ -8,6 +8,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{site, Client, Options, Origin, Proxy, Seen};
@@ -1003,47 +1004,12 @@ async fn smuggled_request_never_reaches_the_origin() {
 /// quiet in between (an idle connection is parked after 20 ms).
 #[tokio::test]
 async fn a_late_body_after_an_early_answer_is_never_a_request() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = l.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = read_head(&mut s, &mut buf).await else { return };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    buf.drain(..end);
-                    let answer: &[u8] = if path == "/up" {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
-                    } else {
-                        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
-                    };
-                    record.lock().unwrap().push(path);
-                    if s.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    // The body, read only now, after the answer.
-                    while buf.len() < length {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..length);
-                }
-            });
-        }
-    });
+    // A 401 from the head alone; the body read only after it.
+    let (origin, seen) = raw_origin(BodyRead::After, |head, _| match head.starts_with("get /up ") {
+        true => (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n".to_vec(), true),
+        false => (b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n".to_vec(), true),
+    })
+    .await;
     let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![origin])])).await;
     p.wait_healthy("shop", &["blue"]).await;
     let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: shop.test\r\n\r\n";
@@ -1087,6 +1053,80 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
+/// When a [`raw_origin`] reads a request's `Content-Length` body.
+#[derive(Clone, Copy, PartialEq)]
+enum BodyRead {
+    /// Before it answers (the answer sees the body).
+    Before,
+    /// After it answered.
+    After,
+    /// Never (the answer should end the connection).
+    Never,
+}
+
+/// An HTTP/1.1 origin on 127.0.0.1 that speaks raw bytes: for each request
+/// head (lowercased) and its body (empty unless read [`BodyRead::Before`]),
+/// `answer` gives the bytes written back and whether the connection goes on.
+/// Returns its address and the path of every request it saw.
+async fn raw_origin(
+    read: BodyRead,
+    answer: fn(&str, &[u8]) -> (Vec<u8>, bool),
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_head(&mut s, &mut buf).await {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    record.lock().unwrap().push(head.split(' ').nth(1).unwrap_or_default().to_string());
+                    let length: usize = match read {
+                        BodyRead::Never => 0,
+                        _ => head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0),
+                    };
+                    let before = if read == BodyRead::Before { length } else { 0 };
+                    if !read_to(&mut s, &mut buf, end + before).await {
+                        return;
+                    }
+                    let (reply, go_on) = answer(&head, &buf[end..end + before]);
+                    buf.drain(..end + before);
+                    if s.write_all(&reply).await.is_err() || !go_on {
+                        return;
+                    }
+                    if read == BodyRead::After {
+                        if !read_to(&mut s, &mut buf, length).await {
+                            return;
+                        }
+                        buf.drain(..length);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads from `s` into `buf` until it holds `len` bytes; `false` when the
+/// connection ends first.
+async fn read_to(s: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
+    while buf.len() < len {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// A request target that is not a path (`GET x`) gets 400, one over 8 KiB
 /// gets 414; neither is forwarded.
 #[tokio::test]
@@ -1108,43 +1148,20 @@ async fn request_targets_that_are_no_path_or_too_long_are_refused() {
 /// the upload still gets the upstream's answer, not `504`.
 #[tokio::test]
 async fn the_wait_for_100_continue_is_not_upstream_silence() {
-    // Never sends 100 Continue; answers once the whole body is there.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ignoring = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(end) = read_head(&mut s, &mut buf).await {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < end + length {
-                        let mut more = [0u8; 4096];
-                        match s.read(&mut more).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&more[..n]),
-                        }
-                    }
-                    buf.drain(..end + length);
-                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
-                    if s.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    // Never sends 100 Continue; echoes the body once it is all there.
+    let (ignoring, _) = raw_origin(BodyRead::Before, |_, body| {
+        let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(body);
+        (answer, true)
+    })
+    .await;
     let sites = site("shop", "shop.test", "blue", &[("blue", vec![ignoring])]);
     let extra = "limits: { upstream_response_timeout: 300ms }".to_string();
     let p = Proxy::start_with(&sites, Options { extra, ..Default::default() }).await;
     let req = b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\
         Connection: close\r\n\r\nhello";
     let r = raw_for(p.addr, req, Duration::from_secs(4)).await;
-    assert!(r.text.contains("HTTP/1.1 200"), "{:?}", r.text);
+    assert!(r.text.contains("HTTP/1.1 200") && r.text.ends_with("hello"), "{:?}", r.text);
     assert!(!r.text.contains("HTTP/1.1 504"), "{:?}", r.text);
 }
 
@@ -1154,28 +1171,12 @@ async fn the_wait_for_100_continue_is_not_upstream_silence() {
 /// reads the body gets it after its own `100 Continue` reached the client.
 #[tokio::test]
 async fn expect_100_continue_waits_for_the_upstream() {
-    // /refuse: 401 at once, the body never read; /up: health.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let refusing = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(end) = read_head(&mut s, &mut buf).await {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end);
-                    let answer: &[u8] = if head.starts_with("GET /up ") {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
-                    } else {
-                        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    };
-                    if s.write_all(answer).await.is_err() || !head.starts_with("GET /up ") {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    // /refuse: 401 at once, the body never read, the connection closed; /up: health.
+    let (refusing, _) = raw_origin(BodyRead::Never, |head, _| match head.starts_with("get /up ") {
+        true => (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n".to_vec(), true),
+        false => (b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec(), false),
+    })
+    .await;
     let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![refusing])])).await;
     p.wait_healthy("shop", &["blue"]).await;
     let head = b"POST /refuse HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n";

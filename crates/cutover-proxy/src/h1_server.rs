@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use cutover_core::upstream::h1::Fields;
+use cutover_core::upstream::h1::{self, Fields};
 use cutover_core::upstream::RequestBody;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -269,7 +269,7 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         if name.eq_ignore_ascii_case(b"content-length") {
             // One plain length of a small body, on a method that may have
             // one; anything else (a list, a second field) is for hyper to judge.
-            match (may_have_body, length, plain_length(f.value)) {
+            match (may_have_body, length, h1::parse_length(f.value)) {
                 (true, None, Some(n)) if n <= MAX_WHOLE_BODY => length = Some(n),
                 _ => return Err(for_hyper(&req)),
             }
@@ -297,9 +297,8 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
         let value = HeaderValue::from_maybe_shared(shared(buf, f.value)?).map_err(|_| NotMine::Hyper)?;
         headers.append(name, value);
     }
-    // A body is taken only when it came whole with its head (then it is at
-    // most a read's worth): one still on its way streams through hyper, which
-    // also answers a client that stops sending it.
+    // A body is taken only when it came whole with its head: one still on its
+    // way streams through hyper, which also answers a client that stops sending it.
     let length = length.unwrap_or(0);
     let end = usize::try_from(length).ok().and_then(|n| len.checked_add(n)).filter(|&end| end <= buf.len());
     let Some(end) = end else { return Err(NotMine::Hyper) };
@@ -315,15 +314,6 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Ok(Some((request, close, te_trailers)))
-}
-
-/// A `Content-Length` value of digits only (RFC 9110 §8.6), surrounding
-/// blanks aside (httparse has removed them).
-fn plain_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// A request for hyper, unless its body could be read two ways (both

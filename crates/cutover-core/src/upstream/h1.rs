@@ -458,8 +458,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     Ok(Some(Parsed::Final(Head { status, version, fields: out, framing, reusable })))
 }
 
-/// A `Content-Length` value: decimal digits only.
-fn parse_length(s: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), blanks
+/// around them aside; `None` for anything else (a list, a sign, overflow).
+pub fn parse_length(s: &[u8]) -> Option<u64> {
     let s = s.trim_ascii();
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;

@@ -135,18 +135,12 @@ impl RequestBody {
     /// The bytes of a body read whole (empty for a request without a body),
     /// leaving it empty; `None` for a body that is still streaming in.
     pub fn take_whole(&mut self) -> Option<bytes::Bytes> {
-        use http_body::Body as _;
-        match &mut self.source {
-            Source::Streamed(b) if !b.is_end_stream() => None,
-            Source::Whole(bytes) => {
-                let bytes = std::mem::take(bytes);
-                self.source = Source::Empty;
-                Some(bytes)
-            }
-            _ => {
-                self.source = Source::Empty;
-                Some(bytes::Bytes::new())
-            }
+        if self.unread() {
+            return None;
+        }
+        match std::mem::replace(&mut self.source, Source::Empty) {
+            Source::Whole(bytes) => Some(bytes),
+            _ => Some(bytes::Bytes::new()),
         }
     }
 
