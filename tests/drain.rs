@@ -311,3 +311,45 @@ async fn upgraded_connections_count_towards_max_connections() {
     let mut ws2 = open_ws(p.addr).await;
     assert_eq!(echo(&mut ws2, "y").await.as_deref(), Some("blue:y"));
 }
+
+/// A request still waiting for its answer at the drain deadline is cut with
+/// `504`, on cutover's own client (a `GET`) and on hyper's (a 20 KiB
+/// `POST`); counted as forced closes, not as the endpoint's failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_answer_at_the_deadline_is_cut() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "300ms")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let addr = p.addr;
+    let get = tokio::spawn(async move { support::get(addr, "shop.test", "/slow?ms=5000").await });
+    let post = tokio::spawn(async move {
+        let mut client = support::Client::connect(addr).await;
+        let req = Request::post("/slow?ms=5000")
+            .header("host", "shop.test")
+            .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 20 * 1024])))
+            .unwrap();
+        client.send(req).await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    p.switch("shop", "green").await;
+    for (what, answer) in [("GET", get), ("POST", post)] {
+        let answer = tokio::time::timeout(Duration::from_secs(3), answer).await.expect("not cut").unwrap();
+        assert_eq!(answer.status, 504, "{what}: {}", answer.body);
+        assert!(answer.body.contains("drain deadline"), "{what}: {}", answer.body);
+        assert!(start.elapsed() >= Duration::from_millis(280), "{what} cut before the deadline");
+    }
+    assert_eq!(blue.seen().iter().filter(|s| s.path == "/slow").count(), 2, "both requests reached blue");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(
+        metrics.contains(r#"cutover_drain_forced_closes_total{kind="stream",site="shop",target="blue"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cutover_upstream_errors_total{kind="timeout",site="shop",target="blue"} 0"#),
+        "{metrics}"
+    );
+    let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(site["targets"]["blue"]["inflight"], 0, "{site}");
+    assert_eq!(site["targets"]["blue"]["state"], "standby", "{site}");
+}

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
-use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Sender, UpstreamBody};
+use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Sender, Silence, UpstreamBody};
 use cutover_core::Endpoint;
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
@@ -164,6 +164,8 @@ enum ForwardError {
     BadBody(crate::body::BoxError),
     /// The client stopped sending its request body for the response timeout.
     BodyStalled,
+    /// The target's drain deadline passed before it answered.
+    Drained,
 }
 
 impl Proxy {
@@ -376,6 +378,7 @@ impl Proxy {
             let sent = tokio::select! {
                 r = conn.try_send(req) => Ok(r),
                 silence = upstream::response_deadline(progress.as_deref(), routed.response_timeout) => Err(silence),
+                drained = upstream::drained(&target.drain) => Err(drained),
             };
             match sent {
                 Ok(Ok(resp)) => return Ok((resp, conn.into_via(), endpoint.clone())),
@@ -401,8 +404,9 @@ impl Proxy {
                         return Err(ForwardError::Broken(e.into()));
                     }
                 },
-                Err(upstream::Silence::ClientBody) => return Err(ForwardError::BodyStalled),
-                Err(upstream::Silence::Upstream) => {
+                Err(Silence::ClientBody) => return Err(ForwardError::BodyStalled),
+                Err(Silence::Drained) => return Err(ForwardError::Drained),
+                Err(Silence::Upstream) => {
                     exchange_failed(target, endpoint, UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
                 }
@@ -452,7 +456,7 @@ impl Proxy {
             };
             guard.set_endpoint(endpoint.clone());
             let exchange = h1::exchange(conn, request, *method == Method::HEAD, endpoint.clone());
-            match tokio::time::timeout(routed.response_timeout, exchange).await {
+            match upstream::answer_within(exchange, routed.response_timeout, &target.drain).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if e.is_stale() && reused && idempotent => renew = true,
                 Ok(Err(e)) => {
@@ -464,6 +468,7 @@ impl Proxy {
                     }
                     return Err(ForwardError::Broken(e.into()));
                 }
+                Err(Silence::Drained) => return Err(ForwardError::Drained),
                 Err(_) => {
                     exchange_failed(target, endpoint, UpstreamErrorKind::Timeout);
                     return Err(ForwardError::Timeout);
@@ -592,10 +597,17 @@ fn failure(e: ForwardError, target: &TargetPool, mut guard: RequestGuard) -> Res
         ForwardError::Broken(_) => (StatusCode::BAD_GATEWAY, "the upstream connection failed\n"),
         ForwardError::BadBody(_) => (StatusCode::BAD_REQUEST, "the request body could not be read\n"),
         ForwardError::BodyStalled => (StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving\n"),
+        ForwardError::Drained => {
+            (StatusCode::GATEWAY_TIMEOUT, "the draining target did not answer before its drain deadline\n")
+        }
     };
     match &e {
         ForwardError::Broken(err) => tracing::warn!(target = %target.name, error = %err, "upstream exchange failed"),
         ForwardError::BadBody(err) => tracing::debug!(target = %target.name, error = %err, "bad request body"),
+        ForwardError::Drained => {
+            target.metrics.forced_stream_closes.inc();
+            tracing::info!(target = %target.name, "drain deadline: request still waiting for its answer cut");
+        }
         _ => {}
     }
     guard.status = status.as_u16();

@@ -12,6 +12,9 @@
 //! response body was read to the end.
 
 pub mod h1;
+mod wait;
+
+pub use wait::{answer_within, drained, response_deadline, Silence};
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -235,37 +238,6 @@ impl http_body::Body for RequestBody {
             Source::Empty => http_body::SizeHint::with_exact(0),
             Source::Whole(bytes) => http_body::SizeHint::with_exact(bytes.len() as u64),
             Source::Streamed(b) => b.size_hint(),
-        }
-    }
-}
-
-/// Who went silent first in an exchange: see [`response_deadline`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Silence {
-    /// The upstream, after the request's last byte.
-    Upstream,
-    /// The client, in the middle of its request body (the upstream was
-    /// waiting for more of it).
-    ClientBody,
-}
-
-/// Resolves when an exchange has been silent for `timeout`: counted from the
-/// request body's last byte when it has one (an upload keeps it alive), and
-/// telling a client that stopped sending its body from a silent upstream.
-pub async fn response_deadline(progress: Option<&BodyProgress>, timeout: Duration) -> Silence {
-    let Some(p) = progress else {
-        tokio::time::sleep(timeout).await;
-        return Silence::Upstream;
-    };
-    loop {
-        let idle = p.idle_for();
-        if idle >= timeout && p.done() {
-            return Silence::Upstream;
-        }
-        tokio::time::sleep(timeout.saturating_sub(idle).max(Duration::from_millis(50))).await;
-        if !p.done() && p.idle_for() >= timeout {
-            // Stuck on the client, or on an upstream that stopped reading it.
-            return if p.waiting_on_client() { Silence::ClientBody } else { Silence::Upstream };
         }
     }
 }
