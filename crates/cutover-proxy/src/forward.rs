@@ -455,7 +455,7 @@ impl Proxy {
                 }
             };
             guard.set_endpoint(endpoint.clone());
-            let exchange = h1::exchange(conn, request, *method == Method::HEAD, endpoint.clone());
+            let exchange = std::pin::pin!(h1::exchange(conn, request, *method == Method::HEAD, endpoint.clone()));
             match upstream::answer_within(exchange, routed.response_timeout, &target.drain).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if e.is_stale() && reused && idempotent => renew = true,

@@ -32,14 +32,14 @@ pub enum Silence {
 /// `answer`, unless the upstream has not given it after `timeout`
 /// ([`Silence::Upstream`]) or the target's drain deadline (`drain`) passed
 /// first ([`Silence::Drained`], noticed from [`DRAIN_WATCH_AFTER`] on). One
-/// timer, as `tokio::time::timeout` would use.
-pub async fn answer_within<F: Future>(
-    answer: F,
+/// timer, as `tokio::time::timeout` would use. `answer` comes pinned (`pin!`
+/// where it is made), so that the exchange's large future is not moved again.
+pub async fn answer_within<F: Future + Unpin>(
+    mut answer: F,
     timeout: Duration,
     drain: &CancellationToken,
 ) -> Result<F::Output, Silence> {
     let start = Instant::now();
-    let mut answer = pin!(answer);
     let mut timer = pin!(tokio::time::sleep_until(start + timeout.min(DRAIN_WATCH_AFTER)));
     tokio::select! {
         biased;
@@ -99,15 +99,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_in_time_is_given() {
         let drain = CancellationToken::new();
-        assert_eq!(answer_within(later(50), Duration::from_secs(1), &drain).await, Ok(50));
-        assert_eq!(answer_within(later(900), Duration::from_secs(1), &drain).await, Ok(900));
+        assert_eq!(answer_within(pin!(later(50)), Duration::from_secs(1), &drain).await, Ok(50));
+        assert_eq!(answer_within(pin!(later(900)), Duration::from_secs(1), &drain).await, Ok(900));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_late_answer_is_silence_whatever_the_timeout() {
         let drain = CancellationToken::new();
-        assert_eq!(answer_within(later(150), Duration::from_millis(100), &drain).await, Err(Silence::Upstream));
-        assert_eq!(answer_within(later(1500), Duration::from_secs(1), &drain).await, Err(Silence::Upstream));
+        assert_eq!(answer_within(pin!(later(150)), Duration::from_millis(100), &drain).await, Err(Silence::Upstream));
+        assert_eq!(answer_within(pin!(later(1500)), Duration::from_secs(1), &drain).await, Err(Silence::Upstream));
     }
 
     #[tokio::test(start_paused = true)]
@@ -119,14 +119,14 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             cancel.cancel();
         });
-        assert_eq!(answer_within(later(5000), Duration::from_secs(60), &drain).await, Err(Silence::Drained));
+        assert_eq!(answer_within(pin!(later(5000)), Duration::from_secs(60), &drain).await, Err(Silence::Drained));
         assert_eq!(start.elapsed(), Duration::from_millis(500));
         // Already past: noticed when the watch starts.
         let start = Instant::now();
-        assert_eq!(answer_within(later(5000), Duration::from_secs(60), &drain).await, Err(Silence::Drained));
+        assert_eq!(answer_within(pin!(later(5000)), Duration::from_secs(60), &drain).await, Err(Silence::Drained));
         assert_eq!(start.elapsed(), DRAIN_WATCH_AFTER);
         assert_eq!(drained(&drain).await, Silence::Drained);
         // A quick answer is given even on a drained target.
-        assert_eq!(answer_within(later(10), Duration::from_secs(60), &drain).await, Ok(10));
+        assert_eq!(answer_within(pin!(later(10)), Duration::from_secs(60), &drain).await, Ok(10));
     }
 }
