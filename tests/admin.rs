@@ -287,3 +287,27 @@ async fn oversized_wrong_method_unknown_site_and_duplicate_weights() {
     let site = admin_raw(p.admin, "GET", "/v1/sites/shop", "", Some("s3cret")).await.1;
     assert_eq!(site["weights"], Value::Null);
 }
+
+/// A switch whose save failed after its file was in place (the directory's
+/// fsync failed after the rename) changes nothing, not even after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_whose_save_failed_is_not_live_after_a_restart() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]);
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = Proxy::start_with(&sites, Options { fail_after_write: Some(fail.clone()), ..Default::default() }).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (500, Some("state_write_failed")), "{body}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+    let saved: Value = serde_json::from_slice(&std::fs::read(p.dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(saved["sites"]["shop"]["live"], "blue", "{saved}");
+
+    let dir = p.stop().await;
+    let p = Proxy::start_with(&sites, Options { dir: Some(dir), ..Default::default() }).await;
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue", "the failed switch came back");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert!(history.as_array().unwrap().iter().all(|h| !(h["kind"] == "switch" && h["result"] == "ok")), "{history}");
+}

@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cutover_admin::Admin;
-use cutover_core::state::FileStore;
+use cutover_core::state::{FileStore, State, StateError, StateStore};
 use cutover_core::Controller;
 use cutover_metrics::Metrics;
 use cutover_proxy::ListenerConfig;
@@ -291,6 +291,33 @@ pub struct Options {
     pub dir: Option<tempfile::TempDir>,
     /// Also serve HTTPS (the `extra` YAML must then hold a `tls:` section).
     pub https: bool,
+    /// While set, the next state save writes its file and then fails, as a
+    /// directory fsync failing after the rename would ([`FailAfterWrite`]).
+    pub fail_after_write: Option<Arc<AtomicBool>>,
+}
+
+/// The state file, whose save, while `fail` is set, puts the new file in
+/// place and then reports an error (once).
+pub struct FailAfterWrite {
+    pub inner: FileStore,
+    pub fail: Arc<AtomicBool>,
+}
+
+impl StateStore for FailAfterWrite {
+    fn load(&self) -> Result<Option<State>, StateError> {
+        self.inner.load()
+    }
+
+    fn save(&self, state: &State) -> Result<(), StateError> {
+        self.inner.save(state)?;
+        match self.fail.swap(false, Ordering::SeqCst) {
+            true => Err(StateError::Io {
+                path: "state.json".into(),
+                source: std::io::Error::other("injected fsync failure"),
+            }),
+            false => Ok(()),
+        }
+    }
 }
 
 impl Proxy {
@@ -322,7 +349,11 @@ impl Proxy {
         // The real port, for redirects to HTTPS.
         config.listen.https = https_listener.as_ref().map(|l| l.local_addr().unwrap());
         let metrics = Metrics::new();
-        let store = Arc::new(FileStore::new(&config.state_path));
+        let file = FileStore::new(&config.state_path);
+        let store: Arc<dyn StateStore> = match opts.fail_after_write {
+            Some(fail) => Arc::new(FailAfterWrite { inner: file, fail }),
+            None => Arc::new(file),
+        };
         std::fs::write(dir.path().join("cutover.yaml"), &yaml).unwrap();
         let path = Some(dir.path().join("cutover.yaml"));
         let controller = Controller::start(config.clone(), path, store, metrics.clone()).expect("controller starts");

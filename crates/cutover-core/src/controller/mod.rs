@@ -925,14 +925,31 @@ impl Controller {
         }
     }
 
-    /// Saves `next` durably, then publishes it. On a save error nothing changes.
+    /// Saves `next` durably, then publishes it. On a save error nothing
+    /// changes: the state in force is saved again, since the failed save may
+    /// have put its file in place already (a rename done, the directory's
+    /// fsync failed), and a restart must not bring in an action that failed.
     async fn commit(&self, inner: &mut Inner, next: State) -> Result<(), ControlError> {
         let store = self.store.clone();
         let to_save = next.clone();
-        tokio::task::spawn_blocking(move || store.save(&to_save))
+        let saved = tokio::task::spawn_blocking(move || store.save(&to_save))
             .await
-            .map_err(|e| ControlError::Persist(e.to_string()))?
-            .map_err(|e| ControlError::Persist(e.to_string()))?;
+            .map_err(|e| ControlError::Persist(e.to_string()))
+            .and_then(|r| r.map_err(|e| ControlError::Persist(e.to_string())));
+        if let Err(e) = saved {
+            let store = self.store.clone();
+            let current = inner.state.clone();
+            match tokio::task::spawn_blocking(move || store.save(&current)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(undo)) => {
+                    tracing::error!(error = %undo, "could not save the state in force again after a failed save")
+                }
+                Err(undo) => {
+                    tracing::error!(error = %undo, "could not save the state in force again after a failed save")
+                }
+            }
+            return Err(e);
+        }
         inner.state = next;
         self.publish(inner);
         Ok(())
