@@ -572,3 +572,25 @@ async fn upstream_fields_reach_every_kind_of_client() {
     check("h2", resp.headers());
     assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
 }
+
+/// An unregistered status code passes with an empty reason phrase (never a
+/// made-up one); a code above 599 is not HTTP's and gets `502`, on either
+/// upstream client.
+#[tokio::test]
+async fn unregistered_status_codes_pass_and_codes_above_599_are_refused() {
+    let origin = RawOrigin::start(&[
+        ("/499", Script::Answer(b"HTTP/1.1 499 Client Closed\r\ncontent-length: 0\r\n\r\n")),
+        ("/600", Script::Answer(b"HTTP/1.1 600 Beyond\r\ncontent-length: 0\r\n\r\n")),
+    ])
+    .await;
+    let p = proxy_for(&origin).await;
+    let wire = support::raw_exchange(p.addr, b"GET /499 HTTP/1.1\r\nhost: raw.test\r\nconnection: close\r\n\r\n").await;
+    assert!(wire.starts_with("HTTP/1.1 499 \r\n"), "{wire}");
+    let wire = support::raw_exchange(p.addr, b"GET /600 HTTP/1.1\r\nhost: raw.test\r\nconnection: close\r\n\r\n").await;
+    assert!(wire.starts_with("HTTP/1.1 502 "), "{wire}");
+    // A 20 KiB body: hyper's client carries it.
+    let mut c = connect(p.addr).await;
+    let req = Request::post("/600").header("host", "raw.test").body(Full::new(Bytes::from(vec![b'x'; 20 * 1024])));
+    let resp = c.send_request(req.unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 502, "hyper's client");
+}

@@ -305,9 +305,9 @@ impl Proxy {
             }
         }
         let (mut parts, body) = resp.into_parts();
-        if !framing_passes(&parts.headers) {
+        if !framing_passes(&parts.headers) || parts.status.as_u16() > 599 {
             exchange_failed(&routed.target, &endpoint, UpstreamErrorKind::Reset);
-            return Ok(failure(ForwardError::Broken("unsupported transfer coding".into()), &routed.target, guard));
+            return Ok(failure(ForwardError::Broken("unsupported framing or status".into()), &routed.target, guard));
         }
         headers::remove_hop_by_hop_response(&mut parts.headers);
         finish_head(&mut parts.headers, &pick, &routed);

@@ -542,7 +542,8 @@ fn encode_head(
         out.push(b' ');
         match reason {
             Some(r) => out.extend_from_slice(r.as_bytes()),
-            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+            // An unregistered code gets an empty reason (RFC 9112 §4 allows it).
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes()),
         }
         out.extend_from_slice(b"\r\n");
     }

@@ -344,6 +344,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
             buf.advance(len);
             return Ok(Some(Parsed::Interim));
         }
+        // RFC 9110 §15: status codes are 100 to 599.
+        600.. => return Err(Error::Invalid("status code above 599")),
         _ => {}
     }
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("invalid status code"))?;
