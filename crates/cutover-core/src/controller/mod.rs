@@ -930,29 +930,24 @@ impl Controller {
     /// have put its file in place already (a rename done, the directory's
     /// fsync failed), and a restart must not bring in an action that failed.
     async fn commit(&self, inner: &mut Inner, next: State) -> Result<(), ControlError> {
-        let store = self.store.clone();
-        let to_save = next.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save(&to_save))
-            .await
-            .map_err(|e| ControlError::Persist(e.to_string()))
-            .and_then(|r| r.map_err(|e| ControlError::Persist(e.to_string())));
-        if let Err(e) = saved {
-            let store = self.store.clone();
-            let current = inner.state.clone();
-            match tokio::task::spawn_blocking(move || store.save(&current)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(undo)) => {
-                    tracing::error!(error = %undo, "could not save the state in force again after a failed save")
-                }
-                Err(undo) => {
-                    tracing::error!(error = %undo, "could not save the state in force again after a failed save")
-                }
+        if let Err(e) = self.save(next.clone()).await {
+            if let Err(undo) = self.save(inner.state.clone()).await {
+                tracing::error!(error = %undo, "could not save the state in force again after a failed save");
             }
             return Err(e);
         }
         inner.state = next;
         self.publish(inner);
         Ok(())
+    }
+
+    /// Writes `state` to the store, off the runtime's threads.
+    async fn save(&self, state: State) -> Result<(), ControlError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.save(&state)).await {
+            Ok(saved) => saved.map_err(|e| ControlError::Persist(e.to_string())),
+            Err(e) => Err(ControlError::Persist(e.to_string())),
+        }
     }
 
     /// Builds the routing snapshot of `inner` and publishes it with one store.
