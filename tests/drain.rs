@@ -353,3 +353,43 @@ async fn a_request_waiting_for_its_answer_at_the_deadline_is_cut() {
     assert_eq!(site["targets"]["blue"]["inflight"], 0, "{site}");
     assert_eq!(site["targets"]["blue"]["state"], "standby", "{site}");
 }
+
+/// At a switch the old target's idle pooled connections close at once, and a
+/// request still running there closes its connection when it ends instead of
+/// pooling it (reliability plan A-8). Back live, the target pools again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_targets_pooled_connections_close_at_the_switch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "10s")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let addr = p.addr;
+    let gets: Vec<_> =
+        (0..4).map(|_| tokio::spawn(async move { support::get(addr, "shop.test", "/slow?ms=100").await })).collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().status, 200);
+    }
+    assert_eq!(blue.open_data_connections(), 4, "four concurrent requests leave four pooled connections");
+    let slow = tokio::spawn(async move { support::get(addr, "shop.test", "/slow?ms=800").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.switch("shop", "green").await;
+    assert!(
+        support::eventually(Duration::from_secs(1), || blue.open_data_connections() == 1).await,
+        "idle connections to blue still open after the switch: {}",
+        blue.open_data_connections()
+    );
+    let answer = slow.await.unwrap();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "blue slow done"));
+    assert!(
+        support::eventually(Duration::from_secs(1), || blue.open_data_connections() == 0).await,
+        "the connection of the request that finished on blue was kept"
+    );
+
+    p.switch("shop", "blue").await;
+    let before = blue.data_connections();
+    let mut client = support::Client::connect(addr).await;
+    for _ in 0..5 {
+        assert_eq!(client.get("shop.test", "/").await.unwrap().body, "blue");
+    }
+    assert_eq!(blue.data_connections(), before + 1, "five sequential requests on blue share one upstream connection");
+    assert_eq!(green.open_data_connections(), 0, "green's pool was retired when blue came back");
+}

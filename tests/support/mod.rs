@@ -51,6 +51,8 @@ pub struct Origin {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// The connections open now, by number.
+    open: Arc<Mutex<std::collections::HashSet<usize>>>,
     /// How it misbehaves (switchable at any time).
     pub faults: Arc<Faults>,
     stop: CancellationToken,
@@ -102,11 +104,13 @@ impl Origin {
         let connections = Arc::new(AtomicUsize::new(0));
         let faults = Arc::new(Faults::default());
         let stop = CancellationToken::new();
+        let open = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let origin = Origin {
             addr,
             name: name.to_string(),
             seen: seen.clone(),
             connections: connections.clone(),
+            open: open.clone(),
             faults: faults.clone(),
             stop: stop.clone(),
         };
@@ -118,16 +122,19 @@ impl Origin {
                     _ = stop.cancelled() => return,
                 };
                 let conn = connections.fetch_add(1, Ordering::Relaxed);
-                let (name, seen, stop, faults) = (name.clone(), seen.clone(), stop.clone(), faults.clone());
+                open.lock().unwrap().insert(conn);
+                let (name, seen, stop, faults, open) =
+                    (name.clone(), seen.clone(), stop.clone(), faults.clone(), open.clone());
                 tokio::spawn(async move {
                     let service =
                         service_fn(move |req| origin_answer(req, conn, name.clone(), seen.clone(), faults.clone()));
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::select! {
-                        _ = conn => {}
+                        _ = served => {}
                         _ = stop.cancelled() => {}
                     }
+                    open.lock().unwrap().remove(&conn);
                 });
             }
         });
@@ -146,6 +153,16 @@ impl Origin {
 
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// How many connections that carried requests (health probes excluded) are open now.
+    pub fn open_data_connections(&self) -> usize {
+        let open = self.open.lock().unwrap();
+        let mut conns: Vec<usize> =
+            self.seen.lock().unwrap().iter().map(|s| s.conn).filter(|c| open.contains(c)).collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns.len()
     }
 
     /// How many connections carried requests (health probes excluded).
@@ -568,4 +585,16 @@ pub async fn cut_or_completed(body: &mut Incoming, within: Duration) -> Option<&
         }
     };
     tokio::time::timeout(within, outcome).await.ok()
+}
+
+/// Whether `done` holds within `within` (checked every 10 ms).
+pub async fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < until {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
 }

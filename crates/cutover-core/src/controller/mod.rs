@@ -719,6 +719,7 @@ impl Controller {
         }
         let drain = req.drain_timeout.unwrap_or(config.switch.drain_timeout);
         self.start_drain(&mut inner, (site.to_string(), from.clone()), drain);
+        self.settle_pools(&inner);
         self.metrics.switches.with_label_values(&[site, "ok"]).inc();
         tracing::info!(site, from = %from, to = %req.to, kind, actor = actor.as_str(), "switched");
         // A switch ends the site's running watch; a forward switch starts a new one.
@@ -848,6 +849,12 @@ impl Controller {
         }
         self.registry.lock().unwrap_or_else(|e| e.into_inner()).rotate_drain(&key);
         self.publish(&inner);
+        // What finished meanwhile was closed; an h2 connection may be left.
+        if let Some(t) = self.table.load().site(&key.0).and_then(|s| s.target(&key.1)) {
+            for e in &t.endpoints {
+                e.pool.close_idle();
+            }
+        }
     }
 
     /// Every smoke check of `site` on every endpoint of `target`; the failures.
@@ -955,6 +962,26 @@ impl Controller {
         let settings = Settings::from_config(&inner.config);
         let table = self.registry.lock().unwrap_or_else(|e| e.into_inner()).build(&inner.sites, &inner.state, settings);
         self.table.store(Arc::new(table));
+        self.settle_pools(inner);
+    }
+
+    /// Retires the connection pools of the targets draining after a switch
+    /// (neither live nor weighted), so no idle connection to the old target
+    /// outlives the switch, and puts every other target's pools back in use.
+    fn settle_pools(&self, inner: &Inner) {
+        let table = self.table.load();
+        for route in &table.sites {
+            let Some(s) = inner.state.sites.get(route.name()) else { continue };
+            for t in &route.targets {
+                let weighted = s.weights.as_ref().is_some_and(|w| w.get(&t.name).is_some_and(|&p| p > 0));
+                let retired = t.name != s.live
+                    && !weighted
+                    && inner.drains.contains_key(&(route.name().to_string(), t.name.clone()));
+                for e in &t.endpoints {
+                    e.pool.set_retired(retired);
+                }
+            }
+        }
     }
 
     fn view(&self, inner: &Inner, site: &str) -> Result<SiteView, ControlError> {

@@ -9,7 +9,9 @@
 //! `idle_timeout` (keep it shorter than the upstream's own keep-alive), both
 //! at checkout and in [`Pool::sweep`], which the endpoint's health task runs
 //! every interval (the pool timer). A connection is returned only after its
-//! response body was read to the end.
+//! response body was read to the end. While the endpoint's target drains after
+//! a switch the pool is retired: its idle connections are closed at once, and
+//! the connections of the requests still finishing there are not kept.
 
 pub mod h1;
 mod wait;
@@ -280,6 +282,8 @@ pub struct Pool {
     idle_timeout: Duration,
     /// The shared HTTP/2 connection, for `protocol: h2` targets.
     h2: ArcSwapOption<H2Sender>,
+    /// Set while the target drains: returned connections are closed.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -305,7 +309,7 @@ impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         let idle = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
         let direct = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
-        Self { idle, direct, idle_timeout, h2: ArcSwapOption::empty() }
+        Self { idle, direct, idle_timeout, h2: ArcSwapOption::empty(), retired: Default::default() }
     }
 
     /// This worker's queue of hyper's connections.
@@ -339,9 +343,10 @@ impl Pool {
         None
     }
 
-    /// Returns a connection whose exchange is complete; dropped when the pool is full.
+    /// Returns a connection whose exchange is complete; dropped when the pool
+    /// is full or retired.
     pub fn checkin(&self, sender: Sender) {
-        if !sender.is_closed() {
+        if !sender.is_closed() && !self.is_retired() {
             let _ = self.local().push(Idle { sender, since: Instant::now() });
         }
     }
@@ -356,9 +361,38 @@ impl Pool {
         None
     }
 
-    /// Returns a connection of cutover's own client whose exchange is complete.
+    /// Returns a connection of cutover's own client whose exchange is complete
+    /// (closed instead when the pool is full or retired).
     pub fn checkin_h1(&self, conn: h1::Conn) {
-        let _ = self.local_direct().push(IdleConn { conn, since: Instant::now() });
+        if !self.is_retired() {
+            let _ = self.local_direct().push(IdleConn { conn, since: Instant::now() });
+        }
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Retires the pool (its target no longer takes new traffic: idle
+    /// connections are closed now, finished ones from then on) or puts it back
+    /// in use.
+    pub fn set_retired(&self, retired: bool) {
+        let was = self.retired.swap(retired, std::sync::atomic::Ordering::Relaxed);
+        if retired && !was {
+            self.close_idle();
+        }
+    }
+
+    /// Closes every idle connection, the shared HTTP/2 one included (it ends
+    /// once the streams still open on it finish).
+    pub fn close_idle(&self) {
+        for queue in self.direct.iter() {
+            while queue.pop().is_some() {}
+        }
+        for queue in self.idle.iter() {
+            while queue.pop().is_some() {}
+        }
+        self.h2.store(None);
     }
 
     /// Closes idle connections that expired or that the upstream closed.
