@@ -28,6 +28,25 @@ pub struct State {
     pub sites: BTreeMap<String, SiteState>,
 }
 
+impl State {
+    /// What the file format cannot say but a saved state never holds: an
+    /// empty live target, or weights that do not add up to 100.
+    fn check(&self) -> Result<(), String> {
+        for (name, site) in &self.sites {
+            if site.live.is_empty() {
+                return Err(format!("site {name:?}: live is empty"));
+            }
+            if let Some(w) = &site.weights {
+                let sum: u32 = w.values().map(|&p| u32::from(p)).sum();
+                if sum != 100 {
+                    return Err(format!("site {name:?}: weights add up to {sum}, not 100"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What was decided for one site.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +100,14 @@ pub enum StateError {
     /// Reading or writing failed.
     #[error("state file {path}: {source}")]
     Io {
+        /// The file.
+        path: PathBuf,
+        /// The fault.
+        source: io::Error,
+    },
+    /// The file exists but cannot be read (a directory, no permission).
+    #[error("state file {path} cannot be read: {source} (fix it, or start with --reset-state to move it aside)")]
+    Unreadable {
         /// The file.
         path: PathBuf,
         /// The fault.
@@ -185,16 +212,14 @@ impl StateStore for FileStore {
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(e)),
+            Err(source) => return Err(StateError::Unreadable { path: self.path.clone(), source }),
         };
-        let state: State = serde_json::from_slice(&bytes)
-            .map_err(|e| StateError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        let corrupt = |message: String| StateError::Corrupt { path: self.path.clone(), message };
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         if state.version != STATE_VERSION {
-            return Err(StateError::Corrupt {
-                path: self.path.clone(),
-                message: format!("unsupported version {} (expected {STATE_VERSION})", state.version),
-            });
+            return Err(corrupt(format!("unsupported version {} (expected {STATE_VERSION})", state.version)));
         }
+        state.check().map_err(corrupt)?;
         Ok(Some(state))
     }
 
@@ -248,6 +273,31 @@ mod tests {
         fs::write(&path, b"{not json").unwrap();
         let err = FileStore::new(&path).load().unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn weights_not_adding_up_to_100_and_an_empty_live_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        for (site, fault) in [
+            (r#"{"live":"blue","previous":null,"weights":{"blue":60,"green":30}}"#, "weights add up to 90, not 100"),
+            (r#"{"live":"","previous":null}"#, "live is empty"),
+        ] {
+            fs::write(&path, format!(r#"{{"version":1,"sites":{{"shop":{site}}}}}"#)).unwrap();
+            let err = FileStore::new(&path).load().unwrap_err().to_string();
+            assert!(err.contains(&format!("site \"shop\": {fault}")) && err.contains("--reset-state"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_directory_in_place_of_the_file_is_unreadable_with_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        fs::create_dir(&path).unwrap();
+        let err = FileStore::new(&path).load().unwrap_err().to_string();
+        assert!(err.contains("cannot be read") && err.contains("--reset-state"), "{err}");
+        let aside = FileStore::new(&path).reset().unwrap().unwrap();
+        assert!(aside.is_dir() && !path.exists());
     }
 
     #[test]

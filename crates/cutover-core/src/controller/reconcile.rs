@@ -41,8 +41,11 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
             history::push(&mut s.history, entry);
         }
         if let Some(p) = s.previous.clone() {
-            if !known(&p, &s) || p == s.live {
+            if !known(&p, &s) {
                 tracing::warn!(site = %site.name, target = %p, "state's previous target no longer exists; dropped");
+                s.previous = None;
+            } else if p == s.live {
+                tracing::warn!(site = %site.name, target = %p, "state's previous target is now the live one; dropped");
                 s.previous = None;
             }
         }
