@@ -481,3 +481,54 @@ async fn a_second_instance_is_refused_and_state_faults_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not exist") && stderr.contains("state"), "{stderr}");
 }
+
+/// Under an open-file limit too low for `max_connections`, cutover says so and
+/// serves only the connections that fit with an upstream connection each: the
+/// rest are closed at once, the admin API keeps answering, and requests pass
+/// again once the idle connections are gone (reliability plan C-5b, D-7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
+    use tokio::io::AsyncReadExt;
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    // (300 - 256 kept back) / 2 = 22 client connections.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 300 && exec {BIN} serve --config {}", dir.path().join("cutover.yaml").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_up(admin, &mut child).await;
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    let reads = idle.iter_mut().map(|s| async move {
+        let mut byte = [0u8; 1];
+        matches!(tokio::time::timeout(Duration::from_millis(300), s.read(&mut byte)).await, Ok(Ok(0)))
+    });
+    let closed = futures_util::future::join_all(reads).await.into_iter().filter(|&c| c).count();
+    assert_eq!(closed, 18, "connections closed beyond the 22 that fit");
+    let status = ctl(admin, &["--json", "status", "shop"]).await;
+    assert!(status.status.success(), "admin API with every data-plane place taken: {status:?}");
+    drop(idle);
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), async {
+            support::Client::connect(http).await.get("shop", "/").await
+        })
+        .await
+        {
+            served = answer.body == "blue";
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "no request served once the idle connections closed");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("serving at most 22 connections") && stderr.contains("ulimit -n"), "{stderr}");
+}

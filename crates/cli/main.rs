@@ -3,6 +3,7 @@
 
 mod ctl;
 mod demo;
+mod fd_limit;
 mod serve;
 mod workers;
 

@@ -13,7 +13,7 @@ use cutover_metrics::Metrics;
 use cutover_proxy::tls::TlsStore;
 use cutover_proxy::{ListenerConfig, Proxy};
 
-use crate::workers;
+use crate::{fd_limit, workers};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -85,6 +85,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = Metrics::new();
+    let limits =
+        cutover_config::Limits { max_connections: fd_limit::fit(config.limits.max_connections), ..config.limits };
     let workers = workers::count();
     let http = workers::bind(config.listen.http, workers)
         .with_context(|| format!("listen.http: cannot bind {}", config.listen.http))?;
@@ -125,7 +127,7 @@ async fn serve(
     let stop = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(controller.table()));
     let listener_config = |scheme: &'static str, tls: Option<Arc<TlsStore>>| {
-        ListenerConfig::new(scheme, config.limits, metrics.client_connections.with_label_values(&[scheme]), tls)
+        ListenerConfig::new(scheme, limits, metrics.client_connections.with_label_values(&[scheme]), tls)
     };
     let mut listeners = vec![workers::Listener { sockets: http, config: listener_config("http", None) }];
     if let Some((sockets, store)) = https {
