@@ -106,7 +106,7 @@ pub fn request_head(data: &[u8]) -> HeadOutcome {
         request.headers_mut().append(name, value);
     }
 
-    let rejected = cutover_proxy::forward::reject_bad_request(&request);
+    let rejected = cutover_proxy::forward::reject_bad_request(&request, "http");
     if let Some((status, message)) = rejected {
         assert!(status.is_client_error(), "rejected with {status}");
         assert!(!message.is_empty());

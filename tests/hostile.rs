@@ -579,7 +579,9 @@ async fn absolute_form_authority_wins_over_host() {
 /// 7. `Host` must be exactly one valid `uri-host [":" port]` on HTTP/1.1:
 /// missing, repeated (same or different values), with invalid characters,
 /// empty, with bytes >= 0x80, with userinfo or a non-numeric port → 400, and
-/// so does an absolute-form authority with userinfo; nothing is forwarded.
+/// so does an absolute-form authority with userinfo, and an absolute-form
+/// target whose scheme is not `http` (`https` on this plain listener, `ftp`);
+/// nothing is forwarded.
 #[tokio::test]
 async fn invalid_host_is_refused() {
     let (p, blue) = one_site("").await;
@@ -601,6 +603,9 @@ async fn invalid_host_is_refused() {
     for req in [
         &b"GET http://evil@shop.test/ HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"[..],
         b"GET http://shop.test:abc/ HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        b"GET https://shop.test/ HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        b"GET ftp://shop.test/ HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        b"POST https://shop.test/ HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
     ] {
         let r = raw(p.addr, req).await;
         assert_eq!(r.status(), 400, "{:?}", r.text);

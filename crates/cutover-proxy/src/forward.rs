@@ -191,7 +191,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = req.method().clone();
         let uri = req.uri().clone();
-        if let Some((status, message)) = reject_bad_request(&req) {
+        if let Some((status, message)) = reject_bad_request(&req, conn.scheme) {
             let mut guard = RequestGuard::new(None, Some(conn.activity.clone()), method, uri);
             guard.status = status.as_u16();
             // A request that could be read two ways leaves the connection in doubt: close it.
@@ -749,8 +749,10 @@ const MAX_TARGET_LEN: usize = 8 * 1024;
 
 /// Requests refused before routing: framing that could be read two ways,
 /// `CONNECT`, a request target that is no path or longer than 8 KiB (`414`),
-/// a missing, repeated or conflicting `Host`.
-pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+/// an absolute-form target whose scheme is neither `http` nor `https`, or is
+/// `https` on a plain HTTP/1 connection (`scheme`, the listener's), a missing,
+/// repeated or conflicting `Host`.
+pub fn reject_bad_request<B>(req: &Request<B>, scheme: &str) -> Option<(StatusCode, &'static str)> {
     if req.method() == Method::CONNECT {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
     }
@@ -764,6 +766,16 @@ pub fn reject_bad_request<B>(req: &Request<B>) -> Option<(StatusCode, &'static s
     let path = req.uri().path();
     if req.uri().scheme().is_none() && !path.starts_with('/') && !(path == "*" && req.method() == Method::OPTIONS) {
         return Some((StatusCode::BAD_REQUEST, "the request target must be a path\n"));
+    }
+    if let Some(s) = req.uri().scheme() {
+        if *s != Scheme::HTTP && *s != Scheme::HTTPS {
+            return Some((StatusCode::BAD_REQUEST, "the request target's scheme must be http or https\n"));
+        }
+        // h2 carries :scheme on every request (a TLS-ending balancer may send
+        // `https` over h2c); HTTP/1 has one only in an absolute-form target.
+        if *s == Scheme::HTTPS && scheme == "http" && req.version() < Version::HTTP_2 {
+            return Some((StatusCode::BAD_REQUEST, "an https request target on a plain HTTP connection\n"));
+        }
     }
     // HTTP/1.1 heads stop at this many already (hyper's limit, and cutover's
     // own server's). HTTP/2 clients send each cookie as a field of its own
