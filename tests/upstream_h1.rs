@@ -131,14 +131,22 @@ async fn proxy_with(origin: &RawOrigin, extra: &str) -> Proxy {
     p
 }
 
-/// A `POST` with a one-byte body (so that hyper's client carries it, not
-/// cutover's own): status, headers and body, or the transport error.
+/// A `POST` with a one-byte body: status, headers and body, or the transport error.
 async fn post(
     client: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     path: &str,
 ) -> Result<(u16, http::HeaderMap, Bytes), hyper::Error> {
+    post_body(client, path, Bytes::from_static(b"x")).await
+}
+
+/// A `POST` with `body` (over 16 KiB: hyper's upstream client carries it, not cutover's own).
+async fn post_body(
+    client: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+    body: Bytes,
+) -> Result<(u16, http::HeaderMap, Bytes), hyper::Error> {
     client.ready().await?;
-    let req = Request::post(path).header("host", "raw.test").body(Full::new(Bytes::from_static(b"x"))).unwrap();
+    let req = Request::post(path).header("host", "raw.test").body(Full::new(body)).unwrap();
     let resp = client.send_request(req).await?;
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     Ok((status, headers, resp.into_body().collect().await?.to_bytes()))
@@ -593,4 +601,40 @@ async fn unregistered_status_codes_pass_and_codes_above_599_are_refused() {
     let req = Request::post("/600").header("host", "raw.test").body(Full::new(Bytes::from(vec![b'x'; 20 * 1024])));
     let resp = c.send_request(req.unwrap()).await.unwrap();
     assert_eq!(resp.status(), 502, "hyper's client");
+}
+
+/// An upstream's `Keep-Alive: timeout=N` shortens how long its idle
+/// connections are kept (N less a margin: 500 ms for N = 1), for both upstream
+/// clients, so none is reused just as the upstream closes it (reliability
+/// plan B-7); within that time a connection is reused. The field stays upstream.
+#[tokio::test]
+async fn an_upstream_keep_alive_timeout_shortens_pooling() {
+    const KEEPS_1S: &[u8] = b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=1, max=100\r\ncontent-length: 2\r\n\r\nok";
+    let origin = RawOrigin::start(&[("/ka", Script::Answer(KEEPS_1S))]).await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    let pause = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
+    for _ in 0..3 {
+        let (status, headers, _, _) = fetch(&mut c, "GET", "/ka").await.unwrap();
+        assert_eq!(status, 200);
+        assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+        pause(100).await;
+    }
+    assert_eq!(origin.connections(), 1, "reused within the upstream's keep-alive");
+    pause(700).await;
+    assert_eq!(fetch(&mut c, "GET", "/ka").await.unwrap().0, 200);
+    assert_eq!(origin.connections(), 2, "reused although the upstream keeps it only 1 s");
+    // hyper's client (bodies over 16 KiB) learns it too: another upstream.
+    let origin = RawOrigin::start(&[("/ka", Script::Answer(KEEPS_1S))]).await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    let upload = Bytes::from(vec![b'u'; 20 * 1024]);
+    assert_eq!(post_body(&mut c, "/ka", upload.clone()).await.unwrap().0, 200);
+    pause(100).await;
+    assert_eq!(post_body(&mut c, "/ka", upload.clone()).await.unwrap().0, 200);
+    assert_eq!(origin.connections(), 1);
+    pause(700).await;
+    let (status, headers, _) = post_body(&mut c, "/ka", upload).await.unwrap();
+    assert!(status == 200 && headers.get("keep-alive").is_none(), "{status} {headers:?}");
+    assert_eq!(origin.connections(), 2, "hyper's client reused a connection the upstream keeps only 1 s");
 }

@@ -552,22 +552,35 @@ pub async fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Reads the next request head from `stream` (bytes after it stay in
-/// `buf`): its method and target, or `None` once the connection ends.
+/// Reads the next request head from `stream`, and its body when it has a
+/// `Content-Length` (bytes after them stay in `buf`): its method and target,
+/// or `None` once the connection ends.
 pub async fn next_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
     use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let mut chunk = [0u8; 4096];
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return None,
             Ok(k) => buf.extend_from_slice(&chunk[..k]),
         }
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    buf.drain(..end);
+    let body: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < end + body {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    buf.drain(..end + body);
     let mut words = head.split(' ');
     Some((words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string()))
 }

@@ -33,6 +33,8 @@ pub static FIELDS: [&HeaderName; 9] = [
 pub const TRAILER_INDEX: usize = 6;
 /// Where `Connection` is in [`FIELDS`].
 pub const CONNECTION_INDEX: usize = 0;
+/// Where `Keep-Alive` is in [`FIELDS`].
+pub const KEEP_ALIVE_INDEX: usize = 1;
 /// Where `Transfer-Encoding` is in [`FIELDS`].
 pub const TRANSFER_ENCODING_INDEX: usize = 7;
 
@@ -85,6 +87,19 @@ pub fn named_by_connection(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The `timeout=N` of a `Keep-Alive` value (RFC 2068 §19.7.1.1): how many
+/// seconds the server keeps an idle connection open; `None` without one.
+pub fn keep_alive_timeout(value: &[u8]) -> Option<std::time::Duration> {
+    value.split(|&b| b == b',').find_map(|param| {
+        let (name, secs) = param.trim_ascii().split_at_checked(8)?;
+        if !name.eq_ignore_ascii_case(b"timeout=") || secs.is_empty() || secs.len() > 9 {
+            return None;
+        }
+        let secs = secs.iter().try_fold(0u64, |n, &b| b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0')))?;
+        Some(std::time::Duration::from_secs(secs))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,10 +112,24 @@ mod tests {
         }
         assert_eq!(FIELDS[TRAILER_INDEX], &TRAILER);
         assert_eq!(FIELDS[CONNECTION_INDEX], &CONNECTION);
+        assert_eq!(FIELDS[KEEP_ALIVE_INDEX], &KEEP_ALIVE);
         assert_eq!(FIELDS[TRANSFER_ENCODING_INDEX], &TRANSFER_ENCODING);
         assert_eq!(index(&HeaderName::from_static("x-kept")), None);
         for other in [&b"Content-Type"[..], b"x-upgrade", b"tE-", b"Tailers", b"keep-alivE2", b""] {
             assert_eq!(index_of(other), None, "{}", other.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_its_parameter() {
+        let secs = |v: &[u8]| keep_alive_timeout(v).map(|d| d.as_secs());
+        assert_eq!(secs(b"timeout=5"), Some(5));
+        assert_eq!(secs(b"max=100, Timeout=2"), Some(2));
+        assert_eq!(secs(b" timeout=0 ,max=3"), Some(0));
+        for bad in
+            [&b"timeout="[..], b"timeout=-1", b"timeout=1s", b"timeout = 5", b"max=5", b"", b"timeout=9999999999"]
+        {
+            assert_eq!(secs(bad), None, "{}", bad.escape_ascii());
         }
     }
 

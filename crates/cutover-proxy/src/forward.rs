@@ -25,7 +25,7 @@ use bytes::Bytes;
 use cutover_config::Protocol;
 use cutover_core::routing::{RoutingTable, SiteRoute, TargetPool};
 use cutover_core::upstream::{self, h1, ConnectError, H2Sender, RequestBody, Sender, Silence, UpstreamBody};
-use cutover_core::Endpoint;
+use cutover_core::{hop_by_hop, Endpoint};
 use cutover_metrics::UpstreamErrorKind;
 use http::header::{
     HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, EXPECT, HOST, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
@@ -308,6 +308,11 @@ impl Proxy {
         if !framing_passes(&parts.headers) || parts.status.as_u16() > 599 {
             exchange_failed(&routed.target, &endpoint, UpstreamErrorKind::Reset);
             return Ok(failure(ForwardError::Broken("unsupported framing or status".into()), &routed.target, guard));
+        }
+        if let Some(idle) = parts.headers.get(&hop_by_hop::KEEP_ALIVE) {
+            if let Some(idle) = hop_by_hop::keep_alive_timeout(idle.as_bytes()) {
+                endpoint.pool.learn_keep_alive(idle);
+            }
         }
         headers::remove_hop_by_hop_response(&mut parts.headers);
         finish_head(&mut parts.headers, &pick, &routed);

@@ -255,7 +255,10 @@ pub async fn exchange(mut conn: Conn, request: &[u8], is_head: bool, endpoint: A
         }
         received = true;
     };
-    let Head { status, version, fields, framing, reusable } = parsed;
+    let Head { status, version, fields, framing, reusable, keep_alive } = parsed;
+    if let Some(idle) = keep_alive {
+        endpoint.pool.learn_keep_alive(idle);
+    }
     let mut body = ResponseBody {
         conn: Some(conn),
         framing,
@@ -278,6 +281,8 @@ struct Head {
     framing: Framing,
     /// Whether the connection may carry another exchange after this body.
     reusable: bool,
+    /// How long the upstream keeps an idle connection (its `Keep-Alive: timeout=N`).
+    keep_alive: Option<std::time::Duration>,
 }
 
 enum Parsed {
@@ -299,6 +304,8 @@ enum Kind {
     Length,
     /// `Connection`.
     Connection,
+    /// `Keep-Alive` (read for its `timeout`, not forwarded).
+    KeepAlive,
     /// `Transfer-Encoding`.
     Encoding,
     /// Any other hop-by-hop field.
@@ -316,6 +323,7 @@ impl Kind {
                 None => Kind::Kept,
                 Some(hop_by_hop::TRAILER_INDEX) => Kind::Trailer,
                 Some(hop_by_hop::CONNECTION_INDEX) => Kind::Connection,
+                Some(hop_by_hop::KEEP_ALIVE_INDEX) => Kind::KeepAlive,
                 Some(hop_by_hop::TRANSFER_ENCODING_INDEX) => Kind::Encoding,
                 Some(_) => Kind::HopByHop,
             },
@@ -353,6 +361,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     let mut kinds = [Kind::Kept; MAX_HEADERS];
     let mut length: Option<u64> = None;
     let (mut encoded, mut close, mut keep_alive, mut names_fields) = (false, false, false, false);
+    let mut idle_for = None;
     // The transfer codings named, and how many of them are `chunked` (the only one cutover decodes).
     let (mut codings, mut chunked) = (0usize, 0usize);
     let mut size = 0;
@@ -383,6 +392,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
                     (close, keep_alive, names_fields) = (close || c, keep_alive || k, names_fields || !(c || k));
                 }
             }
+            Kind::KeepAlive => idle_for = idle_for.or(hop_by_hop::keep_alive_timeout(value)),
             _ => {}
         }
     }
@@ -438,7 +448,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
             Kind::Kept => {}
             // Written from `length`.
             Kind::Length => continue,
-            Kind::Connection | Kind::Encoding | Kind::HopByHop => continue,
+            Kind::Connection | Kind::KeepAlive | Kind::Encoding | Kind::HopByHop => continue,
         }
         // The field as it came, in one piece (an empty value may point anywhere: not then).
         let whole = (name.as_ptr() as usize).checked_sub(buf.as_ptr() as usize).and_then(|at| {
@@ -457,7 +467,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     }
     out.lines = lines.freeze();
     buf.advance(len);
-    Ok(Some(Parsed::Final(Head { status, version, fields: out, framing, reusable })))
+    Ok(Some(Parsed::Final(Head { status, version, fields: out, framing, reusable, keep_alive: idle_for })))
 }
 
 /// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), blanks

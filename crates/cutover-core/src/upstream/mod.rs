@@ -6,7 +6,8 @@
 //! The pool is a lock-free bounded queue per data-plane worker (no lock per
 //! request, no cross-thread hand-off), each holding at most
 //! `max_idle` connections, and drops connections idle longer than
-//! `idle_timeout` (keep it shorter than the upstream's own keep-alive), both
+//! `idle_timeout` (keep it shorter than the upstream's own keep-alive; an
+//! upstream's `Keep-Alive: timeout=N` shortens it), both
 //! at checkout and in [`Pool::sweep`], which the endpoint's health task runs
 //! every interval (the pool timer). A connection is returned only after its
 //! response body was read to the end. While the endpoint's target drains after
@@ -284,6 +285,9 @@ pub struct Pool {
     h2: ArcSwapOption<H2Sender>,
     /// Set while the target drains: returned connections are closed.
     retired: std::sync::atomic::AtomicBool,
+    /// How long the upstream says it keeps idle connections, less a margin
+    /// ([`Pool::learn_keep_alive`]), in ms; `u64::MAX` until it says.
+    upstream_keeps_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -309,7 +313,36 @@ impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         let idle = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
         let direct = (0..queues()).map(|_| ArrayQueue::new(max_idle.max(1))).collect();
-        Self { idle, direct, idle_timeout, h2: ArcSwapOption::empty(), retired: Default::default() }
+        Self {
+            idle,
+            direct,
+            idle_timeout,
+            h2: ArcSwapOption::empty(),
+            retired: Default::default(),
+            upstream_keeps_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// How long an idle connection is kept: the pool's `idle_timeout`, or
+    /// less when the upstream said it closes them sooner.
+    fn idle_limit(&self) -> Duration {
+        let upstream = self.upstream_keeps_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if upstream == u64::MAX {
+            self.idle_timeout
+        } else {
+            self.idle_timeout.min(Duration::from_millis(upstream))
+        }
+    }
+
+    /// Takes in an upstream's `Keep-Alive: timeout=N`: its idle connections
+    /// are kept `N` less a margin (1 s, or half of `N` when that is shorter),
+    /// so one is not reused just as the upstream closes it.
+    pub fn learn_keep_alive(&self, upstream: Duration) {
+        let keep = upstream.saturating_sub(Duration::from_secs(1).min(upstream / 2));
+        let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX - 1);
+        if self.upstream_keeps_ms.load(std::sync::atomic::Ordering::Relaxed) != ms {
+            self.upstream_keeps_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// This worker's queue of hyper's connections.
@@ -335,8 +368,9 @@ impl Pool {
 
     /// Takes a live idle connection, if any; expired or closed ones are dropped.
     pub fn checkout(&self) -> Option<Sender> {
+        let limit = self.idle_limit();
         while let Some(c) = self.local().pop() {
-            if c.usable(self.idle_timeout) {
+            if c.usable(limit) {
                 return Some(c.sender);
             }
         }
@@ -353,8 +387,9 @@ impl Pool {
 
     /// Takes a live idle connection of cutover's own client, if any.
     pub fn checkout_h1(&self) -> Option<h1::Conn> {
+        let limit = self.idle_limit();
         while let Some(mut c) = self.local_direct().pop() {
-            if c.since.elapsed() <= self.idle_timeout && c.conn.is_usable() {
+            if c.since.elapsed() <= limit && c.conn.is_usable() {
                 return Some(c.conn);
             }
         }
@@ -397,11 +432,12 @@ impl Pool {
 
     /// Closes idle connections that expired or that the upstream closed.
     pub fn sweep(&self) {
+        let limit = self.idle_limit();
         for queue in self.direct.iter() {
-            retain(queue, |c| c.since.elapsed() <= self.idle_timeout);
+            retain(queue, |c| c.since.elapsed() <= limit);
         }
         for queue in self.idle.iter() {
-            retain(queue, |c| c.usable(self.idle_timeout));
+            retain(queue, |c| c.usable(limit));
         }
     }
 
