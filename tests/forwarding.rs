@@ -85,6 +85,8 @@ async fn trusted_proxy_forwarded_headers_are_kept() {
         .header("x-forwarded-for", "203.0.113.7")
         .header("x-forwarded-proto", "https")
         .header("x-request-id", "trace-abc")
+        .header("forwarded", "for=203.0.113.7")
+        .header("x-real-ip", "203.0.113.7")
         .body(Full::default())
         .unwrap();
     assert_eq!(Client::connect(p.addr).await.send(req).await.unwrap().status, 200);
@@ -92,6 +94,7 @@ async fn trusted_proxy_forwarded_headers_are_kept() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["x-request-id"], "trace-abc");
+    assert_eq!((h["forwarded"].as_bytes(), h["x-real-ip"].as_bytes()), (&b"for=203.0.113.7"[..], &b"203.0.113.7"[..]));
     // A field the client's `Connection` names is hop-by-hop, even a forwarded one:
     // it goes, and cutover sets its own.
     let req = Request::get("/")

@@ -617,18 +617,30 @@ async fn invalid_host_is_refused() {
 /// 8. Client-supplied `X-Forwarded-For/-Proto/-Host` from a peer outside
 /// `trusted_proxies` (here the list is not empty, it just does not contain
 /// the peer) are replaced, repeated fields included: the origin sees exactly
-/// one of each, with 127.0.0.1 / http / the real host.
+/// one of each, with 127.0.0.1 / http / the real host. `Forwarded`,
+/// `X-Real-IP` and `X-Forwarded-Port` are dropped, with a body or without.
 #[tokio::test]
 async fn spoofed_forwarded_headers_are_replaced() {
     let (p, blue) = one_site("trusted_proxies: [10.0.0.0/8]").await;
-    let req = b"GET /who HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 10.0.0.1\r\n\
-        X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Forwarded-Host: evil2.test\r\nConnection: close\r\n\r\n";
-    let r = raw(p.addr, req).await;
-    assert_eq!(r.status(), 200, "{:?}", r.text);
-    let seen = &blue.seen()[0];
-    assert_eq!(header(seen, "x-forwarded-for"), [b"127.0.0.1"]);
-    assert_eq!(header(seen, "x-forwarded-proto"), [b"http"]);
-    assert_eq!(header(seen, "x-forwarded-host"), [b"shop.test"]);
+    for body in ["", "Content-Length: 2\r\n\r\nhi"] {
+        let req = format!(
+            "POST /who HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Forwarded-Host: evil2.test\r\n\
+             Forwarded: for=1.2.3.4;proto=https\r\nX-Real-IP: 1.2.3.4\r\nX-Forwarded-Port: 443\r\nConnection: close\r\n{}",
+            if body.is_empty() { "Content-Length: 0\r\n\r\n" } else { body }
+        );
+        let r = raw(p.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), 200, "{:?}", r.text);
+    }
+    for seen in blue.seen() {
+        assert_eq!(header(&seen, "x-forwarded-for"), [b"127.0.0.1"]);
+        assert_eq!(header(&seen, "x-forwarded-proto"), [b"http"]);
+        assert_eq!(header(&seen, "x-forwarded-host"), [b"shop.test"]);
+        for dropped in ["forwarded", "x-real-ip", "x-forwarded-port"] {
+            assert!(header(&seen, dropped).is_empty(), "{dropped} reached the origin (body {})", seen.body_len);
+        }
+    }
+    assert_eq!(blue.count(), 2);
 }
 
 /// 9. Hop-by-hop abuse: `Connection` naming `X-Forwarded-For` cannot delete

@@ -15,6 +15,14 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Request-Id`
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Other fields that name the client or how it came, which upstreams read as
+/// such (`Forwarded`, RFC 7239; nginx's `X-Real-IP`; `X-Forwarded-Port`):
+/// cutover does not set them, and drops them from peers it does not trust.
+pub static CLIENT_IDENTITY: [HeaderName; 3] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+];
 
 /// Removes hop-by-hop headers, including every field named in `Connection`.
 ///
@@ -114,6 +122,8 @@ pub struct Present {
     proto: bool,
     host: bool,
     request_id: bool,
+    /// One of [`CLIENT_IDENTITY`].
+    identity: bool,
 }
 
 impl Present {
@@ -130,6 +140,7 @@ impl Present {
         self.proto |= *name == X_FORWARDED_PROTO;
         self.host |= *name == X_FORWARDED_HOST;
         self.request_id |= *name == X_REQUEST_ID;
+        self.identity |= CLIENT_IDENTITY.iter().any(|n| n == name);
     }
 }
 
@@ -203,8 +214,9 @@ impl RequestId {
 
 /// `X-Forwarded-For/-Proto/-Host` for the upstream. Incoming values are kept
 /// (and the peer appended to `X-Forwarded-For`) only when the peer is
-/// trusted; otherwise they leave `headers` and cutover's go into `added`.
-/// `peer` is the address formatted by [`peer_value`].
+/// trusted; otherwise they leave `headers` and cutover's go into `added`, and
+/// the [`CLIENT_IDENTITY`] fields leave too. `peer` is the address formatted
+/// by [`peer_value`].
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     incoming: Present,
@@ -228,6 +240,11 @@ pub fn add_forwarded(
     };
     if incoming.xff {
         headers.remove(&X_FORWARDED_FOR);
+    }
+    if incoming.identity && !trusted {
+        for name in &CLIENT_IDENTITY {
+            headers.remove(name);
+        }
     }
     if let Some(xff) = xff {
         added.push(&X_FORWARDED_FOR, xff);
