@@ -582,18 +582,38 @@ async fn upstream_fields_reach_every_kind_of_client() {
 }
 
 /// An unregistered status code passes with an empty reason phrase (never a
-/// made-up one); a code above 599 is not HTTP's and gets `502`, on either
-/// upstream client.
+/// made-up one such as hyper's `<none>`), from either of cutover's servers
+/// and upstream clients; a code above 599 is not HTTP's and gets `502`, on
+/// either upstream client.
 #[tokio::test]
 async fn unregistered_status_codes_pass_and_codes_above_599_are_refused() {
     let origin = RawOrigin::start(&[
         ("/499", Script::Answer(b"HTTP/1.1 499 Client Closed\r\ncontent-length: 0\r\n\r\n")),
+        ("/499-bare", Script::Answer(b"HTTP/1.1 499 \r\ncontent-length: 0\r\n\r\n")),
         ("/600", Script::Answer(b"HTTP/1.1 600 Beyond\r\ncontent-length: 0\r\n\r\n")),
     ])
     .await;
     let p = proxy_for(&origin).await;
     let wire = support::raw_exchange(p.addr, b"GET /499 HTTP/1.1\r\nhost: raw.test\r\nconnection: close\r\n\r\n").await;
     assert!(wire.starts_with("HTTP/1.1 499 \r\n"), "{wire}");
+    // HTTP/1.0 and chunked uploads are served by hyper's server; a 20 KiB
+    // body goes by hyper's upstream client.
+    let big = "x".repeat(20 * 1024);
+    for path in ["/499", "/499-bare"] {
+        for (head, body) in
+            [("HTTP/1.0\r\n", ""), ("HTTP/1.1\r\nconnection: close\r\ncontent-length: 20480\r\n", &big[..])]
+        {
+            let req = format!("POST {path} {head}host: raw.test\r\n\r\n{body}");
+            let wire = support::raw_exchange(p.addr, req.as_bytes()).await;
+            let line = wire.lines().next().unwrap_or_default();
+            let reason = line.strip_prefix("HTTP/1.0 499 ").or_else(|| line.strip_prefix("HTTP/1.1 499 "));
+            // The upstream's own phrase when hyper's client carried it, else none.
+            assert!(matches!(reason, Some("" | "Client Closed")), "{path}: {wire}");
+        }
+        let req = format!("POST {path} HTTP/1.1\r\nhost: raw.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+        let wire = support::raw_exchange(p.addr, req.as_bytes()).await;
+        assert!(wire.starts_with("HTTP/1.1 499 ") && !wire.contains("<none>"), "{path} chunked: {wire}");
+    }
     let wire = support::raw_exchange(p.addr, b"GET /600 HTTP/1.1\r\nhost: raw.test\r\nconnection: close\r\n\r\n").await;
     assert!(wire.starts_with("HTTP/1.1 502 "), "{wire}");
     // A 20 KiB body: hyper's client carries it.

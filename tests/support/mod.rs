@@ -553,8 +553,8 @@ pub async fn dead_addr() -> SocketAddr {
 }
 
 /// Reads the next request head from `stream`, and its body when it has a
-/// `Content-Length` (bytes after them stay in `buf`): its method and target,
-/// or `None` once the connection ends.
+/// `Content-Length` or is chunked (without trailers; bytes after them stay in
+/// `buf`): its method and target, or `None` once the connection ends.
 pub async fn next_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
     use tokio::io::AsyncReadExt;
     let mut chunk = [0u8; 4096];
@@ -568,12 +568,25 @@ pub async fn next_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(
         }
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let body: usize = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
+    let field = |wanted: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, v)| v.trim().to_ascii_lowercase())
+    };
+    let body = if field("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            if let Some(i) = buf[end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                break i + 5;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+    } else {
+        field("content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
     while buf.len() < end + body {
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return None,

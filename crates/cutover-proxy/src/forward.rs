@@ -272,6 +272,7 @@ impl Proxy {
                     let mut resp = Response::new(body);
                     *resp.status_mut() = answer.status;
                     *resp.version_mut() = answer.version;
+                    no_made_up_reason(answer.status, resp.extensions_mut());
                     finish_head(resp.headers_mut(), &pick, &routed);
                     resp
                 }
@@ -316,6 +317,7 @@ impl Proxy {
         }
         headers::remove_hop_by_hop_response(&mut parts.headers);
         finish_head(&mut parts.headers, &pick, &routed);
+        no_made_up_reason(parts.status, &mut parts.extensions);
         let sender = match via {
             Via::Http1(s) => Some(s),
             Via::Http2 => None,
@@ -488,6 +490,16 @@ impl Proxy {
 /// removed) for the client: the preview's `x-cutover-served-by` and a new
 /// canary bucket's cookie in. (For a response of cutover's own client, the
 /// map holds only these: the upstream's fields are in its body.)
+/// An unregistered status code (`499`) goes out with the upstream's reason
+/// phrase when hyper's client kept one, else with none (RFC 9112 §4 allows
+/// it): hyper's server would write `<none>`. cutover's own server writes
+/// none anyway.
+fn no_made_up_reason(status: StatusCode, extensions: &mut http::Extensions) {
+    if status.canonical_reason().is_none() && extensions.get::<hyper::ext::ReasonPhrase>().is_none() {
+        extensions.insert(hyper::ext::ReasonPhrase::from_static(b""));
+    }
+}
+
 fn finish_head(headers: &mut http::HeaderMap, pick: &modes::Pick, routed: &Routed) {
     if pick.preview {
         if let Some(v) = modes::served_by(&pick.target) {
