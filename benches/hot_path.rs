@@ -311,7 +311,7 @@ async fn start_proxy(origin: SocketAddr, stop: CancellationToken) -> (SocketAddr
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let addr = listener.local_addr().expect("proxy addr");
     let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table()));
-    let lc = ListenerConfig::new("http", config.limits, metrics.client_connections.with_label_values(&["http"]), None);
+    let lc = ListenerConfig::new("http", config.limits, &metrics, None);
     tokio::spawn(cutover_proxy::serve(listener, proxy, lc, stop.cancelled_owned(), Duration::from_secs(1)));
     (addr, controller, dir)
 }

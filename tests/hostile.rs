@@ -912,8 +912,8 @@ async fn half_head_was_cut(r: &Raw, start: Instant, blue: &Origin) {
 }
 
 /// 14. `max_connections: 2`: two kept-alive connections are served, a third
-/// TCP connection is closed at once without an answer, the first two keep
-/// working, and once one of them closes a new connection is accepted again.
+/// TCP connection is closed at once without an answer (and counted), the first
+/// two keep working, and once one of them closes a new connection is accepted again.
 #[tokio::test]
 async fn connections_beyond_max_are_closed_at_once() {
     let (p, blue) = one_site("limits: { max_connections: 2 }").await;
@@ -931,6 +931,8 @@ async fn connections_beyond_max_are_closed_at_once() {
     assert_eq!(a.get("shop.test", "/a").await.unwrap().status, 200);
     assert_eq!(b.get("shop.test", "/b").await.unwrap().status, 200);
     assert!(!paths(&blue).contains(&"/third".to_string()));
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains("cutover_client_connections_refused_total{listener=\"http\"} 1"), "{metrics}");
 
     drop(a);
     let mut served = false;

@@ -126,9 +126,8 @@ async fn serve(
 
     let stop = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(controller.table()));
-    let listener_config = |scheme: &'static str, tls: Option<Arc<TlsStore>>| {
-        ListenerConfig::new(scheme, limits, metrics.client_connections.with_label_values(&[scheme]), tls)
-    };
+    let listener_config =
+        |scheme: &'static str, tls: Option<Arc<TlsStore>>| ListenerConfig::new(scheme, limits, &metrics, tls);
     let mut listeners = vec![workers::Listener { sockets: http, config: listener_config("http", None) }];
     if let Some((sockets, store)) = https {
         listeners.push(workers::Listener { sockets, config: listener_config("https", Some(store)) });

@@ -379,9 +379,7 @@ impl Proxy {
         let (addr, admin) = (http.local_addr().unwrap(), admin_listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let proxy = Arc::new(cutover_proxy::Proxy::new(controller.table()));
-        let lc = |scheme: &'static str, tls| {
-            ListenerConfig::new(scheme, config.limits, metrics.client_connections.with_label_values(&[scheme]), tls)
-        };
+        let lc = |scheme: &'static str, tls| ListenerConfig::new(scheme, config.limits, &metrics, tls);
         let mut tasks = Vec::new();
         let mut https = None;
         if let Some(listener) = https_listener {

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub site_mode: IntGaugeVec,
     /// `cutover_client_connections{listener}`
     pub client_connections: IntGaugeVec,
+    /// `cutover_client_connections_refused_total{listener}` (beyond `max_connections`)
+    pub client_connections_refused: IntCounterVec,
     /// `cutover_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `cutover_drain_forced_closes_total{site,target,kind}`
@@ -97,6 +99,12 @@ impl Metrics {
             rollbacks: counter(&r, ROLLBACKS, "Rollbacks.", &["site", "reason"]),
             site_mode: gauge(&r, SITE_MODE, "1 when the mode is on.", &["site", "mode"]),
             client_connections: gauge(&r, CLIENT_CONNECTIONS, "Open client connections.", &["listener"]),
+            client_connections_refused: counter(
+                &r,
+                CLIENT_CONNECTIONS_REFUSED,
+                "Client connections closed at once, beyond limits.max_connections.",
+                &["listener"],
+            ),
             config_reloads: counter(&r, CONFIG_RELOADS, "Configuration reloads.", &["result"]),
             drain_forced_closes: counter(
                 &r,

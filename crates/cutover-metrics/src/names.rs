@@ -11,6 +11,7 @@ pub const SWITCHES: &str = "cutover_switches_total";
 pub const ROLLBACKS: &str = "cutover_rollbacks_total";
 pub const SITE_MODE: &str = "cutover_site_mode";
 pub const CLIENT_CONNECTIONS: &str = "cutover_client_connections";
+pub const CLIENT_CONNECTIONS_REFUSED: &str = "cutover_client_connections_refused_total";
 pub const CONFIG_RELOADS: &str = "cutover_config_reloads_total";
 pub const DRAIN_FORCED_CLOSES: &str = "cutover_drain_forced_closes_total";
 pub const HELD_REQUESTS: &str = "cutover_held_requests";

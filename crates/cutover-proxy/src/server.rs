@@ -20,6 +20,7 @@
 //! bounds the wait, upgraded tunnels included.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use cutover_config::Limits;
 use cutover_core::upstream::RequestBody;
-use cutover_metrics::IntGauge;
+use cutover_metrics::{IntCounter, IntGauge, Metrics};
 use http::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -74,6 +75,8 @@ pub struct ListenerConfig {
     pub limits: Limits,
     /// Open client connections of this listener (`cutover_client_connections`).
     pub connections: IntGauge,
+    /// Connections closed at once beyond `max_connections`.
+    pub refused: IntCounter,
     /// TLS termination, for an HTTPS listener.
     pub tls: Option<Arc<TlsStore>>,
     /// `max_connections`, shared by every listener (and worker) cloned from this one.
@@ -81,10 +84,12 @@ pub struct ListenerConfig {
 }
 
 impl ListenerConfig {
-    /// A listener of `scheme` with `limits`, counting connections in `connections`.
-    pub fn new(scheme: &'static str, limits: Limits, connections: IntGauge, tls: Option<Arc<TlsStore>>) -> Self {
+    /// A listener of `scheme` with `limits`, counting its connections in `metrics`.
+    pub fn new(scheme: &'static str, limits: Limits, metrics: &Metrics, tls: Option<Arc<TlsStore>>) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
-        Self { scheme, limits, connections, tls, permits }
+        let connections = metrics.client_connections.with_label_values(&[scheme]);
+        let refused = metrics.client_connections_refused.with_label_values(&[scheme]);
+        Self { scheme, limits, connections, refused, tls, permits }
     }
 }
 
@@ -103,6 +108,7 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let mut nodelay_inherited = None;
     let mut last_peer = (None, http::HeaderValue::from_static("-"));
+    let mut refusals = Refusals::default();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -118,8 +124,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = config.limits.max_connections, "connection limit reached; closing");
             drop(stream);
+            config.refused.inc();
+            refusals.note(peer, config.limits.max_connections);
             continue;
         };
         // Linux hands the listener's TCP_NODELAY to accepted sockets (the
@@ -526,3 +533,21 @@ macro_rules! graceful_shutdown {
     };
 }
 use graceful_shutdown;
+
+/// Connections refused beyond `max_connections`, logged at most once a second
+/// (a flood of them must not flood the log too).
+#[derive(Debug, Default)]
+struct Refusals {
+    since_last: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: SocketAddr, limit: usize) {
+        self.since_last += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(%peer, limit, refused = self.since_last, "connection limit reached; closing new connections");
+            (self.since_last, self.last) = (0, Some(std::time::Instant::now()));
+        }
+    }
+}
