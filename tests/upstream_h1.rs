@@ -320,6 +320,31 @@ async fn stale_pooled_connection_retried_only_when_idempotent() {
     assert_eq!(status, 200, "the next request gets a fresh connection");
 }
 
+/// A request that is not retried on a stale connection (a `POST`; anything
+/// with a streamed body) takes a pooled connection only when it was idle
+/// less than 500 ms, so it does not race an upstream's keep-alive timer
+/// (reliability plan B-7); idempotent requests still reuse older ones.
+#[tokio::test]
+async fn an_unretried_request_takes_only_a_recently_used_connection() {
+    let origin = RawOrigin::start(&[("/race", Script::CloseOnSecond)]).await;
+    let p = proxy_for(&origin).await;
+    let mut c = connect(p.addr).await;
+    let upload = Bytes::from(vec![b'u'; 20 * 1024]);
+    // A small POST (cutover's own client), then a 20 KiB one (hyper's), each
+    // after its connection was idle 700 ms: each on a new connection.
+    assert_eq!(fetch(&mut c, "GET", "/race").await.unwrap().0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(fetch(&mut c, "POST", "/race").await.unwrap().0, 200, "a POST took a connection idle 700 ms");
+    assert_eq!(post_body(&mut c, "/race", upload.clone()).await.unwrap().0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(post_body(&mut c, "/race", upload).await.unwrap().0, 200, "an upload took a connection idle 700 ms");
+    assert_eq!(origin.connections(), 4);
+    // The connections idle that long were kept: a GET still reuses one
+    // (which this upstream closes under it, so it is retried on a new one).
+    assert_eq!(fetch(&mut c, "GET", "/race").await.unwrap().0, 200);
+    assert_eq!(origin.requests_for("/race"), 6);
+}
+
 /// An upstream that closed every pooled connection at once (a restart): the
 /// retry after the first stale one takes a new connection, instead of trying
 /// the next stale ones until the attempts run out.

@@ -101,7 +101,8 @@ impl Upstream {
             endpoint.pool.set_h2(s.clone());
             return Ok((Upstream::Http2(s), false));
         }
-        match if fresh { None } else { endpoint.pool.checkout() } {
+        // Nothing sent this way is retried once written: see `Pool::checkout`.
+        match if fresh { None } else { endpoint.pool.checkout(false) } {
             Some(s) => Ok((Upstream::Http1(s), true)),
             None => {
                 let s = upstream::connect(&endpoint.address, tls().as_deref(), timeout).await?;
@@ -445,7 +446,7 @@ impl Proxy {
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
-            let pooled = if renew { None } else { endpoint.pool.checkout_h1() };
+            let pooled = if renew { None } else { endpoint.pool.checkout_h1(idempotent) };
             let (conn, reused) = match pooled {
                 Some(c) => (c, true),
                 None => {

@@ -273,6 +273,12 @@ fn queues() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// How long a pooled connection may have been idle to carry a request that
+/// is not retried when it meets a connection the upstream closed (a `POST`, a
+/// streamed body): well under any upstream's keep-alive, so that such a request
+/// does not race the upstream's keep-alive timer closing it.
+pub const UNRETRIED_MAX_IDLE: Duration = Duration::from_millis(500);
+
 /// Idle keep-alive connections to one endpoint.
 #[derive(Debug)]
 pub struct Pool {
@@ -366,11 +372,18 @@ impl Pool {
         self.h2.store(Some(std::sync::Arc::new(sender)));
     }
 
-    /// Takes a live idle connection, if any; expired or closed ones are dropped.
-    pub fn checkout(&self) -> Option<Sender> {
+    /// Takes a live idle connection, if any; expired or closed ones are
+    /// dropped. For a request that is not `retried` on a connection the
+    /// upstream turns out to have closed, only one idle for at most
+    /// [`UNRETRIED_MAX_IDLE`] is taken (an older one stays for other requests).
+    pub fn checkout(&self, retried: bool) -> Option<Sender> {
         let limit = self.idle_limit();
         while let Some(c) = self.local().pop() {
             if c.usable(limit) {
+                if !retried && c.since.elapsed() > UNRETRIED_MAX_IDLE {
+                    let _ = self.local().push(c);
+                    return None;
+                }
                 return Some(c.sender);
             }
         }
@@ -385,11 +398,17 @@ impl Pool {
         }
     }
 
-    /// Takes a live idle connection of cutover's own client, if any.
-    pub fn checkout_h1(&self) -> Option<h1::Conn> {
+    /// Takes a live idle connection of cutover's own client, if any (for a
+    /// request not `retried`, as [`Pool::checkout`]).
+    pub fn checkout_h1(&self, retried: bool) -> Option<h1::Conn> {
         let limit = self.idle_limit();
         while let Some(mut c) = self.local_direct().pop() {
-            if c.since.elapsed() <= limit && c.conn.is_usable() {
+            let idle = c.since.elapsed();
+            if idle <= limit && c.conn.is_usable() {
+                if !retried && idle > UNRETRIED_MAX_IDLE {
+                    let _ = self.local_direct().push(c);
+                    return None;
+                }
                 return Some(c.conn);
             }
         }
