@@ -404,11 +404,14 @@ impl Pool {
         let limit = self.idle_limit();
         while let Some(mut c) = self.local_direct().pop() {
             let idle = c.since.elapsed();
-            if idle <= limit && c.conn.is_usable() {
-                if !retried && idle > UNRETRIED_MAX_IDLE {
-                    let _ = self.local_direct().push(c);
-                    return None;
-                }
+            if idle > limit {
+                continue;
+            }
+            if !retried && idle > UNRETRIED_MAX_IDLE {
+                let _ = self.local_direct().push(c);
+                return None;
+            }
+            if c.conn.is_usable() {
                 return Some(c.conn);
             }
         }
