@@ -224,6 +224,14 @@ async fn ctl_exit_codes_and_output() {
 
     let out = ctl(support::dead_addr().await, &["status"]).await;
     assert_eq!(out.status.code(), Some(2));
+    // Something else answering at --admin (an app, the data plane) is not an
+    // acknowledgement: exit 2, whatever its status.
+    for not_admin in [blue.addr, _http] {
+        let out = ctl(not_admin, &["switch", "shop", "green"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{not_admin}: {stderr}");
+        assert!(stderr.contains("is this cutover's admin API?"), "{stderr}");
+    }
     let out = ctl(admin, &["switch", "shop"]).await;
     assert_eq!(out.status.code(), Some(2), "missing argument is a usage error");
     // `--admin` (and `--token`) may also follow the subcommand.
@@ -239,8 +247,10 @@ async fn ctl_exit_codes_and_output() {
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
-    let access =
-        logs.lines().find(|l| l.contains("request_id")).unwrap_or_else(|| panic!("no access line in:\n{logs}"));
+    let access = logs
+        .lines()
+        .find(|l| l.contains("request_id") && l.contains(r#""path":"/""#))
+        .unwrap_or_else(|| panic!("no access line in:\n{logs}"));
     let line: serde_json::Value = serde_json::from_str(access).unwrap();
     assert_eq!(line["site"], "shop");
     assert_eq!(line["target"], "green", "{access}");

@@ -378,7 +378,18 @@ async fn call(
         .map_err(|_| anyhow::anyhow!("no answer within 120s"))??;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
-    let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    // Something else listening there (an app, the data plane) must not pass
+    // for an acknowledgement.
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|_| anyhow::anyhow!("its {status} answer is not JSON: is this cutover's admin API?"))?;
+    let admin_shaped = match status {
+        200..=299 => value.is_object() || value.is_array(),
+        400.. => value.get("error").is_some_and(Value::is_object),
+        _ => false,
+    };
+    if !admin_shaped {
+        anyhow::bail!("its {status} answer is not one of cutover's admin API: is this cutover's admin API?");
+    }
     Ok((status, value))
 }
 
