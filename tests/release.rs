@@ -120,6 +120,53 @@ async fn reported_version_mismatch_is_refused() {
     assert_eq!(status, 200);
 }
 
+/// An endpoint that stops reporting a version (its health answer comes
+/// without the header) reports none: its target's declared version counts
+/// again, for the API and for `expect_version`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_no_longer_reported_is_forgotten() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("v42").await);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let reported = |site: &Value| site["targets"]["green"]["endpoints"][0]["version"].clone();
+    assert_eq!(reported(&p.api("GET", "/v1/sites/shop", None).await.1), "v42");
+    green.faults.no_version.store(true, Ordering::Relaxed);
+    let probes = green.faults.probes();
+    while green.faults.probes() < probes + 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reported(&p.api("GET", "/v1/sites/shop", None).await.1), Value::Null);
+    let (status, body) =
+        p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "expect_version": "green-v1"}))).await;
+    assert_eq!(status, 200, "the declared version counts once none is reported: {body}");
+}
+
+/// A target given endpoints anew (`set_target`, a deploy), even at the same
+/// address, is checked afresh: what the checks knew of the old release
+/// (health, version) is forgotten, and it takes `healthy_threshold` passing
+/// probes to be healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_target_forgets_what_the_checks_knew() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("v42").await);
+    let health = "interval: 200ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 1";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], health, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let body = json!({"endpoints": [green.addr.to_string()], "version": "v43"});
+    let (status, site) = p.api("PUT", "/v1/sites/shop/targets/green", Some(body)).await;
+    assert_eq!(status, 200, "{site}");
+    let ep = &site["targets"]["green"]["endpoints"][0];
+    assert_eq!((&ep["healthy"], &ep["version"]), (&Value::Null, &Value::Null), "{site}");
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!((status, &body["error"]["code"]), (409, &json!("target_unhealthy")), "{body}");
+    let probes = green.faults.probes();
+    p.wait_healthy("shop", &["green"]).await;
+    assert!(
+        green.faults.probes() >= probes + 2,
+        "healthy after {} probe(s), threshold 2",
+        green.faults.probes() - probes
+    );
+}
+
 /// A switch to the target that is already live still checks
 /// `expect_version`, and ends a canary split like any switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

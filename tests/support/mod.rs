@@ -69,6 +69,8 @@ pub struct Faults {
     pub health_fail: std::sync::atomic::AtomicBool,
     /// `/up` alternates between 200 and 503.
     pub flap: std::sync::atomic::AtomicBool,
+    /// `/up` answers without `x-app-version`.
+    pub no_version: std::sync::atomic::AtomicBool,
     served: AtomicUsize,
     probes: AtomicUsize,
 }
@@ -222,7 +224,9 @@ async fn origin_answer(
         if faults.probe_fails() {
             *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         }
-        r.headers_mut().insert("x-app-version", name.parse().unwrap());
+        if !faults.no_version.load(Ordering::Relaxed) {
+            r.headers_mut().insert("x-app-version", name.parse().unwrap());
+        }
         r
     } else if faults.request_fails() {
         let mut r = Response::new(full(Bytes::from(format!("{name} failed"))));

@@ -106,6 +106,14 @@ impl Endpoint {
         }
     }
 
+    /// Forgets what the checks learned (health, reported version): the
+    /// endpoint was given to its target anew, maybe a new release at the
+    /// same address.
+    pub fn forget_health(&self) {
+        self.set_health(Health::Unknown);
+        self.set_reported_version(None);
+    }
+
     /// The version the endpoint last reported through `health.version_header`.
     pub fn reported_version(&self) -> Option<String> {
         self.reported_version.lock().map(|v| v.clone()).unwrap_or(None)

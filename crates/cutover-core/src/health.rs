@@ -1,11 +1,13 @@
 //! Active health checks: one task per endpoint, probing `health.path` (or,
 //! without a path, making a TCP connection) every `interval`.
 //!
-//! The first result decides an unknown endpoint's health at once, so a fresh
-//! start does not wait `healthy_threshold` intervals; after that the
-//! rise/fall thresholds apply. A passive failure (the data plane could not
-//! connect) makes the endpoint unhealthy, and it needs `healthy_threshold`
-//! passing probes to come back. Probes never touch the data plane's pool.
+//! An endpoint not checked yet (after a start, or given to a target anew) is
+//! healthy after `healthy_threshold` passing probes in a row and unhealthy
+//! after `unhealthy_threshold` failing ones, as any other. A passive failure
+//! (the data plane could not connect) makes the endpoint unhealthy, and it
+//! needs `healthy_threshold` passing probes to come back. A probe answered
+//! without `health.version_header` clears the version the endpoint reported.
+//! Probes never touch the data plane's pool.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,8 @@ pub struct ProbeResult {
     pub ok: bool,
     /// Version header value, when configured and present.
     pub version: Option<String>,
+    /// Whether an HTTP answer came (so `version` says what the endpoint reports now).
+    pub answered: bool,
     /// Why it failed, for logs and refusal reasons.
     pub detail: String,
 }
@@ -35,18 +39,23 @@ pub struct ProbeResult {
 pub async fn probe(address: &str, tls: Option<&UpstreamTls>, cfg: &HealthConfig) -> ProbeResult {
     match tokio::time::timeout(cfg.timeout, probe_inner(address, tls, cfg)).await {
         Ok(r) => r,
-        Err(_) => ProbeResult { ok: false, version: None, detail: format!("no answer within {:?}", cfg.timeout) },
+        Err(_) => ProbeResult {
+            ok: false,
+            version: None,
+            answered: false,
+            detail: format!("no answer within {:?}", cfg.timeout),
+        },
     }
 }
 
 async fn probe_inner(address: &str, tls: Option<&UpstreamTls>, cfg: &HealthConfig) -> ProbeResult {
-    let fail = |detail: String| ProbeResult { ok: false, version: None, detail };
+    let fail = |detail: String| ProbeResult { ok: false, version: None, answered: false, detail };
     let stream = match connect_stream(address, tls, cfg.timeout).await {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
     let Some(path) = &cfg.path else {
-        return ProbeResult { ok: true, version: None, detail: "connect ok".into() };
+        return ProbeResult { ok: true, version: None, answered: false, detail: "connect ok".into() };
     };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(x) => x,
@@ -76,9 +85,9 @@ async fn probe_inner(address: &str, tls: Option<&UpstreamTls>, cfg: &HealthConfi
     // Read the (small) body so the exchange completes cleanly.
     let _ = resp.into_body().collect().await;
     if cfg.expect_status.contains(status) {
-        ProbeResult { ok: true, version, detail: format!("status {status}") }
+        ProbeResult { ok: true, version, answered: true, detail: format!("status {status}") }
     } else {
-        ProbeResult { ok: false, version, detail: format!("status {status} not expected") }
+        ProbeResult { ok: false, version, answered: true, detail: format!("status {status} not expected") }
     }
 }
 
@@ -106,9 +115,8 @@ impl Streak {
             self.successes = 0;
         }
         let next = match current {
-            Health::Unknown if ok => Health::Healthy,
-            Health::Unknown => Health::Unhealthy,
-            Health::Unhealthy if self.successes >= cfg.healthy_threshold => Health::Healthy,
+            Health::Unknown | Health::Unhealthy if self.successes >= cfg.healthy_threshold => Health::Healthy,
+            Health::Unknown if self.failures >= cfg.unhealthy_threshold => Health::Unhealthy,
             Health::Healthy if self.failures >= cfg.unhealthy_threshold => Health::Unhealthy,
             other => other,
         };
@@ -129,7 +137,7 @@ pub async fn run(endpoint: Arc<Endpoint>, cfg: Arc<HealthConfig>, stop: Cancella
         if !result.ok {
             tracing::debug!(endpoint = %endpoint.address, detail = %result.detail, "health probe failed");
         }
-        if cfg.version_header.is_some() && result.version.is_some() {
+        if cfg.version_header.is_some() && result.answered {
             endpoint.set_reported_version(result.version);
         }
         let next = streak.apply(endpoint.health(), result.ok, &cfg);
@@ -163,11 +171,20 @@ mod tests {
     }
 
     #[test]
-    fn first_result_decides_then_thresholds_apply() {
+    fn thresholds_apply_from_the_first_probe() {
         let c = cfg(2, 3);
         let mut s = Streak::default();
         let mut h = s.apply(Health::Unknown, true, &c);
+        assert_eq!(h, Health::Unknown, "one pass of two");
+        h = s.apply(h, true, &c);
         assert_eq!(h, Health::Healthy);
+        let mut fresh = Streak::default();
+        let mut u = Health::Unknown;
+        for _ in 0..2 {
+            u = fresh.apply(u, false, &c);
+            assert_eq!(u, Health::Unknown);
+        }
+        assert_eq!(fresh.apply(u, false, &c), Health::Unhealthy, "three failures of three");
         // Two failures are not enough to fall (threshold 3).
         h = s.apply(h, false, &c);
         h = s.apply(h, false, &c);
@@ -186,6 +203,7 @@ mod tests {
         let c = cfg(2, 2);
         let mut s = Streak::default();
         let mut h = s.apply(Health::Unknown, true, &c);
+        h = s.apply(h, true, &c);
         for i in 0..20 {
             h = s.apply(h, i % 2 == 0, &c);
             assert_eq!(h, Health::Healthy);
@@ -196,10 +214,11 @@ mod tests {
     fn passive_failure_needs_a_full_rise() {
         let c = cfg(3, 1);
         let mut s = Streak::default();
-        let h = s.apply(Health::Unknown, true, &c);
+        let mut h = Health::Unknown;
+        for _ in 0..3 {
+            h = s.apply(h, true, &c);
+        }
         assert_eq!(h, Health::Healthy);
-        s.apply(h, true, &c);
-        s.apply(h, true, &c);
         // The data plane marks it unhealthy behind the prober's back.
         let mut h = Health::Unhealthy;
         h = s.apply(h, true, &c);

@@ -468,6 +468,13 @@ impl Controller {
         let entry = HistoryEntry::now("set_target", None, Some(target), actor.as_str(), "ok").reason(reason);
         history::push(&mut s.history, entry);
         self.commit(&mut inner, next).await?;
+        // New endpoints, or a new release at the same addresses: what the
+        // checks knew of the old one must not pass the new one's health gate.
+        if let Some(t) = self.table.load().site(site).and_then(|s| s.target(target)) {
+            for e in &t.endpoints {
+                e.forget_health();
+            }
+        }
         self.view(&inner, site)
     }
 
