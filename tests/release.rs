@@ -293,7 +293,8 @@ async fn wait_deployment(p: &Proxy, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_of_a_healthy_target_succeeds() {
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
-    let next = Origin::start("next").await;
+    // It reports the version it runs (its name) in `x-app-version`.
+    let next = Origin::start("v2").await;
     let extra = "    switch: { smoke: [{ path: /, expect_status: 200 }] }\n";
     let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
     p.wait_healthy("shop", &["blue"]).await;
@@ -326,7 +327,7 @@ async fn deploy_of_a_healthy_target_succeeds() {
         (d["site"].as_str(), d["target"].as_str(), d["version"].as_str()),
         (Some("shop"), Some("green"), Some("v2"))
     );
-    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "next");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "v2");
     let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
     assert_eq!((history[0]["kind"].as_str(), history[0]["actor"].as_str()), (Some("switch"), Some("deploy")));
     assert_eq!(history[1]["kind"], "set_target");
@@ -369,6 +370,24 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     assert_eq!(status, 404);
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
     assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="failed"} 1"#), "{metrics}");
+}
+
+/// A deploy whose endpoints report another version than the one deployed
+/// fails at its switch (`version_mismatch`): live is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_of_another_version_than_reported_fails_at_the_switch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let running = Origin::start("v42").await;
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let body = json!({"target": "green", "endpoints": [running.addr.to_string()], "version": "v99"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let d = wait_deployment(&p, answer["id"].as_str().unwrap()).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["steps"][3]["state"], "failed", "{d}");
+    assert!(d["error"].as_str().unwrap().contains("does not run version v99"), "{d}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
 }
 
 /// A deploy that goes live and then fails its watch ends `rolled_back`.

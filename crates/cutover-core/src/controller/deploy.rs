@@ -259,10 +259,13 @@ impl Controller {
         }
         // 4. switch
         t.start(3);
+        // The release going live must be the one deployed: with a version
+        // given, endpoints reporting another one refuse the switch.
         let switch = SwitchRequest {
             to: req.target.clone(),
             reason: Some(format!("deployment {}", t.with(|d| d.id.clone()))),
             watch: req.watch,
+            expect_version: req.version.clone(),
             ..Default::default()
         };
         let (from, outcome) = match self.switch_as(site, switch, Actor::Deploy).await {
