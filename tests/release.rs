@@ -337,7 +337,8 @@ async fn deploy_of_a_healthy_target_succeeds() {
 
 /// A deploy whose target never becomes healthy fails at `wait_healthy`; live
 /// is unchanged and the later steps are skipped. Meanwhile a switch on the site
-/// is refused with `deploy_in_progress` unless forced, and so is a second deploy.
+/// is refused with `deploy_in_progress` unless forced, and a second deploy
+/// waits for its turn (queued, not refused: SPEC §4), then runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
@@ -350,10 +351,11 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     let id = answer["id"].as_str().unwrap().to_string();
 
     let (status, again) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
-    assert_eq!((status, again["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{again}");
-    let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
-    let got = (&last["kind"], &last["to"], &last["actor"], &last["result"]);
-    assert_eq!(got, (&json!("switch"), &json!("green"), &json!("deploy"), &json!("refused")), "{last}");
+    assert_eq!(status, 202, "{again}");
+    let queued = again["id"].as_str().unwrap().to_string();
+    let (_, waiting) = p.api("GET", &format!("/v1/deployments/{queued}"), None).await;
+    assert_eq!(waiting["state"], "running", "{waiting}");
+    assert!(waiting["steps"].as_array().unwrap().iter().all(|s| s["state"] == "pending"), "{waiting}");
     let (status, refused) = p.api("POST", "/v1/sites/shop/rollback", Some(json!({}))).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{refused}");
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
@@ -364,12 +366,18 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     assert!(d["error"].as_str().unwrap().contains(&dead.to_string()), "{d}");
     let states: Vec<&str> = d["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["succeeded", "failed", "skipped", "skipped", "skipped", "skipped"]);
+    // The queued deploy started once the first had ended, and fails the same way.
+    let second = wait_deployment(&p, &queued).await;
+    assert_eq!(second["state"], "failed", "{second}");
+    let first_end = d["steps"][5]["finished_at"].as_str().unwrap();
+    let second_start = second["steps"][0]["started_at"].as_str().unwrap();
+    assert!(second_start >= first_end, "the second deploy started at {second_start}, before {first_end}");
     assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "blue");
     assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
     let (status, _) = p.api("GET", "/v1/deployments/nope", None).await;
     assert_eq!(status, 404);
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
-    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="failed"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="failed"} 2"#), "{metrics}");
 }
 
 /// A deploy whose endpoints report another version than the one deployed

@@ -1,6 +1,7 @@
 //! Deploys: set target → wait healthy → smoke → switch → drain → watch, as
 //! one tracked deployment with steps and timestamps (SPEC §4 deploy). Only
-//! one deploy runs per site; meanwhile a switch or rollback there is refused
+//! one deploy runs per site: another one waits for its turn (queued, not
+//! refused); meanwhile a switch or rollback there is refused
 //! (`409 deploy_in_progress`) unless forced. Deployments are kept in memory
 //! (the newest 200), not in the state file.
 
@@ -76,9 +77,16 @@ pub struct Deployment {
 #[derive(Default)]
 pub(crate) struct Deployments {
     list: Mutex<VecDeque<Arc<Mutex<Deployment>>>>,
+    /// Per site: held by the deploy running there; the next ones wait on it in order.
+    turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Deployments {
+    fn turn(&self, site: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns.entry(site.to_string()).or_default().clone()
+    }
+
     fn add(&self, d: Deployment) -> Arc<Mutex<Deployment>> {
         let d = Arc::new(Mutex::new(d));
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,31 +150,20 @@ const STEPS: [&str; 6] = ["set_target", "wait_healthy", "smoke", "switch", "drai
 
 impl Controller {
     /// Starts a deploy on `site`; returns its id at once (`202`). Refuses what
-    /// would fail at its first step: unknown site, bad endpoints, the live target,
-    /// another deploy running.
+    /// would fail at its first step: unknown site, bad endpoints, the live
+    /// target. While another deploy runs on the site, this one waits for it
+    /// (`running`, every step `pending`), then starts.
     pub async fn deploy(&self, site: &str, req: DeployRequest) -> Result<String, ControlError> {
         self.site_exists(site).await?;
         super::check_new_target(&req.target, &req.endpoints)?;
         let id = new_id();
-        let overridden = CancellationToken::new();
-        let refusal = {
-            let mut inner = self.inner.lock().await;
-            let s = inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?;
-            let live = s.live.clone();
-            if live == req.target {
-                Some((live, refused("target_is_live", format!("target {:?} is live on {site:?}", req.target), vec![])))
-            } else if let Some(running) = inner.deploying.get(site) {
-                let why = format!("deployment {} is running on {site:?}", running.id);
-                Some((live, refused("deploy_in_progress", why, vec![])))
-            } else {
-                let running =
-                    RunningDeploy { id: id.clone(), target: req.target.clone(), overridden: overridden.clone() };
-                inner.deploying.insert(site.to_string(), running);
-                None
-            }
+        let live = {
+            let inner = self.inner.lock().await;
+            inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.live.clone()
         };
         // A refused deploy is recorded as the switch it would have made.
-        if let Some((live, err)) = refusal {
+        if live == req.target {
+            let err = refused("target_is_live", format!("target {:?} is live on {site:?}", req.target), vec![]);
             self.record_refusal(site, "switch", Some((&live, &req.target)), Actor::Deploy, &err).await;
             return Err(err);
         }
@@ -185,8 +182,14 @@ impl Controller {
         });
         let me = self.me.clone();
         let site = site.to_string();
+        let turn = self.deployments.turn(&site);
+        let running_id = id.clone();
         tokio::spawn(async move {
+            let _turn = turn.lock_owned().await;
             let Some(c) = me.upgrade() else { return };
+            let overridden = CancellationToken::new();
+            let running = RunningDeploy { id: running_id, target: req.target.clone(), overridden: overridden.clone() };
+            c.inner.lock().await.deploying.insert(site.clone(), running);
             let tracker = Tracker { d };
             let state = c.run_deploy(&site, req, &tracker, &overridden).await;
             c.inner.lock().await.deploying.remove(&site);
