@@ -99,6 +99,24 @@ async fn smoke_failure_refuses_the_switch() {
     assert!(blue.seen().iter().all(|s| s.path != "/check"));
 }
 
+/// With `require: any_healthy`, a target with an endpoint down goes live on
+/// the healthy ones: smoke checks run on those, not on the one that is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_checks_skip_an_endpoint_that_is_down() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dead = dead_addr().await;
+    let extra = "    switch: { require: any_healthy, smoke: [{ path: /check, expect_status: 200 }] }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr, dead])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    while endpoint_health(&p, "green", 0).await != json!(true) || endpoint_health(&p, "green", 1).await != json!(false)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(green.seen().iter().any(|s| s.path == "/check"), "the healthy endpoint was not smoke-tested");
+}
+
 /// `expect_version` is compared with what the endpoints report through
 /// `health.version_header`; the API shows both declared and reported versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,7 +258,11 @@ impl Controller {
             if !reasons.is_empty() {
                 return fail(2, format!("smoke checks failed: {}", reasons.join("; ")));
             }
-            t.finish(2, "succeeded", format!("{} check(s) passed on every endpoint", route.config.switch.smoke.len()));
+            t.finish(
+                2,
+                "succeeded",
+                format!("{} check(s) passed on every healthy endpoint", route.config.switch.smoke.len()),
+            );
         }
         // 4. switch
         t.start(3);

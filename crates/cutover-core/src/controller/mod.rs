@@ -864,12 +864,14 @@ impl Controller {
         }
     }
 
-    /// Every smoke check of `site` on every endpoint of `target`; the failures.
+    /// Every smoke check of `site` on every healthy endpoint of `target`; the failures.
     async fn smoke_reasons(&self, site: &Site, target: &TargetPool) -> Vec<String> {
         let mut reasons = Vec::new();
         let host = site.health.host.as_deref();
         let timeout = self.table.load().settings.response_timeout.min(Duration::from_secs(10));
-        for e in &target.endpoints {
+        // An endpoint that is down takes no traffic (`require: any_healthy`
+        // lets a target go live without it): it is not smoke-tested either.
+        for e in target.endpoints.iter().filter(|e| e.health() == Health::Healthy) {
             for check in &site.switch.smoke {
                 if let Err(why) = smoke::run(&e.address, e.tls.load().as_deref(), host, check, timeout).await {
                     reasons.push(format!("{} {}: {why}", target.name, e.address));
