@@ -83,6 +83,14 @@ async fn reload_drops_stale_state_and_reports_restart_settings() {
     let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
     let got = (&last["kind"], &last["from"], &last["to"], &last["actor"], &last["result"]);
     assert_eq!(got, (&json!("switch"), &json!("green"), &json!("blue"), &json!("reload"), &json!("ok")), "{last}");
+    // Reloaded again unchanged: the setting still waits for a restart; put
+    // back as it was started, it no longer does.
+    let (_, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(body["restart_required"], json!(["shutdown_timeout"]), "{body}");
+    let back = std::fs::read_to_string(&file).unwrap().replace("shutdown_timeout: 9s", "shutdown_timeout: 5s");
+    std::fs::write(&file, back).unwrap();
+    let (_, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(body["restart_required"], json!([]), "{body}");
 }
 
 /// A reload that removes a paused site ends its pause and its series; the

@@ -118,6 +118,9 @@ struct DrainTimer {
 struct Inner {
     state: State,
     config: Arc<Config>,
+    /// The configuration the process started with: its listeners, admin API,
+    /// state file and connection limits stay in force until a restart.
+    started: Arc<Config>,
     sites: BTreeMap<String, Arc<Site>>,
     drains: HashMap<TargetKey, DrainTimer>,
     /// The running post-switch watch of each site.
@@ -186,10 +189,12 @@ impl Controller {
             }
         }
         let shutdown = CancellationToken::new();
+        let config = Arc::new(config);
         let inner = Inner {
             state,
             sites: sites_of(&config),
-            config: Arc::new(config),
+            started: config.clone(),
+            config,
             drains: HashMap::new(),
             watches: HashMap::new(),
             deploying: HashMap::new(),
@@ -643,7 +648,9 @@ impl Controller {
                 }));
             }
         }
-        let restart_required = restart_required(&inner.config, &config);
+        // Against what is in force, not the last file read: a second reload
+        // of a changed port still says it needs a restart.
+        let restart_required = restart_required(&inner.started, &config);
         let next = reconcile(&config, Some(inner.state.clone()));
         let old = (inner.config.clone(), std::mem::take(&mut inner.sites));
         self.registry.lock().unwrap_or_else(|e| e.into_inner()).clear_tls();
@@ -1052,7 +1059,8 @@ impl Controller {
     }
 }
 
-/// Settings that differ between `old` and `new` but need a restart to apply.
+/// Settings that differ between `old` (in force since the start) and `new`
+/// but need a restart to apply.
 fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |name: &str, changed: bool| {
