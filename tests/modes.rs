@@ -329,6 +329,34 @@ async fn preview_is_off_unless_configured() {
     assert!(a.headers.get("x-cutover-served-by").is_none());
 }
 
+/// Weights that give a share to a target known to be down (every endpoint
+/// failing its checks) are refused (`409 target_unhealthy`, recorded) and
+/// change nothing; back up, the same weights are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_for_a_target_that_is_down_are_refused() {
+    let blue = Origin::start("blue").await;
+    let green_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let green_addr = green_listener.local_addr().unwrap();
+    drop(green_listener);
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr], ""), ("green", vec![green_addr], "")], "")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    while p.api("GET", "/v1/sites/shop", None).await.1["targets"]["green"]["endpoints"][0]["healthy"] != json!(false) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let split = json!({"blue": 50, "green": 50});
+    let (status, body) = p.api("PUT", "/v1/sites/shop/weights", Some(split.clone())).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("target_unhealthy")), "{body}");
+    assert!(body["error"]["details"]["reasons"][0].as_str().unwrap().contains(&green_addr.to_string()), "{body}");
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["weights"], serde_json::Value::Null);
+    let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
+    assert_eq!((last["kind"].as_str(), last["result"].as_str()), (Some("weights"), Some("refused")), "{last}");
+    let _green = Origin::serve(tokio::net::TcpListener::bind(green_addr).await.unwrap(), "green");
+    p.wait_healthy("shop", &["green"]).await;
+    let (status, body) = p.api("PUT", "/v1/sites/shop/weights", Some(split)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Canary weights: new clients get a `cutover-bucket` cookie and a share
 /// within tolerance; a client keeps its target while the weights stand; a
 /// switch (or DELETE) ends the split; bad weights change nothing.

@@ -558,6 +558,9 @@ impl Controller {
     }
 
     /// Sets a sticky canary split (percent by target, summing to 100).
+    /// Refused (`409 target_unhealthy`) when a target given a share, other
+    /// than the live one, is known to be down: every endpoint failing its
+    /// checks (one not checked yet does not refuse it).
     pub async fn set_weights(
         &self,
         site: &str,
@@ -575,6 +578,18 @@ impl Controller {
             return Err(not_found("target", unknown));
         }
         let weights: BTreeMap<String, u8> = weights.into_iter().filter(|(_, w)| *w > 0).collect();
+        let down: Vec<String> = weights
+            .keys()
+            .filter_map(|name| route.target(name))
+            .filter(|t| t.name != route.live.name)
+            .filter(|t| t.endpoints.iter().all(|e| e.health() == Health::Unhealthy))
+            .flat_map(|t| t.endpoints.iter().map(|e| format!("{} {}: unhealthy", t.name, e.address)))
+            .collect();
+        if !down.is_empty() {
+            let err = refused("target_unhealthy", "a target given a share of the traffic is down", down);
+            self.record_refusal(site, "weights", None, actor, &err).await;
+            return Err(err);
+        }
         self.change_weights(site, Some(weights), actor).await
     }
 
