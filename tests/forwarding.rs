@@ -140,8 +140,9 @@ async fn repeated_forwarded_fields_and_a_bad_request_id() {
     }
 }
 
-/// Hosts match without port and in any case; an unknown host is 404 and
-/// nothing is forwarded; an absolute-form URI is routed by its authority.
+/// Hosts match without port, in any case and with or without the trailing dot
+/// of a fully qualified name; an unknown host is 404 and nothing is
+/// forwarded; an absolute-form URI is routed by its authority.
 #[tokio::test]
 async fn routing_by_host() {
     let (p, blue) = one_site("").await;
@@ -149,13 +150,16 @@ async fn routing_by_host() {
     assert_eq!(support::get(p.addr, "other.test", "/").await.body, "blue");
     let a = support::get(p.addr, "unknown.test", "/").await;
     assert_eq!(a.status, 404);
+    assert_eq!(support::get(p.addr, "unknown.test.", "/").await.status, 404);
     assert_eq!(blue.count(), 2);
+    assert_eq!(support::get(p.addr, "Shop.Test.:80", "/").await.body, "blue");
+    assert_eq!(blue.count(), 3);
     let raw =
         raw_exchange(p.addr, b"GET http://shop.test/abs HTTP/1.1\r\nHost: unknown.test\r\nConnection: close\r\n\r\n")
             .await;
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    assert_eq!(blue.seen()[2].path, "/abs");
-    assert_eq!(blue.seen()[2].headers["host"], "shop.test");
+    assert_eq!(blue.seen()[3].path, "/abs");
+    assert_eq!(blue.seen()[3].headers["host"], "shop.test");
 }
 
 /// Ambiguous or refused framing gets 400/405 and never reaches the origin.

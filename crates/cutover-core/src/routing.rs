@@ -88,9 +88,12 @@ impl RoutingTable {
         Self { sites, settings, hosts, default_site }
     }
 
-    /// The site serving `host` (port already stripped; any case), or the `*`
-    /// site, with the target named when `host` is one of its preview hosts.
+    /// The site serving `host` (port already stripped; any case; a trailing
+    /// dot ignored), or the `*` site, with the target named when `host` is one
+    /// of its preview hosts.
     pub fn site_for_host(&self, host: &str) -> Option<(&Arc<SiteRoute>, Option<&str>)> {
+        // `shop.example.com.` (fully qualified) is `shop.example.com`.
+        let host = host.strip_suffix('.').unwrap_or(host);
         let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             self.hosts.get(host.to_ascii_lowercase().as_str())
         } else {
