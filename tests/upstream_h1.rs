@@ -27,6 +27,8 @@ enum Script {
     AnswerAndClose(&'static [u8]),
     /// Writes these bytes, then sends nothing more, keeping the connection open.
     AnswerThenHang(&'static [u8]),
+    /// Writes these bytes, then closes 100 ms later.
+    AnswerThenCloseLater(&'static [u8]),
     /// The first request on a connection gets `ok`; the next one on the same
     /// connection is read and the connection closed without an answer (the
     /// keep-alive race: the upstream timed the connection out as it arrived).
@@ -99,6 +101,11 @@ async fn serve(
             Script::AnswerThenHang(bytes) => {
                 let _ = stream.write_all(bytes).await;
                 tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                return;
+            }
+            Script::AnswerThenCloseLater(bytes) => {
+                let _ = stream.write_all(bytes).await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 return;
             }
             Script::CloseOnSecond if served == 0 => {
@@ -435,6 +442,34 @@ async fn invalid_answers_are_502_or_cut() {
         let (status, _, _) = post(&mut c, path).await.unwrap();
         assert_eq!(status, 502, "POST {path}");
     }
+}
+
+/// An upstream that breaks off a body it had started (it closes 9 bytes into
+/// 100) counts as the target's `reset`, once each time, whether the client
+/// got a `502` (nothing had gone out) or the start of the answer, on both
+/// upstream clients.
+#[tokio::test]
+async fn a_body_broken_off_counts_as_a_reset() {
+    const SHORT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this";
+    let origin = RawOrigin::start(&[
+        ("/short", Script::AnswerAndClose(SHORT)),
+        ("/short-later", Script::AnswerThenCloseLater(SHORT)),
+    ])
+    .await;
+    let p = proxy_for(&origin).await;
+    let reset = |n: usize| format!(r#"cutover_upstream_errors_total{{kind="reset",site="raw",target="blue"}} {n}"#);
+    let mut c = connect(p.addr).await;
+    let r = fetch(&mut c, "GET", "/short").await;
+    assert!(matches!(r, Ok((502, ..)) | Err(_)), "{r:?}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(&reset(1)), "{metrics}");
+    let mut c = connect(p.addr).await;
+    assert!(fetch(&mut c, "GET", "/short-later").await.is_err(), "the start of the answer, then a cut");
+    let mut c = connect(p.addr).await;
+    let upload = Bytes::from(vec![b'u'; 20 * 1024]);
+    assert!(post_body(&mut c, "/short-later", upload).await.is_err(), "hyper's client: a cut");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(&reset(3)), "{metrics}");
 }
 
 /// An upstream that goes silent in the middle of a body is cut after

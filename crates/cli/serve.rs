@@ -115,7 +115,7 @@ async fn serve(
     }));
     tracing::info!(
         http = %config.listen.http,
-        https = ?config.listen.https,
+        https = %config.listen.https.map_or_else(|| "off".to_string(), |a| a.to_string()),
         admin = %config.admin.listen,
         sites = config.sites.len(),
         "cutover serving"

@@ -233,14 +233,11 @@ impl ProxyBody {
     }
 
     /// The upstream's body failed before any of the response reached the
-    /// client, which gets a `502` instead: counted and logged as one, and as
-    /// an upstream failure.
+    /// client, which gets a `502` instead: counted and logged as one (the
+    /// upstream failure was counted as the body failed).
     pub fn failed_before_sending(&mut self) {
         if let Some(g) = &mut self.guard {
             g.status = 502;
-            if let Some((_, target)) = g.route() {
-                target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Reset);
-            }
         }
     }
 
@@ -358,6 +355,15 @@ impl Body for ProxyBody {
             Source::Direct(body, _) => Pin::new(body).poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
         };
         match polled {
+            Poll::Ready(Some(Err(e))) => {
+                // The upstream broke off its body (a reset, a framing error):
+                // the client's answer is cut, and the target's error counted.
+                if let Some((site, target)) = this.guard.as_ref().and_then(|g| g.route()) {
+                    target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Reset);
+                    tracing::debug!(site = site.name(), target = %target.name, error = %e, "upstream body broken off");
+                }
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Ready(frame) => {
                 if let Some(s) = &mut this.silence {
                     s.progress();
