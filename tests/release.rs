@@ -264,6 +264,33 @@ async fn failing_green_is_rolled_back_automatically() {
     assert!(metrics.contains(r#"cutover_rollbacks_total{reason="automatic",site="shop"} 1"#), "{metrics}");
 }
 
+/// The watch judges the target's own answers: `503`s cutover gives itself
+/// (a read-only site refusing writes), though counted under green in
+/// `cutover_requests_total`, do not roll it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutovers_own_refusals_do_not_fail_the_watch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let extra = "    switch: { watch: { duration: 1s, max_error_rate: 0.2, min_requests: 10 } }\n";
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra)).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.api("PUT", "/v1/sites/shop/mode", Some(json!({"read_only": true}))).await;
+    p.switch("shop", "green").await;
+    let mut c = Client::connect(p.addr).await;
+    for i in 0..40 {
+        let method = if i % 4 == 0 { "GET" } else { "POST" };
+        let req = http::Request::builder().method(method).uri("/").header("host", "shop.test");
+        let r = c.send(req.body(http_body_util::Full::default()).unwrap()).await.unwrap();
+        assert_eq!(r.status, if method == "GET" { 200 } else { 503 });
+    }
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_requests_total{code="5xx",site="shop",target="green"} 30"#), "{metrics}");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), &site["watch"]), (Some("green"), &Value::Null), "{site}");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    assert_ne!(history[0]["kind"], "automatic_rollback", "{history}");
+}
+
 /// Below the absolute limit but clearly worse than blue was before the
 /// switch: rolled back by the relative rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

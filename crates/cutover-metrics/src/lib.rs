@@ -17,6 +17,9 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Of `requests`, those cutover answered itself, by `site`, `target` and
+    /// `5xx`/`all`: not exported, kept here so they outlive routing snapshots.
+    own_answers: IntCounterVec,
     /// `cutover_requests_total{site,target,code}`
     pub requests: IntCounterVec,
     /// `cutover_request_duration_seconds{site,target}`
@@ -114,6 +117,11 @@ impl Metrics {
             ),
             held_requests: gauge(&r, HELD_REQUESTS, "Requests held by a pause.", &["site"]),
             deployments: counter(&r, DEPLOYMENTS, "Deployments finished, by final state.", &["site", "state"]),
+            own_answers: IntCounterVec::new(
+                Opts::new("own_answers", "Requests cutover answered itself."),
+                &["site", "target", "class"],
+            )
+            .expect("valid metric definition"),
             registry: r,
         };
         for result in ["ok", "error"] {
@@ -157,11 +165,15 @@ impl Metrics {
             reset_errors: err("reset"),
             forced_upgrade_closes: self.drain_forced_closes.with_label_values(&[site, target, "upgrade"]),
             forced_stream_closes: self.drain_forced_closes.with_label_values(&[site, target, "stream"]),
+            own: ["5xx", "all"].map(|class| self.own_answers.with_label_values(&[site, target, class])),
         }
     }
 
     /// Removes every series labelled with `site` and `target` (a target deleted for good).
     pub fn forget_target(&self, site: &str, target: &str) {
+        for class in ["5xx", "all"] {
+            let _ = self.own_answers.remove_label_values(&[site, target, class]);
+        }
         let _ = self.inflight.remove_label_values(&[site, target]);
         let _ = self.live_target.remove_label_values(&[site, target]);
         let _ = self.target_weight.remove_label_values(&[site, target]);
@@ -226,6 +238,10 @@ pub struct TargetMetrics {
     pub forced_upgrade_closes: IntCounter,
     /// Streaming responses cut at a drain deadline.
     pub forced_stream_closes: IntCounter,
+    /// Of the requests counted, those cutover answered itself (a site mode,
+    /// a redirect, a preview refusal): 5xx ones and all. Not the target's
+    /// doing, so [`TargetMetrics::totals`] leaves them out.
+    own: [IntCounter; 2],
 }
 
 /// What went wrong talking to an upstream.
@@ -256,10 +272,22 @@ impl TargetMetrics {
         }
     }
 
-    /// Requests answered so far with a 5xx status, and in all.
+    /// Counts one request cutover answered itself with `status` (a site
+    /// mode, a redirect, a preview refusal): in `cutover_requests_total`, but
+    /// not in [`TargetMetrics::totals`], since the target had no part in it.
+    pub fn observe_own(&self, status: u16, seconds: f64) {
+        self.observe(status, seconds);
+        if status >= 500 {
+            self.own[0].inc();
+        }
+        self.own[1].inc();
+    }
+
+    /// Requests the target answered so far with a 5xx status, and in all
+    /// (those cutover answered itself left out).
     pub fn totals(&self) -> (u64, u64) {
-        let all = self.by_class.iter().map(IntCounter::get).sum();
-        (self.by_class[4].get(), all)
+        let all: u64 = self.by_class.iter().map(IntCounter::get).sum();
+        (self.by_class[4].get().saturating_sub(self.own[0].get()), all.saturating_sub(self.own[1].get()))
     }
 }
 
@@ -281,6 +309,10 @@ mod tests {
         assert!(text.contains(r#"cutover_upstream_errors_total{kind="connect",site="shop",target="blue"} 1"#));
         assert!(text.contains(r#"cutover_inflight_requests{site="shop",target="blue"} 1"#));
         assert_eq!(t.totals(), (1, 2));
+        // An answer cutover gave itself is exported, but is not the target's.
+        t.observe_own(503, 0.0);
+        assert!(m.encode().contains(r#"cutover_requests_total{code="5xx",site="shop",target="blue"} 2"#));
+        assert_eq!(m.target("shop", "blue").totals(), (1, 2), "kept across snapshots");
     }
 
     #[test]

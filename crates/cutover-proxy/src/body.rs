@@ -35,8 +35,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct RequestGuard {
     route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
-    /// The site of an answer cutover gave itself (logged, counted on no target).
-    site_only: Option<Arc<SiteRoute>>,
+    /// The site and target of an answer cutover gave itself: logged and
+    /// counted under them, but not as the target's doing.
+    own: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
     endpoint: Option<Arc<Endpoint>>,
     activity: Option<Arc<Activity>>,
     start: Instant,
@@ -64,7 +65,7 @@ impl RequestGuard {
         }
         Self {
             route,
-            site_only: None,
+            own: None,
             endpoint: None,
             activity,
             start: Instant::now(),
@@ -75,11 +76,19 @@ impl RequestGuard {
         }
     }
 
-    /// A guard for an answer cutover gives itself on `site` (a mode refusal):
-    /// logged under the site, but not counted against any target's error rate.
-    pub fn site_only(site: Arc<SiteRoute>, activity: Option<Arc<Activity>>, method: Method, uri: Uri) -> Self {
+    /// A guard for an answer cutover gives itself on `site` for a request
+    /// meant for `target` (a mode refusal, a redirect): logged and counted in
+    /// `cutover_requests_total` under them, but not against the target's
+    /// error rate (the post-switch watch).
+    pub fn own_answer(
+        site: Arc<SiteRoute>,
+        target: Arc<TargetPool>,
+        activity: Option<Arc<Activity>>,
+        method: Method,
+        uri: Uri,
+    ) -> Self {
         let mut g = Self::new(None, activity, method, uri);
-        g.site_only = Some(site);
+        g.own = Some((site, target));
         g
     }
 
@@ -128,7 +137,13 @@ impl Drop for RequestGuard {
                 }
                 (site.name(), target.name.as_str())
             }
-            None => (self.site_only.as_ref().map_or("-", |s| s.name()), "-"),
+            None => match &self.own {
+                Some((site, target)) => {
+                    target.metrics.observe_own(self.status, elapsed.as_secs_f64());
+                    (site.name(), target.name.as_str())
+                }
+                None => ("-", "-"),
+            },
         };
         tracing::info!(
             target: "access",
