@@ -37,7 +37,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Validates configuration `text`; relative paths are taken from `base_dir`.
 pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { errors: Vec::new(), base: base_dir.to_path_buf(), https_listener: true };
+    let mut v =
+        Validator { errors: Vec::new(), base: base_dir.to_path_buf(), https_listener: true, https_given: false };
     let config = v.config(text);
     match config {
         Some(config) if v.errors.is_empty() => Ok(config),
@@ -94,6 +95,8 @@ struct Validator {
     base: PathBuf,
     /// Whether `listen.https` is set (or `listen` could not be read).
     https_listener: bool,
+    /// Whether `listen` was read and sets `listen.https` (valid or not).
+    https_given: bool,
 }
 
 impl Validator {
@@ -174,7 +177,10 @@ impl Validator {
         let sites = take("sites");
 
         let listen = self.listen(listen);
-        let tls = self.tls(tls, listen.as_ref().is_some_and(|l| l.https.is_some()));
+        // Whether `listen.https` is given, even when `listen` has another
+        // error: the missing certificates are reported alongside it.
+        let https_given = self.https_given;
+        let tls = self.tls(tls, https_given);
         let admin = self.admin(admin);
         let state_path = match self.section::<Option<FileState>>("state", state) {
             Some(s) => self.file_path(s.and_then(|s| s.path).as_deref().unwrap_or("cutover-state.json")),
@@ -235,6 +241,7 @@ impl Validator {
         };
         // A bad `listen.https` is its own error, not also every site's redirect's.
         self.https_listener = raw.https.is_some();
+        self.https_given = raw.https.is_some();
         let https = raw.https.as_deref().map(|a| self.socket_addr("listen.https", a));
         let http = match raw.http.as_deref() {
             Some(a) => self.socket_addr("listen.http", a),

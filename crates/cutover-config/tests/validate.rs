@@ -651,6 +651,10 @@ fn https_without_tls_certificates_is_rejected() {
     let e =
         errs(&format!("listen:\n  http: 127.0.0.1:8080\n  https: 127.0.0.1:8443\nsites:\n{SITE_BLOCK}"), dir.path());
     assert!(at(&e, "tls.certificates").message.contains("listen.https"), "{e}");
+    // Reported with another error of `listen`, not only once that is fixed.
+    let e = errs(&format!("listen:\n  http: nonsense\n  https: 127.0.0.1:8443\nsites:\n{SITE_BLOCK}"), dir.path());
+    at(&e, "listen.http");
+    assert!(at(&e, "tls.certificates").message.contains("listen.https"), "{e}");
     let e = errs(
         &format!(
             "listen:\n  http: 127.0.0.1:8080\n  https: 127.0.0.1:8443\ntls:\n  certificates: []\nsites:\n{SITE_BLOCK}"
