@@ -133,6 +133,8 @@ impl Validator {
                     segments.push(key.to_string());
                 }
                 self.err(full, key, "unknown key");
+            } else if message.ends_with("expected a duration") {
+                self.err(full, "", format!("{message} such as 500ms, 10s or 1m"));
             } else {
                 self.err(full, "", message);
             }

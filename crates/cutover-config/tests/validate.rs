@@ -346,6 +346,8 @@ fn fixture_messages_say_what_is_wrong() {
 
     let e = load_fixture("bad-duration.yaml");
     assert_eq!(at(&e, "shutdown_timeout").value, "30 seconds please");
+    let e = errs(&one_site("    health: { interval: 2x }\n"), Path::new("."));
+    assert!(at(&e, "sites[0].health.interval").message.ends_with("such as 500ms, 10s or 1m"), "{e}");
 
     let e = load_fixture("many-errors.yaml");
     assert!(e.errors.len() >= 8, "every error is listed:\n{e}");
