@@ -164,6 +164,21 @@ async fn set_target_replaces_standby_and_refuses_live() {
     assert_eq!(history[0]["to"], "clone");
 }
 
+/// `GET /v1/sites` lists the sites in the configuration's order.
+#[tokio::test]
+async fn sites_are_listed_in_configuration_order() {
+    let o = Origin::start("o").await;
+    let sites = format!(
+        "{}{}",
+        site("zeta", "z.test", "blue", &[("blue", vec![o.addr])]),
+        site("alpha", "a.test", "blue", &[("blue", vec![o.addr])])
+    );
+    let p = Proxy::start(&sites).await;
+    let (_, list) = p.api("GET", "/v1/sites", None).await;
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["zeta", "alpha"]);
+}
+
 /// Site objects have one shape everywhere: `targets` keyed by name.
 #[tokio::test]
 async fn site_shape_is_the_same_in_list_and_detail() {

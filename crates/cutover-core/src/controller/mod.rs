@@ -274,8 +274,7 @@ impl Controller {
     /// Every site, in configuration order.
     pub async fn sites(&self) -> Vec<SiteView> {
         let inner = self.inner.lock().await;
-        let table = self.table.load();
-        table.sites.iter().filter_map(|r| self.view(&inner, r.name()).ok()).collect()
+        inner.config.sites.iter().filter_map(|s| self.view(&inner, &s.name).ok()).collect()
     }
 
     /// One site.
