@@ -53,12 +53,24 @@ fn serve(dir: &Path, extra: &[&str]) -> Child {
 }
 
 async fn wait_up(admin: SocketAddr, child: &mut Child) {
+    if let Err(early) = try_up(admin, child).await {
+        panic!("{early}");
+    }
+}
+
+/// Waits until cutover's admin API accepts connections; `Err` with its
+/// stderr when it exited first.
+async fn try_up(admin: SocketAddr, child: &mut Child) -> Result<(), String> {
     for _ in 0..200 {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("cutover exited early with {status}");
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            return Err(format!("cutover exited early with {status}:\n{stderr}"));
         }
         if tokio::net::TcpStream::connect(admin).await.is_ok() {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -501,16 +513,24 @@ async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
     use tokio::io::AsyncReadExt;
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
-    // (300 - 256 kept back) / 2 = 22 client connections.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("ulimit -n 300 && exec {BIN} serve --config {}", dir.path().join("cutover.yaml").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_up(admin, &mut child).await;
+    // (300 - 256 kept back) / 2 = 22 client connections. A port picked free
+    // may be taken by another test before cutover binds it: then new ones.
+    let mut attempts = 0;
+    let (http, admin, mut child) = loop {
+        let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n 300 && exec {BIN} serve --config {}", dir.path().join("cutover.yaml").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        match try_up(admin, &mut child).await {
+            Ok(()) => break (http, admin, child),
+            Err(early) if early.contains("cannot bind") && attempts < 3 => attempts += 1,
+            Err(early) => panic!("{early}"),
+        }
+    };
     let mut idle = Vec::new();
     for _ in 0..40 {
         idle.push(tokio::net::TcpStream::connect(http).await.unwrap());
