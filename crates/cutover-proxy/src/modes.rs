@@ -104,7 +104,9 @@ pub fn bucket_set_cookie(name: &str, bucket: u8) -> Option<HeaderValue> {
 
 /// `x-cutover-served-by: TARGET VERSION`
 pub fn served_by(target: &TargetPool) -> Option<HeaderValue> {
-    let value = match &target.version {
+    // A target that declares no version: what its endpoints report, if any.
+    let version = target.version.clone().or_else(|| target.endpoints.iter().find_map(|e| e.reported_version()));
+    let value = match version {
         Some(v) => format!("{} {v}", target.name),
         None => target.name.clone(),
     };
