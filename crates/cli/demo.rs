@@ -77,6 +77,7 @@ listen: {{ http: "127.0.0.1:{port}" }}
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
 state: {{ path: cutover-state.json }}
 shutdown_timeout: 5s
+limits: {{ max_connections: 1000 }}   # a demo; fits small open-file limits
 sites:
   - name: demo
     hosts: ["*"]
