@@ -491,15 +491,23 @@ async fn a_forced_switch_or_rollback_ends_a_running_deploy() {
     }
     assert_eq!(endpoint_health(&p, "green", 0).await, false, "green never seen unhealthy");
     let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "healthy_timeout": "10s"});
-    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body.clone())).await;
     assert_eq!(status, 202, "{answer}");
     let id = answer["id"].as_str().unwrap().to_string();
+    // A second deploy waits behind it; the override ends it as well.
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let queued = answer["id"].as_str().unwrap().to_string();
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "clone", "force": true}))).await;
     assert_eq!(status, 200, "forced: {sw}");
     green.faults.health_fail.store(false, Ordering::Relaxed);
     let d = wait_deployment(&p, &id).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert!(d["error"].as_str().unwrap().contains("overridden"), "{d}");
+    let q = wait_deployment(&p, &queued).await;
+    assert_eq!(q["state"], "failed", "{q}");
+    assert!(q["error"].as_str().unwrap().contains("before it started"), "{q}");
+    assert!(q["steps"].as_array().unwrap().iter().all(|s| s["state"] == "skipped"), "{q}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "clone", "the deploy switched after the operator");
 

@@ -77,16 +77,9 @@ pub struct Deployment {
 #[derive(Default)]
 pub(crate) struct Deployments {
     list: Mutex<VecDeque<Arc<Mutex<Deployment>>>>,
-    /// Per site: held by the deploy running there; the next ones wait on it in order.
-    turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Deployments {
-    fn turn(&self, site: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
-        turns.entry(site.to_string()).or_default().clone()
-    }
-
     fn add(&self, d: Deployment) -> Arc<Mutex<Deployment>> {
         let d = Arc::new(Mutex::new(d));
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,19 +173,50 @@ impl Controller {
             steps,
             error: None,
         });
+        // In the site's queue before the answer: from now on switches there
+        // are refused, and deploys run in the order they were asked for.
+        let (overridden, done) = (CancellationToken::new(), CancellationToken::new());
+        let previous = {
+            let mut inner = self.inner.lock().await;
+            let queue = inner.deploying.entry(site.to_string()).or_default();
+            let previous = queue.back().map(|d| d.done.clone());
+            let running = RunningDeploy {
+                id: id.clone(),
+                target: req.target.clone(),
+                overridden: overridden.clone(),
+                done: done.clone(),
+            };
+            queue.push_back(running);
+            previous
+        };
         let me = self.me.clone();
         let site = site.to_string();
-        let turn = self.deployments.turn(&site);
-        let running_id = id.clone();
+        let own_id = id.clone();
         tokio::spawn(async move {
-            let _turn = turn.lock_owned().await;
+            if let Some(previous) = previous {
+                previous.cancelled().await;
+            }
             let Some(c) = me.upgrade() else { return };
-            let overridden = CancellationToken::new();
-            let running = RunningDeploy { id: running_id, target: req.target.clone(), overridden: overridden.clone() };
-            c.inner.lock().await.deploying.insert(site.clone(), running);
             let tracker = Tracker { d };
-            let state = c.run_deploy(&site, req, &tracker, &overridden).await;
-            c.inner.lock().await.deploying.remove(&site);
+            let state = if overridden.is_cancelled() {
+                // An operator took the site over while this one waited.
+                let why = "overridden by a forced switch or rollback before it started".to_string();
+                (0..STEPS.len()).for_each(|i| tracker.finish(i, "skipped", why.clone()));
+                tracker.end("failed", Some(why));
+                "failed"
+            } else {
+                c.run_deploy(&site, req, &tracker, &overridden).await
+            };
+            {
+                let mut inner = c.inner.lock().await;
+                if let Some(queue) = inner.deploying.get_mut(&site) {
+                    queue.retain(|d| d.id != own_id);
+                    if queue.is_empty() {
+                        inner.deploying.remove(&site);
+                    }
+                }
+            }
+            done.cancel();
             c.metrics.deployments.with_label_values(&[&site, state]).inc();
         });
         Ok(id)

@@ -125,11 +125,11 @@ struct Inner {
     drains: HashMap<TargetKey, DrainTimer>,
     /// The running post-switch watch of each site.
     watches: HashMap<String, WatchHandle>,
-    /// site → the deployment running there.
-    deploying: HashMap<String, RunningDeploy>,
+    /// site → its deployments in order: the first runs, the others wait.
+    deploying: HashMap<String, std::collections::VecDeque<RunningDeploy>>,
 }
 
-/// A deployment in progress on a site.
+/// A deployment in progress (or waiting for its turn) on a site.
 struct RunningDeploy {
     id: String,
     /// The target it deploys to.
@@ -137,6 +137,8 @@ struct RunningDeploy {
     /// Cancelled when an operator's forced switch or rollback takes the site
     /// over: the deploy stops where it is and never switches after it.
     overridden: CancellationToken,
+    /// Cancelled when it ended: the next deploy on the site starts then.
+    done: CancellationToken,
 }
 
 /// The control plane of one running cutover.
@@ -313,17 +315,19 @@ impl Controller {
     /// An operator's forced switch or rollback, done while a deploy runs on
     /// `site`, ends that deploy when it moved the site off the deploy's
     /// target: the deploy never switches after the operator.
-    async fn override_deploy(&self, site: &str, overriding: Option<(CancellationToken, String)>) {
+    async fn override_deploy(&self, site: &str, overriding: Option<(Vec<CancellationToken>, String)>) {
         let Some((overridden, target)) = overriding else { return };
         let live = self.inner.lock().await.state.sites.get(site).map(|s| s.live.clone());
         if live.as_deref() != Some(target.as_str()) {
-            overridden.cancel();
+            // The running deploy, and those waiting behind it.
+            overridden.iter().for_each(CancellationToken::cancel);
         }
     }
 
-    /// While a deploy runs on `site`, other switches and rollbacks need
-    /// `force`. `Ok` with the running deploy's token and target when an
-    /// operator forces one (see [`Controller::override_deploy`]).
+    /// While a deploy runs (or waits) on `site`, other switches and
+    /// rollbacks need `force`. `Ok` with the tokens of the site's deploys and
+    /// the running one's target when an operator forces one (see
+    /// [`Controller::override_deploy`]).
     async fn refuse_during_deploy(
         &self,
         site: &str,
@@ -331,12 +335,14 @@ impl Controller {
         to: Option<&str>,
         force: bool,
         actor: Actor,
-    ) -> Result<Option<(CancellationToken, String)>, ControlError> {
-        let (running, live) = {
+    ) -> Result<Option<(Vec<CancellationToken>, String)>, ControlError> {
+        let (running, tokens, live) = {
             let inner = self.inner.lock().await;
             let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
-            let running = inner.deploying.get(site).map(|d| (d.id.clone(), d.overridden.clone(), d.target.clone()));
-            (running, live)
+            let queue = inner.deploying.get(site);
+            let running = queue.and_then(|q| q.front()).map(|d| (d.id.clone(), d.overridden.clone(), d.target.clone()));
+            let tokens: Vec<CancellationToken> = queue.into_iter().flatten().map(|d| d.overridden.clone()).collect();
+            (running, tokens, live)
         };
         if actor == Actor::Deploy {
             // The deploy's own switch, unless an operator took the site over meanwhile.
@@ -354,7 +360,7 @@ impl Controller {
             return Ok(None);
         }
         if force {
-            return Ok(running.filter(|_| actor == Actor::Api).map(|(_, token, target)| (token, target)));
+            return Ok(running.filter(|_| actor == Actor::Api).map(|(_, _, target)| (tokens, target)));
         }
         let running = running.map(|(id, _, _)| id);
         let Some(id) = running else { return Ok(None) };
