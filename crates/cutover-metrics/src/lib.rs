@@ -276,18 +276,24 @@ impl TargetMetrics {
     /// mode, a redirect, a preview refusal): in `cutover_requests_total`, but
     /// not in [`TargetMetrics::totals`], since the target had no part in it.
     pub fn observe_own(&self, status: u16, seconds: f64) {
-        self.observe(status, seconds);
+        // Its own counters first: [`TargetMetrics::totals`] reads them last,
+        // so an answer counted meanwhile is never taken for the target's.
         if status >= 500 {
             self.own[0].inc();
         }
         self.own[1].inc();
+        self.observe(status, seconds);
     }
 
     /// Requests the target answered so far with a 5xx status, and in all
-    /// (those cutover answered itself left out).
+    /// (those cutover answered itself left out). Never more than the
+    /// target's own; while an answer of cutover's is being counted, maybe
+    /// one less for a moment.
     pub fn totals(&self) -> (u64, u64) {
         let all: u64 = self.by_class.iter().map(IntCounter::get).sum();
-        (self.by_class[4].get().saturating_sub(self.own[0].get()), all.saturating_sub(self.own[1].get()))
+        let errors = self.by_class[4].get();
+        let (own_errors, own_all) = (self.own[0].get(), self.own[1].get());
+        (errors.saturating_sub(own_errors), all.saturating_sub(own_all))
     }
 }
 

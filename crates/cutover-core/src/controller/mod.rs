@@ -823,7 +823,7 @@ impl Controller {
                     _ = stop.cancelled() => return,
                 }
                 let now = target.metrics.totals();
-                let seen = (now.0 - start_totals.0, now.1 - start_totals.1);
+                let seen = (now.0.saturating_sub(start_totals.0), now.1.saturating_sub(start_totals.1));
                 if let Ok(mut v) = view.lock() {
                     (v.errors, v.requests, v.error_rate) = (seen.0, seen.1, rate(seen));
                 }
