@@ -36,8 +36,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct RequestGuard {
     route: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
     /// The site and target of an answer cutover gave itself: logged and
-    /// counted under them, but not as the target's doing.
-    own: Option<(Arc<SiteRoute>, Arc<TargetPool>)>,
+    /// counted under them, but not as the target's doing (no target: logged
+    /// under the site only).
+    own: Option<(Arc<SiteRoute>, Option<Arc<TargetPool>>)>,
     endpoint: Option<Arc<Endpoint>>,
     activity: Option<Arc<Activity>>,
     start: Instant,
@@ -79,10 +80,11 @@ impl RequestGuard {
     /// A guard for an answer cutover gives itself on `site` for a request
     /// meant for `target` (a mode refusal, a redirect): logged and counted in
     /// `cutover_requests_total` under them, but not against the target's
-    /// error rate (the post-switch watch).
+    /// error rate (the post-switch watch). Without a target (a preview
+    /// refusal), it is logged under the site only.
     pub fn own_answer(
         site: Arc<SiteRoute>,
-        target: Arc<TargetPool>,
+        target: Option<Arc<TargetPool>>,
         activity: Option<Arc<Activity>>,
         method: Method,
         uri: Uri,
@@ -138,10 +140,11 @@ impl Drop for RequestGuard {
                 (site.name(), target.name.as_str())
             }
             None => match &self.own {
-                Some((site, target)) => {
+                Some((site, Some(target))) => {
                     target.metrics.observe_own(self.status, elapsed.as_secs_f64());
                     (site.name(), target.name.as_str())
                 }
+                Some((site, None)) => (site.name(), "-"),
                 None => ("-", "-"),
             },
         };

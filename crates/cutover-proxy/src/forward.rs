@@ -210,19 +210,21 @@ impl Proxy {
             };
             if conn.scheme == "http" && routed.site.config.redirect_https && !routed.site.allowed_path(uri.path()) {
                 if let Some(r) = https_redirect(&req, routed.https_port) {
-                    return Ok(refused(r, routed.site, routed.target, conn.activity.clone(), &mut req).await);
+                    return Ok(refused(r, routed.site, Some(routed.target), conn.activity.clone(), &mut req).await);
                 }
             }
             let pick = match modes::pick(&routed.site, preview_host.as_deref(), &req) {
                 Ok(p) => p,
-                Err(r) => return Ok(refused(r, routed.site, routed.target, conn.activity.clone(), &mut req).await),
+                // A preview refusal (bad token, a target missing or down):
+                // not the live target's answer, so counted on none.
+                Err(r) => return Ok(refused(r, routed.site, None, conn.activity.clone(), &mut req).await),
             };
             if let Some(mut r) = modes::refusal(&routed.site, &pick.target, &req) {
                 // A preview answer says which target gave it, refusal or not.
                 if let Some(v) = pick.preview.then(|| modes::served_by(&pick.target)).flatten() {
                     r.headers.push((modes::SERVED_BY.clone(), v));
                 }
-                return Ok(refused(r, routed.site, pick.target, conn.activity.clone(), &mut req).await);
+                return Ok(refused(r, routed.site, Some(pick.target), conn.activity.clone(), &mut req).await);
             }
             let gate = &routed.site.pause;
             if !pick.preview && gate.is_paused() {
@@ -242,7 +244,7 @@ impl Proxy {
                         body: Bytes::from_static(body.as_bytes()),
                     };
                     r.headers.push((CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")));
-                    return Ok(refused(r, routed.site, routed.target, conn.activity.clone(), &mut req).await);
+                    return Ok(refused(r, routed.site, Some(pick.target), conn.activity.clone(), &mut req).await);
                 }
                 continue;
             }
@@ -528,7 +530,7 @@ fn https_redirect<B>(req: &Request<B>, https_port: Option<u16>) -> Option<modes:
 }
 
 /// An answer cutover gives itself on behalf of a site mode, counted under
-/// the `target` the request was meant for but not as its doing. The request's
+/// the `target` the request was meant for (if any) but not as its doing. The request's
 /// body never goes upstream. Over HTTP/1.1, one still on the client's
 /// connection is read and dropped first, as nginx discards it, so that the
 /// connection can carry the next request; one that is large, waits for a
@@ -537,7 +539,7 @@ fn https_redirect<B>(req: &Request<B>, https_port: Option<u16>) -> Option<modes:
 async fn refused(
     r: modes::Refusal,
     site: Arc<SiteRoute>,
-    target: Arc<TargetPool>,
+    target: Option<Arc<TargetPool>>,
     activity: Arc<Activity>,
     req: &mut Request<RequestBody>,
 ) -> Response<ProxyBody> {
