@@ -128,9 +128,13 @@ async fn serve(
     let proxy = Arc::new(Proxy::new(controller.table()));
     let listener_config =
         |scheme: &'static str, tls: Option<Arc<TlsStore>>| ListenerConfig::new(scheme, limits, &metrics, tls);
-    let mut listeners = vec![workers::Listener { sockets: http, config: listener_config("http", None) }];
+    let plain = listener_config("http", None);
+    // `max_connections` holds for both listeners together.
+    let permits = plain.permits.clone();
+    let mut listeners = vec![workers::Listener { sockets: http, config: plain }];
     if let Some((sockets, store)) = https {
-        listeners.push(workers::Listener { sockets, config: listener_config("https", Some(store)) });
+        let config = ListenerConfig { permits, ..listener_config("https", Some(store)) };
+        listeners.push(workers::Listener { sockets, config });
     }
     let data_plane = workers::spawn(listeners, proxy, stop.clone(), config.shutdown_timeout)
         .context("cannot start the data-plane workers")?;
