@@ -130,6 +130,14 @@ async fn proxy_for(origin: &RawOrigin) -> Proxy {
     proxy_with(origin, "").await
 }
 
+/// A proxy in front of the origin at `addr`.
+async fn proxy_for_addr(addr: SocketAddr) -> Proxy {
+    let sites = site("raw", "raw.test", "blue", &[("blue", vec![addr])]);
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("raw", &["blue"]).await;
+    p
+}
+
 /// A proxy in front of `origin` with `extra` top-level YAML.
 async fn proxy_with(origin: &RawOrigin, extra: &str) -> Proxy {
     let sites = site("raw", "raw.test", "blue", &[("blue", vec![origin.addr])]);
@@ -681,6 +689,26 @@ async fn unregistered_status_codes_pass_and_codes_above_599_are_refused() {
     let req = Request::post("/600").header("host", "raw.test").body(Full::new(Bytes::from(vec![b'x'; 20 * 1024])));
     let resp = c.send_request(req.unwrap()).await.unwrap();
     assert_eq!(resp.status(), 502, "hyper's client");
+}
+
+/// Looking for a recently used connection, a `POST` looks past older ones
+/// in the pool instead of opening a new one.
+#[tokio::test]
+async fn an_unretried_request_finds_a_recent_connection_behind_older_ones() {
+    let origin = support::Origin::start("blue").await;
+    let p = proxy_for_addr(origin.addr).await;
+    // Two upstream connections at once, idle together 700 ms.
+    let addr = p.addr;
+    let slow = || tokio::spawn(async move { support::get(addr, "raw.test", "/slow?ms=150").await });
+    let (a, b) = (slow(), slow());
+    assert_eq!((a.await.unwrap().status, b.await.unwrap().status), (200, 200));
+    assert_eq!(origin.data_connections(), 2);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // A GET takes the oldest and makes it the most recent; a POST then skips the other.
+    let mut c = connect(p.addr).await;
+    assert_eq!(fetch(&mut c, "GET", "/").await.unwrap().0, 200);
+    assert_eq!(fetch(&mut c, "POST", "/").await.unwrap().0, 200);
+    assert_eq!(origin.data_connections(), 2, "the POST opened a new connection");
 }
 
 /// An upstream's `Keep-Alive: timeout=N` shortens how long its idle

@@ -375,16 +375,24 @@ impl Pool {
     /// Takes a live idle connection, if any; expired or closed ones are
     /// dropped. For a request that is not `retried` on a connection the
     /// upstream turns out to have closed, only one idle for at most
-    /// [`UNRETRIED_MAX_IDLE`] is taken (an older one stays for other requests).
+    /// [`UNRETRIED_MAX_IDLE`] is taken (older ones stay for other requests).
     pub fn checkout(&self, retried: bool) -> Option<Sender> {
         let limit = self.idle_limit();
-        while let Some(c) = self.local().pop() {
-            if c.usable(limit) {
-                if !retried && c.since.elapsed() > UNRETRIED_MAX_IDLE {
-                    let _ = self.local().push(c);
-                    return None;
-                }
+        let queue = self.local();
+        // The queue is oldest first: a request that needs a recent connection
+        // looks past older ones (at most once round), putting them back.
+        let mut older = queue.len();
+        while let Some(c) = queue.pop() {
+            if !c.usable(limit) {
+                continue;
+            }
+            if retried || c.since.elapsed() <= UNRETRIED_MAX_IDLE {
                 return Some(c.sender);
+            }
+            let _ = queue.push(c);
+            older = older.saturating_sub(1);
+            if older == 0 {
+                return None;
             }
         }
         None
@@ -402,14 +410,21 @@ impl Pool {
     /// request not `retried`, as [`Pool::checkout`]).
     pub fn checkout_h1(&self, retried: bool) -> Option<h1::Conn> {
         let limit = self.idle_limit();
-        while let Some(mut c) = self.local_direct().pop() {
+        let queue = self.local_direct();
+        let mut older = queue.len();
+        while let Some(mut c) = queue.pop() {
             let idle = c.since.elapsed();
             if idle > limit {
                 continue;
             }
             if !retried && idle > UNRETRIED_MAX_IDLE {
-                let _ = self.local_direct().push(c);
-                return None;
+                // Oldest first: look past it, at most once round.
+                let _ = queue.push(c);
+                older = older.saturating_sub(1);
+                if older == 0 {
+                    return None;
+                }
+                continue;
             }
             if c.conn.is_usable() {
                 return Some(c.conn);
