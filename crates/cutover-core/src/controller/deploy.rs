@@ -285,7 +285,7 @@ impl Controller {
             t.finish(
                 2,
                 "succeeded",
-                format!("{} check(s) passed on every healthy endpoint", route.config.switch.smoke.len()),
+                format!("{} check(s) passed on every endpoint that is up", route.config.switch.smoke.len()),
             );
         }
         // 4. switch

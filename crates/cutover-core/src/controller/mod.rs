@@ -891,14 +891,20 @@ impl Controller {
         }
     }
 
-    /// Every smoke check of `site` on every healthy endpoint of `target`; the failures.
+    /// Every smoke check of `site` on every endpoint of `target` that is not
+    /// known to be down; the failures (one when no endpoint was left to test).
     async fn smoke_reasons(&self, site: &Site, target: &TargetPool) -> Vec<String> {
         let mut reasons = Vec::new();
         let host = site.health.host.as_deref();
         let timeout = self.table.load().settings.response_timeout.min(Duration::from_secs(10));
         // An endpoint that is down takes no traffic (`require: any_healthy`
         // lets a target go live without it): it is not smoke-tested either.
-        for e in target.endpoints.iter().filter(|e| e.health() == Health::Healthy) {
+        // One not checked yet is, since it may take traffic.
+        let testable: Vec<_> = target.endpoints.iter().filter(|e| e.health() != Health::Unhealthy).collect();
+        if testable.is_empty() && !site.switch.smoke.is_empty() {
+            reasons.push(format!("{}: no endpoint is up to be smoke-tested", target.name));
+        }
+        for e in testable {
             for check in &site.switch.smoke {
                 if let Err(why) = smoke::run(&e.address, e.tls.load().as_deref(), host, check, timeout).await {
                     reasons.push(format!("{} {}: {why}", target.name, e.address));
