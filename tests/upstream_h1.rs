@@ -459,9 +459,16 @@ async fn invalid_answers_are_502_or_cut() {
 #[tokio::test]
 async fn a_body_broken_off_counts_as_a_reset() {
     const SHORT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this";
+    // 1 MiB announced, 100 KiB sent: the rest would be spliced (Linux).
+    let big: &'static [u8] = Box::leak(
+        [&b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"[..], &vec![b'b'; 100 * 1024]]
+            .concat()
+            .into_boxed_slice(),
+    );
     let origin = RawOrigin::start(&[
         ("/short", Script::AnswerAndClose(SHORT)),
         ("/short-later", Script::AnswerThenCloseLater(SHORT)),
+        ("/big-short", Script::AnswerThenCloseLater(big)),
     ])
     .await;
     let p = proxy_for(&origin).await;
@@ -478,6 +485,10 @@ async fn a_body_broken_off_counts_as_a_reset() {
     assert!(post_body(&mut c, "/short-later", upload).await.is_err(), "hyper's client: a cut");
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
     assert!(metrics.contains(&reset(3)), "{metrics}");
+    let mut c = connect(p.addr).await;
+    assert!(fetch(&mut c, "GET", "/big-short").await.is_err(), "a large body cut short");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(&reset(4)), "{metrics}");
 }
 
 /// An upstream that goes silent in the middle of a body is cut after

@@ -320,6 +320,13 @@ impl ProxyBody {
                 if let Some(s) = &mut self.silence {
                     s.progress();
                 }
+                if let Err(e) = &r {
+                    if e.is_upstreams() {
+                        if let Some((_, target)) = self.guard.as_ref().and_then(|g| g.route()) {
+                            target.metrics.upstream_error(cutover_metrics::UpstreamErrorKind::Reset);
+                        }
+                    }
+                }
                 Poll::Ready(r.map_err(Into::into))
             }
             Poll::Pending if body.splice_waits_on_client() => Poll::Pending,

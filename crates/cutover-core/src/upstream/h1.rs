@@ -70,6 +70,9 @@ pub enum Error {
     /// The upstream's answer is not valid HTTP/1.1, or too large.
     #[error("invalid response from the upstream: {0}")]
     Invalid(&'static str),
+    /// Writing a spliced body to the client failed: the client's doing.
+    #[error("writing to the client failed: {0}")]
+    Client(#[source] io::Error),
 }
 
 impl Error {
@@ -77,6 +80,11 @@ impl Error {
     /// for an idempotent request).
     pub fn is_stale(&self) -> bool {
         matches!(self, Error::Stale(_))
+    }
+
+    /// Whether the upstream failed (not the client it was relayed to).
+    pub fn is_upstreams(&self) -> bool {
+        !matches!(self, Error::Client(_))
     }
 }
 

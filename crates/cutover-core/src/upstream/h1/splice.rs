@@ -126,7 +126,13 @@ impl ResponseBody {
             };
             let Framing::Length(left) = self.framing else { return Poll::Ready(Ok(moved)) };
             let step = if !pipe.is_empty() {
-                pipe.poll_drain(cx, to).map_ok(|n| moved += n as u64)
+                match pipe.poll_drain(cx, to) {
+                    Poll::Ready(Err(e)) => {
+                        self.finish(false);
+                        return Poll::Ready(Err(Error::Client(e)));
+                    }
+                    other => other.map_ok(|n| moved += n as u64),
+                }
             } else if left > 0 {
                 let Some(Stream::Plain(from)) = self.conn.as_ref().map(|c| &c.io) else {
                     return Poll::Ready(Ok(moved));
