@@ -66,6 +66,8 @@ pub struct Endpoint {
     pub pool: Pool,
     /// TLS to this endpoint, when its target says `tls: true`.
     pub tls: arc_swap::ArcSwapOption<UpstreamTls>,
+    /// Bumped by [`Endpoint::forget_health`]: a probe begun before is not counted.
+    checks_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Endpoint {
@@ -81,6 +83,7 @@ impl Endpoint {
             healthy_gauge,
             pool,
             tls: arc_swap::ArcSwapOption::empty(),
+            checks_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -110,8 +113,14 @@ impl Endpoint {
     /// endpoint was given to its target anew, maybe a new release at the
     /// same address.
     pub fn forget_health(&self) {
+        self.checks_generation.fetch_add(1, Ordering::Relaxed);
         self.set_health(Health::Unknown);
         self.set_reported_version(None);
+    }
+
+    /// Which round of checks results now belong to (see [`Endpoint::forget_health`]).
+    pub fn checks_generation(&self) -> u64 {
+        self.checks_generation.load(Ordering::Relaxed)
     }
 
     /// The version the endpoint last reported through `health.version_header`.

@@ -130,10 +130,17 @@ pub async fn run(endpoint: Arc<Endpoint>, cfg: Arc<HealthConfig>, stop: Cancella
     let mut streak = Streak::default();
     loop {
         let tls = endpoint.tls.load_full();
+        let generation = endpoint.checks_generation();
         let result = tokio::select! {
             r = probe(&endpoint.address, tls.as_deref(), &cfg) => r,
             _ = stop.cancelled() => return,
         };
+        // The endpoint was given to its target anew while this probe ran: the
+        // answer may be the old release's. Start counting afresh.
+        if endpoint.checks_generation() != generation {
+            streak = Streak::default();
+            continue;
+        }
         if !result.ok {
             tracing::debug!(endpoint = %endpoint.address, detail = %result.detail, "health probe failed");
         }

@@ -369,7 +369,9 @@ impl Pool {
 
     /// Shares `sender` as this endpoint's HTTP/2 connection.
     pub fn set_h2(&self, sender: H2Sender) {
-        self.h2.store(Some(std::sync::Arc::new(sender)));
+        if !self.is_retired() {
+            self.h2.store(Some(std::sync::Arc::new(sender)));
+        }
     }
 
     /// Takes a live idle connection, if any; expired or closed ones are
@@ -403,6 +405,10 @@ impl Pool {
     pub fn checkin(&self, sender: Sender) {
         if !sender.is_closed() && !self.is_retired() {
             let _ = self.local().push(Idle { sender, since: Instant::now() });
+            // Retired meanwhile: what was just pushed must not outlive the switch.
+            if self.is_retired() {
+                self.close_idle();
+            }
         }
     }
 
@@ -438,6 +444,9 @@ impl Pool {
     pub fn checkin_h1(&self, conn: h1::Conn) {
         if !self.is_retired() {
             let _ = self.local_direct().push(IdleConn { conn, since: Instant::now() });
+            if self.is_retired() {
+                self.close_idle();
+            }
         }
     }
 
