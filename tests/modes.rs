@@ -356,10 +356,9 @@ async fn preview_is_off_unless_configured() {
 /// change nothing; back up, the same weights are taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_for_a_target_that_is_down_are_refused() {
-    let blue = Origin::start("blue").await;
-    let green_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let green_addr = green_listener.local_addr().unwrap();
-    drop(green_listener);
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    green.faults.health_fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let green_addr = green.addr;
     let p = Proxy::start(&shop(&[("blue", vec![blue.addr], ""), ("green", vec![green_addr], "")], "")).await;
     p.wait_healthy("shop", &["blue"]).await;
     while p.api("GET", "/v1/sites/shop", None).await.1["targets"]["green"]["endpoints"][0]["healthy"] != json!(false) {
@@ -373,7 +372,7 @@ async fn weights_for_a_target_that_is_down_are_refused() {
     assert_eq!(site["weights"], serde_json::Value::Null);
     let last = p.api("GET", "/v1/sites/shop/history", None).await.1[0].clone();
     assert_eq!((last["kind"].as_str(), last["result"].as_str()), (Some("weights"), Some("refused")), "{last}");
-    let _green = Origin::serve(tokio::net::TcpListener::bind(green_addr).await.unwrap(), "green");
+    green.faults.health_fail.store(false, std::sync::atomic::Ordering::Relaxed);
     p.wait_healthy("shop", &["green"]).await;
     let (status, body) = p.api("PUT", "/v1/sites/shop/weights", Some(split)).await;
     assert_eq!(status, 200, "{body}");

@@ -389,7 +389,11 @@ async fn deploy_of_an_unhealthy_target_fails_and_blocks_other_switches() {
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
     let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "")).await;
     p.wait_healthy("shop", &["blue", "green"]).await;
-    let dead = dead_addr().await;
+    // Up, but failing its health checks (a closed port could be taken by
+    // another test meanwhile, and answer).
+    let sick = Origin::start("sick").await;
+    sick.faults.health_fail.store(true, Ordering::Relaxed);
+    let dead = sick.addr;
     let body = json!({"target": "green", "endpoints": [dead.to_string()], "healthy_timeout": "1s"});
     let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body.clone())).await;
     assert_eq!(status, 202, "{answer}");
