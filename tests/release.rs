@@ -104,7 +104,10 @@ async fn smoke_failure_refuses_the_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_checks_skip_an_endpoint_that_is_down() {
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
-    let dead = dead_addr().await;
+    let sick = Origin::start("sick").await;
+    sick.faults.health_fail.store(true, Ordering::Relaxed);
+    sick.faults.fail.store(true, Ordering::Relaxed);
+    let dead = sick.addr;
     let extra = "    switch: { require: any_healthy, smoke: [{ path: /check, expect_status: 200 }] }\n";
     let p = Proxy::start(&shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr, dead])], FAST, extra)).await;
     p.wait_healthy("shop", &["blue"]).await;
@@ -115,6 +118,7 @@ async fn smoke_checks_skip_an_endpoint_that_is_down() {
     let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green"}))).await;
     assert_eq!(status, 200, "{body}");
     assert!(green.seen().iter().any(|s| s.path == "/check"), "the healthy endpoint was not smoke-tested");
+    assert_eq!(sick.count(), 0, "the endpoint that is down was smoke-tested");
 }
 
 /// `expect_version` is compared with what the endpoints report through
