@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{dead_addr, Client, Origin, Proxy};
+use support::{Client, Origin, Proxy};
 
 /// A site `shop` with `targets`, health on `/up` (version in `x-app-version`), and `extra` YAML lines.
 fn shop(targets: &[(&str, Vec<SocketAddr>)], health: &str, extra: &str) -> String {
