@@ -314,6 +314,12 @@ async fn preview_never_falls_back() {
     assert_eq!(c.send(preview("green", Some("wrong"))).await.unwrap().status, 403);
     assert_eq!(c.send(preview("purple", Some("letmein"))).await.unwrap().status, 503);
     assert_eq!(c.send(preview("broken", Some("letmein"))).await.unwrap().status, 503);
+    // Preview refusals are not the live target's answers: not counted under it.
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    for code in ["4xx", "5xx"] {
+        let series = format!(r#"cutover_requests_total{{code="{code}",site="shop",target="blue"}} 0"#);
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
     // A write previewed on a read-only target is refused by it, and says so.
     let mut write = preview("clone", Some("letmein"));
     *write.method_mut() = http::Method::POST;

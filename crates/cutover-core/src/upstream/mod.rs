@@ -379,25 +379,7 @@ impl Pool {
     /// upstream turns out to have closed, only one idle for at most
     /// [`UNRETRIED_MAX_IDLE`] is taken (older ones stay for other requests).
     pub fn checkout(&self, retried: bool) -> Option<Sender> {
-        let limit = self.idle_limit();
-        let queue = self.local();
-        // The queue is oldest first: a request that needs a recent connection
-        // looks past older ones (at most once round), putting them back.
-        let mut older = queue.len();
-        while let Some(c) = queue.pop() {
-            if !c.usable(limit) {
-                continue;
-            }
-            if retried || c.since.elapsed() <= UNRETRIED_MAX_IDLE {
-                return Some(c.sender);
-            }
-            let _ = queue.push(c);
-            older = older.saturating_sub(1);
-            if older == 0 {
-                return None;
-            }
-        }
-        None
+        take(self.local(), self.idle_limit(), retried, |c| c.since, |c| !c.sender.is_closed()).map(|c| c.sender)
     }
 
     /// Returns a connection whose exchange is complete; dropped when the pool
@@ -415,28 +397,7 @@ impl Pool {
     /// Takes a live idle connection of cutover's own client, if any (for a
     /// request not `retried`, as [`Pool::checkout`]).
     pub fn checkout_h1(&self, retried: bool) -> Option<h1::Conn> {
-        let limit = self.idle_limit();
-        let queue = self.local_direct();
-        let mut older = queue.len();
-        while let Some(mut c) = queue.pop() {
-            let idle = c.since.elapsed();
-            if idle > limit {
-                continue;
-            }
-            if !retried && idle > UNRETRIED_MAX_IDLE {
-                // Oldest first: look past it, at most once round.
-                let _ = queue.push(c);
-                older = older.saturating_sub(1);
-                if older == 0 {
-                    return None;
-                }
-                continue;
-            }
-            if c.conn.is_usable() {
-                return Some(c.conn);
-            }
-        }
-        None
+        take(self.local_direct(), self.idle_limit(), retried, |c| c.since, |c| c.conn.is_usable()).map(|c| c.conn)
     }
 
     /// Returns a connection of cutover's own client whose exchange is complete
@@ -491,6 +452,39 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(ArrayQueue::len).sum::<usize>() + self.direct.iter().map(ArrayQueue::len).sum::<usize>()
     }
+}
+
+/// Pops the first idle connection of `queue` that has been idle at most
+/// `limit` and that `usable` accepts (expired or unusable ones are closed).
+/// For a request not `retried`, one idle longer than [`UNRETRIED_MAX_IDLE`]
+/// is put back for other requests: the queue is oldest first, so such a
+/// request looks past older ones, once round at most.
+fn take<T>(
+    queue: &ArrayQueue<T>,
+    limit: Duration,
+    retried: bool,
+    since: impl Fn(&T) -> Instant,
+    mut usable: impl FnMut(&mut T) -> bool,
+) -> Option<T> {
+    let (mut put_back, mut round) = (0, None);
+    while let Some(mut c) = queue.pop() {
+        let idle = since(&c).elapsed();
+        if idle > limit {
+            continue;
+        }
+        if !retried && idle > UNRETRIED_MAX_IDLE {
+            let _ = queue.push(c);
+            put_back += 1;
+            if put_back >= *round.get_or_insert_with(|| queue.len()) {
+                return None;
+            }
+            continue;
+        }
+        if usable(&mut c) {
+            return Some(c);
+        }
+    }
+    None
 }
 
 /// Keeps the entries of `queue` for which `keep` holds (one pass; entries
