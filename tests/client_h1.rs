@@ -153,21 +153,67 @@ async fn pipelined_requests_cross_the_hand_over_in_order() {
 }
 
 /// A body of unknown length goes to the client chunked, and the connection
-/// carries the next request; a declared trailer comes in the last chunk.
+/// carries the next request. (Trailers on this path: `upstream_h1.rs`.)
 #[tokio::test]
-async fn unknown_lengths_are_chunked_and_trailers_relayed() {
+async fn unknown_lengths_are_chunked() {
     let (p, _blue) = one_site().await;
     let mut c = Conn::open(&p).await;
     c.send(b"GET /stream?chunks=3&ms=20 HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
     let a = c.response(false).await;
     assert_eq!(a.field("transfer-encoding"), Some("chunked"), "{a:?}");
     assert_eq!(String::from_utf8_lossy(&a.body), "blue chunk 0\nblue chunk 1\nblue chunk 2\n");
-    c.send(b"GET /trailers HTTP/1.1\r\nHost: shop.test\r\nTE: trailers\r\n\r\n").await;
-    let t = c.response(false).await;
-    assert_eq!(String::from_utf8_lossy(&t.body), "blue with trailers");
-    assert!(t.trailers.contains(&("grpc-status".into(), "0".into())), "{t:?}");
     c.send(GET).await;
     assert_eq!(c.response(false).await.body, b"blue");
+}
+
+/// A chunked upstream body's trailers reach a client that said `TE: trailers`,
+/// in the last chunk, with `Trailer` declaring them; the client's `TE` itself
+/// stays on its hop (SPEC §3), and the connection carries the next request.
+#[tokio::test]
+async fn trailers_come_in_the_last_chunk() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n @ 1..) = s.read(&mut chunk).await else { return };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        seen.lock().unwrap().push(String::from_utf8_lossy(&head).to_lowercase());
+                        let answer: &[u8] = if head.starts_with(b"GET /up ") {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: grpc-status\r\n\r\n\
+                              4\r\nbody\r\n0\r\ngrpc-status: 0\r\n\r\n"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![origin])])).await;
+    let mut c = Conn::open(&p).await;
+    for _ in 0..2 {
+        c.send(b"GET /t HTTP/1.1\r\nHost: shop.test\r\nTE: trailers\r\n\r\n").await;
+        let t = c.response(false).await;
+        assert_eq!(t.body, b"body");
+        assert_eq!(t.field("trailer"), Some("grpc-status"), "{t:?}");
+        assert!(t.trailers.contains(&("grpc-status".into(), "0".into())), "{t:?}");
+    }
+    let heads = heads.lock().unwrap();
+    let asked: Vec<&String> = heads.iter().filter(|h| h.starts_with("get /t ")).collect();
+    assert_eq!(asked.len(), 2);
+    assert!(asked.iter().all(|h| !h.contains("\r\nte:")), "the client's TE reached the upstream: {asked:?}");
 }
 
 /// `Connection` from the client stays on its connection, with the fields it

@@ -147,23 +147,6 @@ async fn a_small_body_reaches_an_h2_target() {
     assert_eq!((seen.version, seen.body_len), (http::Version::HTTP_2, 5));
 }
 
-/// An HTTP/1.1 client gets trailers from an HTTP/1.1 upstream when it asks for them.
-#[tokio::test]
-async fn h1_trailers_pass_through() {
-    let blue = Origin::start("blue").await;
-    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
-    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/trailers")
-        .header("host", "shop.test")
-        .header("te", "trailers")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let collected = sender.send_request(req).await.unwrap().into_body().collect().await.unwrap();
-    assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some("0".parse().unwrap()));
-}
-
 /// A request's trailers reach an HTTP/1.1 upstream, declared in `Trailer`
 /// as the client declared them.
 #[tokio::test]

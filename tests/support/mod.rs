@@ -269,6 +269,10 @@ async fn origin_answer(
     resp.headers_mut().insert("x-origin", name.parse().unwrap());
     resp.headers_mut().insert("connection", "keep-alive, x-origin-hop".parse().unwrap());
     resp.headers_mut().insert("x-origin-hop", "secret".parse().unwrap());
+    // Declares no trailers a body of known length could carry: hop-by-hop noise.
+    if !resp.headers().contains_key("trailer") {
+        resp.headers_mut().insert("trailer", "x-none".parse().unwrap());
+    }
     Ok(resp)
 }
 

@@ -318,7 +318,7 @@ impl Proxy {
                 endpoint.pool.learn_keep_alive(idle);
             }
         }
-        headers::remove_hop_by_hop_response(&mut parts.headers);
+        headers::remove_hop_by_hop_response(&mut parts.headers, parts.version);
         finish_head(&mut parts.headers, &pick, &routed);
         no_made_up_reason(parts.status, &mut parts.extensions);
         let sender = match via {
@@ -668,13 +668,18 @@ fn prepare(
         named |= k.as_str().eq_ignore_ascii_case(preview);
         token |= *k == modes::PREVIEW_TOKEN;
         if *k == TE {
-            wants_trailers |= v.as_bytes().eq_ignore_ascii_case(b"trailers");
+            wants_trailers |=
+                v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         } else if *k == HOST && host.is_none() {
             host = Some(v.clone());
         }
     }
-    // Trailers pass through, and hyper's client sends only those `Trailer` declares: it stays.
-    let declared: Vec<HeaderValue> = match scan.declares_trailers() {
+    // `Trailer` is hop-by-hop (SPEC §3), but trailers pass through, and hyper's
+    // client sends only those `Trailer` declares: it stays on a body that can
+    // carry trailers (chunked, or HTTP/2 without a length), and only there.
+    let body_has_trailers =
+        scan.chunked() || (parts.version == Version::HTTP_2 && !parts.headers.contains_key(CONTENT_LENGTH));
+    let declared: Vec<HeaderValue> = match scan.declares_trailers() && body_has_trailers {
         true => parts.headers.get_all(TRAILER).iter().cloned().collect(),
         false => Vec::new(),
     };
@@ -707,7 +712,7 @@ fn prepare(
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {
         Protocol::H2 if upgrade.is_none() => {
-            // h2 carries the host in :authority; gRPC needs `te: trailers`.
+            // h2 carries the host in :authority.
             let authority = host
                 .as_ref()
                 .and_then(|h| Authority::try_from(h.as_bytes()).ok())
@@ -716,6 +721,11 @@ fn prepare(
                 Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(pq).build().unwrap_or_default();
             parts.headers.remove(HOST);
             parts.version = Version::HTTP_2;
+            // The client's `TE` is gone (hop-by-hop), but on this hop cutover
+            // takes trailers and relays them, and gRPC servers want it said.
+            if wants_trailers {
+                parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+            }
         }
         _ => {
             parts.uri = Uri::from(pq);
@@ -725,10 +735,6 @@ fn prepare(
                 parts.headers.insert(UPGRADE, protocol.clone());
             }
         }
-    }
-    // cutover relays trailers, so it may ask for them on the client's behalf (gRPC needs it).
-    if wants_trailers {
-        parts.headers.insert(TE, HeaderValue::from_static("trailers"));
     }
     added
 }

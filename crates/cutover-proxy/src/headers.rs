@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, BytesMut};
 use cutover_core::hop_by_hop;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TRAILER};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRAILER, TRANSFER_ENCODING};
+use http::Version;
 
 /// `X-Forwarded-For`
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -57,10 +58,15 @@ impl Scan {
         self.present.note(name);
     }
 
-    /// Whether a `Trailer` field came (hyper's HTTP/1.1 client sends a
-    /// request's trailers only when it declares them there: it is kept).
+    /// Whether a `Trailer` field came.
     pub fn declares_trailers(&self) -> bool {
         self.hop_by_hop & 1 << hop_by_hop::TRAILER_INDEX != 0
+    }
+
+    /// Whether a `Transfer-Encoding` field came (an HTTP/1.1 request's body
+    /// is chunked then: the only framing with room for trailers).
+    pub fn chunked(&self) -> bool {
+        self.hop_by_hop & 1 << hop_by_hop::TRANSFER_ENCODING_INDEX != 0
     }
 
     /// Removes the hop-by-hop fields found, and every field `Connection`
@@ -92,10 +98,16 @@ impl Scan {
     }
 }
 
-/// The same for a response, but `Trailer` is kept: hyper sends HTTP/1.1
+/// The same for a response, but `Trailer` is kept on a body that can end
+/// with trailers (chunked, or HTTP/2 without a length): hyper sends HTTP/1.1
 /// trailers only when the response declares them there.
-pub fn remove_hop_by_hop_response(headers: &mut HeaderMap) {
-    let declared: Vec<HeaderValue> = headers.get_all(TRAILER).iter().cloned().collect();
+pub fn remove_hop_by_hop_response(headers: &mut HeaderMap, version: Version) {
+    let room = headers.contains_key(TRANSFER_ENCODING)
+        || (version == Version::HTTP_2 && !headers.contains_key(CONTENT_LENGTH));
+    let declared: Vec<HeaderValue> = match room {
+        true => headers.get_all(TRAILER).iter().cloned().collect(),
+        false => Vec::new(),
+    };
     remove_hop_by_hop(headers);
     for v in declared {
         headers.append(TRAILER, v);

@@ -158,8 +158,8 @@ pub struct Answer {
 
 /// The fields of an upstream's response head as they go on to the client:
 /// `name: value` lines, hop-by-hop fields (and the fields `Connection`
-/// names) left out (`Trailer` stays: it declares the trailers the client
-/// gets), `Content-Length` kept apart as a number. Written once as the head
+/// names) left out (`Trailer` stays on a chunked body: it declares the
+/// trailers the client gets), `Content-Length` kept apart as a number. Written once as the head
 /// is parsed, so that the client-side server copies them in one piece and no
 /// `HeaderMap` is built unless a server needs one ([`Fields::append_to`]).
 #[derive(Debug, Clone, Default)]
@@ -306,7 +306,7 @@ enum Kind {
     Kept,
     /// `Date` (kept).
     Date,
-    /// `Trailer` (kept: it declares the trailers the client gets).
+    /// `Trailer` (kept on a chunked body: it declares the trailers the client gets).
     Trailer,
     /// `Content-Length`.
     Length,
@@ -436,6 +436,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
         }
     };
     // Then the fields the client gets.
+    let chunked_body = matches!(framing, Framing::Chunked(_));
     let named_by_connection = |name: &[u8]| {
         parsed
             .headers
@@ -450,6 +451,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Parsed>, Error
     for (f, kind) in parsed.headers.iter().zip(kinds) {
         let name = f.name.as_bytes();
         match kind {
+            // Hop-by-hop (SPEC §3), but it declares the trailers a chunked body
+            // ends with, which pass through: kept there only.
+            Kind::Trailer if !chunked_body => continue,
             Kind::Trailer => out.trailer = true,
             Kind::Date => out.date = true,
             Kind::Kept if names_fields && named_by_connection(name) => continue,
