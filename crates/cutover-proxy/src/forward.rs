@@ -221,7 +221,7 @@ impl Proxy {
             };
             if let Some(mut r) = modes::refusal(&routed.site, &pick.target, &req) {
                 // A preview answer says which target gave it, refusal or not.
-                if let Some(v) = pick.preview.then(|| modes::served_by(&pick.target)).flatten() {
+                if let Some(v) = pick.preview.then(|| modes::served_by(&pick.target, None)).flatten() {
                     r.headers.push((modes::SERVED_BY.clone(), v));
                 }
                 return Ok(refused(r, routed.site, Some(pick.target), conn.activity.clone(), &mut req).await);
@@ -271,12 +271,13 @@ impl Proxy {
             return Ok(match self.send_direct(&routed, &wire, &method, &mut guard).await {
                 Ok(answer) => {
                     guard.status = answer.status.as_u16();
+                    let answered = pick.preview.then(|| answer.body.endpoint().clone());
                     let body = ProxyBody::direct(answer.body, answer.fields, guard, routed.response_timeout);
                     let mut resp = Response::new(body);
                     *resp.status_mut() = answer.status;
                     *resp.version_mut() = answer.version;
                     no_made_up_reason(answer.status, resp.extensions_mut());
-                    finish_head(resp.headers_mut(), &pick, &routed);
+                    finish_head(resp.headers_mut(), &pick, &routed, answered.as_deref());
                     resp
                 }
                 Err(e) => failure(e, &routed.target, guard),
@@ -319,7 +320,7 @@ impl Proxy {
             }
         }
         headers::remove_hop_by_hop_response(&mut parts.headers, parts.version);
-        finish_head(&mut parts.headers, &pick, &routed);
+        finish_head(&mut parts.headers, &pick, &routed, Some(&endpoint));
         no_made_up_reason(parts.status, &mut parts.extensions);
         let sender = match via {
             Via::Http1(s) => Some(s),
@@ -503,9 +504,9 @@ fn no_made_up_reason(status: StatusCode, extensions: &mut http::Extensions) {
     }
 }
 
-fn finish_head(headers: &mut http::HeaderMap, pick: &modes::Pick, routed: &Routed) {
+fn finish_head(headers: &mut http::HeaderMap, pick: &modes::Pick, routed: &Routed, answered: Option<&Endpoint>) {
     if pick.preview {
-        if let Some(v) = modes::served_by(&pick.target) {
+        if let Some(v) = modes::served_by(&pick.target, answered) {
             headers.insert(modes::SERVED_BY.clone(), v);
         }
     }

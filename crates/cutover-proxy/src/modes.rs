@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cutover_core::routing::{SiteRoute, TargetPool};
+use cutover_core::Endpoint;
 use http::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, COOKIE, RETRY_AFTER};
 use http::{Method, Request, StatusCode};
 use subtle::ConstantTimeEq;
@@ -102,10 +103,15 @@ pub fn bucket_set_cookie(name: &str, bucket: u8) -> Option<HeaderValue> {
     HeaderValue::try_from(format!("{name}={bucket}; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax")).ok()
 }
 
-/// `x-cutover-served-by: TARGET VERSION`
-pub fn served_by(target: &TargetPool) -> Option<HeaderValue> {
-    // A target that declares no version: what its endpoints report, if any.
-    let version = target.version.clone().or_else(|| target.endpoints.iter().find_map(|e| e.reported_version()));
+/// `x-cutover-served-by: TARGET VERSION`: the version the target declares,
+/// else the one `answered` (the endpoint that answered, if one did) reports,
+/// else the one any of its endpoints reports.
+pub fn served_by(target: &TargetPool, answered: Option<&Endpoint>) -> Option<HeaderValue> {
+    let version = target
+        .version
+        .clone()
+        .or_else(|| answered.and_then(Endpoint::reported_version))
+        .or_else(|| target.endpoints.iter().find_map(|e| e.reported_version()));
     let value = match version {
         Some(v) => format!("{} {v}", target.name),
         None => target.name.clone(),

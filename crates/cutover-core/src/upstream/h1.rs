@@ -542,6 +542,11 @@ enum Step {
 }
 
 impl ResponseBody {
+    /// The endpoint that answered.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// Ends the body; the connection goes back to the pool when the exchange
     /// ended cleanly and the upstream left nothing extra behind.
     fn finish(&mut self, clean: bool) {
