@@ -11,7 +11,10 @@
 #   ARGS="-t1 -c1 -d4s" bash benches/ab-vs-nginx.sh      # one connection (latency)
 #   BIG=1 bash benches/ab-vs-nginx.sh                    # 1 MiB bodies over 16 connections (peers.sh's (d))
 #
-# nginx runs 2 workers with upstream keep-alive, configured as in peers.sh.
+# nginx runs 2 workers with upstream keep-alive, configured as in peers.sh, and
+# like every process here in the script's session: a daemon's own session would
+# be its own scheduling autogroup (kernel.sched_autogroup_enabled), a CPU share
+# apart from wrk's and cutover's.
 # Ports: origin 18181, nginx 18182, cutover 18190 (admin 18991).
 # Needs nginx, wrk, curl (installed with apt-get when missing, as root).
 set -uo pipefail
@@ -39,7 +42,7 @@ trap cleanup EXIT
 mkdir -p "$T/px" "$T/www"
 head -c 1048576 /dev/zero | tr '\0' 'x' >"$T/www/1m"
 cat >"$T/origin.conf" <<EOF
-worker_processes 1; daemon on; pid $T/nginx.pid; error_log $T/error.log warn;
+worker_processes 1; daemon off; pid $T/nginx.pid; error_log $T/error.log warn;
 events { worker_connections 4096; }
 http { access_log off; client_body_temp_path $T; proxy_temp_path $T; fastcgi_temp_path $T; uwsgi_temp_path $T; scgi_temp_path $T;
   keepalive_timeout 300s; keepalive_requests 100000000; sendfile on; tcp_nopush on; tcp_nodelay on;
@@ -48,7 +51,7 @@ http { access_log off; client_body_temp_path $T; proxy_temp_path $T; fastcgi_tem
     location / { default_type text/plain; return 200 "ok\n"; } } }
 EOF
 cat >"$T/proxy.conf" <<EOF
-worker_processes 2; daemon on; pid $T/px/nginx.pid; error_log $T/px/error.log warn;
+worker_processes 2; daemon off; pid $T/px/nginx.pid; error_log $T/px/error.log warn;
 events { worker_connections 16384; }
 http { access_log off; client_body_temp_path $T/px; proxy_temp_path $T/px; fastcgi_temp_path $T/px; uwsgi_temp_path $T/px; scgi_temp_path $T/px;
   keepalive_timeout 300s; keepalive_requests 100000000;
@@ -60,7 +63,7 @@ EOF
 # The same cutover configuration peers.sh runs, pointed at this origin.
 sed -e 's/{listen}/127.0.0.1:18190/' -e 's/{origin}/127.0.0.1:18181/' -e "s#{tmp}#$T#" \
   "$(dirname "$0")/peers-cutover.yaml.tmpl" >"$T/cutover.yaml"
-nginx -c "$T/origin.conf"
+nginx -c "$T/origin.conf" & sleep 0.3
 
 # user and system clock ticks summed over PIDs
 ticks() { local u=0 s=0 a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
@@ -81,7 +84,7 @@ measure() {
 
 echo "wrk $ARGS ${HDR[*]}; ${ROUNDS:-3} rounds"
 for r in $(seq "${ROUNDS:-3}"); do
-  nginx -c "$T/proxy.conf"; sleep 0.3
+  nginx -c "$T/proxy.conf" & sleep 0.3
   measure "round $r nginx" "http://127.0.0.1:18182$URL_PATH" $(pgrep -P "$(cat "$T/px/nginx.pid")")
   kill "$(cat "$T/px/nginx.pid")"; sleep 0.3
   for b in "${BINS[@]}"; do
