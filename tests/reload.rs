@@ -93,6 +93,39 @@ async fn reload_drops_stale_state_and_reports_restart_settings() {
     assert_eq!(body["restart_required"], json!([]), "{body}");
 }
 
+/// A configured target whose endpoints were set through the API goes when a
+/// reload drops it from the configuration (it does not stay on as a target
+/// of the API's, without what the configuration said of it); a target only
+/// the API defined stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_target_set_through_the_api_goes_with_the_configuration() {
+    let (blue, green, extra) = (Origin::start("blue").await, Origin::start("green").await, Origin::start("x").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    for (target, addr) in [("green", green.addr), ("extra", extra.addr)] {
+        let body = json!({ "endpoints": [addr.to_string()], "version": "v2" });
+        let (status, answer) = p.api("PUT", &format!("/v1/sites/shop/targets/{target}"), Some(body)).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let file = p.dir.path().join("cutover.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let green_line = format!("      green: {{ endpoints: [\"{}\"], version: green-v1 }}\n", green.addr);
+    assert!(good.contains(&green_line));
+    std::fs::write(&file, good.replace(&green_line, "")).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert!(site["targets"].get("green").is_none(), "{site}");
+    assert_eq!(site["targets"]["extra"]["version"], "v2", "{site}");
+    let (status, body) = p.api("POST", "/v1/sites/shop/switch", Some(json!({ "to": "green", "force": true }))).await;
+    assert_eq!(status, 404, "{body}");
+    // Put back in the file, it is the configuration's again: no endpoints of the API's.
+    std::fs::write(&file, &good).unwrap();
+    assert_eq!(p.api("POST", "/v1/reload", None).await.0, 200);
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["targets"]["green"]["version"], "green-v1", "{site}");
+}
+
 /// A reload that removes a paused site ends its pause and its series; the
 /// site added back later is not paused (its state and its gate agree).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

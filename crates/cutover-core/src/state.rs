@@ -77,6 +77,11 @@ pub struct TargetSpec {
     pub endpoints: Vec<String>,
     /// Declared version.
     pub version: Option<String>,
+    /// The configuration defined this target (when it was set, or at a start
+    /// or reload since): it goes when the configuration drops it. A target
+    /// only the API ever defined stays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub configured: bool,
 }
 
 /// Durable site modes.

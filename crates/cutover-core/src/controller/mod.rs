@@ -468,8 +468,10 @@ impl Controller {
         }
         let mut inner = self.inner.lock().await;
         let mut next = inner.state.clone();
+        let configured = inner.config.sites.iter().any(|c| c.name == site && c.targets.contains_key(target));
         let s = next.sites.get_mut(site).expect("site checked above");
-        s.targets.insert(target.to_string(), TargetSpec { endpoints: endpoints.clone(), version: version.clone() });
+        let spec = TargetSpec { endpoints: endpoints.clone(), version: version.clone(), configured };
+        s.targets.insert(target.to_string(), spec);
         let reason = format!(
             "endpoints {}{}",
             endpoints.join(", "),

@@ -32,6 +32,16 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
             .sites
             .remove(&site.name)
             .unwrap_or_else(|| SiteState { live: site.live.clone(), ..Default::default() });
+        // A target the configuration defined goes with it, endpoints set
+        // through the API or not; one only the API defined stays.
+        s.targets.retain(|name, spec| {
+            spec.configured |= site.targets.contains_key(name);
+            let kept = !spec.configured || site.targets.contains_key(name);
+            if !kept {
+                tracing::warn!(site = %site.name, target = %name, "state has a target the configuration no longer has; dropped");
+            }
+            kept
+        });
         let known = |t: &str, s: &SiteState| site.targets.contains_key(t) || s.targets.contains_key(t);
         if !known(&s.live, &s) {
             tracing::warn!(site = %site.name, target = %s.live, "state's live target no longer exists; using the configured live target");
@@ -121,11 +131,32 @@ sites:
     fn targets_set_through_the_api_are_kept() {
         let mut loaded = State { version: STATE_VERSION, ..Default::default() };
         let mut shop = site_state("clone", Some("blue"));
-        shop.targets.insert("clone".into(), TargetSpec { endpoints: vec!["127.0.0.1:3".into()], version: None });
+        let spec = TargetSpec { endpoints: vec!["127.0.0.1:3".into()], version: None, configured: false };
+        shop.targets.insert("clone".into(), spec.clone());
+        shop.targets.insert("green".into(), spec);
         loaded.sites.insert("shop".into(), shop);
         let state = reconcile(&config(), Some(loaded));
         assert_eq!(state.sites["shop"].live, "clone");
         let targets = effective_targets(&config().sites[0], &state.sites["shop"]);
         assert_eq!(targets.keys().collect::<Vec<_>>(), ["blue", "clone", "green"]);
+        // The configuration defines green: that is noted, clone only the API defined.
+        let kept = &state.sites["shop"].targets;
+        assert!(kept["green"].configured && !kept["clone"].configured);
+    }
+
+    /// A configured target that the API set goes when the configuration
+    /// drops it (with what the configuration said of it, such as
+    /// `read_only`), and the live and previous entries naming it with it.
+    #[test]
+    fn a_configured_target_set_through_the_api_goes_with_the_configuration() {
+        let mut loaded = State { version: STATE_VERSION, ..Default::default() };
+        let mut shop = site_state("orange", Some("blue"));
+        let spec = TargetSpec { endpoints: vec!["127.0.0.1:3".into()], version: None, configured: true };
+        shop.targets.insert("orange".into(), spec);
+        loaded.sites.insert("shop".into(), shop);
+        let state = reconcile(&config(), Some(loaded));
+        let shop = &state.sites["shop"];
+        assert!(shop.targets.is_empty());
+        assert_eq!((shop.live.as_str(), shop.previous.as_deref()), ("blue", None));
     }
 }
