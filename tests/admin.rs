@@ -67,6 +67,22 @@ async fn bad_requests_are_400_and_change_nothing() {
         ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":[]}"#, "invalid_request"),
         ("PUT", "/v1/sites/shop/targets/Bad_Name", r#"{"endpoints":["127.0.0.1:1"]}"#, "invalid_request"),
         ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["127.0.0.1:1"],"colour":"x"}"#, "unknown_field"),
+        // A body is an object, not the struct's fields in a list.
+        ("POST", "/v1/sites/shop/switch", r#"["green",false,null,null,null]"#, "invalid_json"),
+        ("PUT", "/v1/sites/shop/targets/green", r#"[["127.0.0.1:1"],"v5"]"#, "invalid_json"),
+        ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["127.0.0.1:1"],"version":""}"#, "invalid_request"),
+        (
+            "POST",
+            "/v1/sites/shop/deploy",
+            r#"{"target":"green","endpoints":["127.0.0.1:1"],"version":" "}"#,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/sites/shop/deploy",
+            r#"{"target":"green","endpoints":["127.0.0.1:1"],"healthy_timeout":"0s"}"#,
+            "invalid_request",
+        ),
     ];
     for (method, path, body, code) in cases {
         let (status, answer) = admin_raw(p.admin, method, path, body, None).await;

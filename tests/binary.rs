@@ -244,8 +244,23 @@ async fn ctl_exit_codes_and_output() {
         assert_eq!(out.status.code(), Some(2), "{not_admin}: {stderr}");
         assert!(stderr.contains("is this cutover's admin API?"), "{stderr}");
     }
+    // An address that takes the connection and never answers: exit 2 at --request-timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let out = ctl(silent.local_addr().unwrap(), &["switch", "shop", "green", "--request-timeout", "300ms"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no answer within 300ms"), "{stderr}");
+    drop(silent);
     let out = ctl(admin, &["switch", "shop"]).await;
     assert_eq!(out.status.code(), Some(2), "missing argument is a usage error");
+    let out = ctl(admin, &["pause", "shop", "--timeout", "soon"]).await;
+    assert_eq!(out.status.code(), Some(2), "a bad duration is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("such as 30s"), "{out:?}");
+    // An empty $CUTOVER_ADMIN_URL is unset: the default address, not an error about "".
+    let out =
+        tokio::process::Command::new(BIN).args(["ctl", "status"]).env("CUTOVER_ADMIN_URL", "").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("http://127.0.0.1:9901") || out.status.success(), "{stderr}");
     // `--admin` (and `--token`) may also follow the subcommand.
     let out = tokio::process::Command::new(BIN)
         .args(["ctl", "status", "shop", "--admin", &format!("http://{admin}")])

@@ -261,7 +261,8 @@ async fn failing_green_is_rolled_back_automatically() {
         (Some("automatic_rollback"), Some("watch"), Some("blue")),
         "{h}"
     );
-    assert!(h["reason"].as_str().unwrap().contains("error rate 100.0%"), "{h}");
+    let reason = h["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate 100.0%") && !reason.contains("forced"), "{h}");
     let site = p.api("GET", "/v1/sites/shop", None).await.1;
     assert_eq!((site["live"].as_str(), site["watch"].clone()), (Some("blue"), Value::Null));
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;

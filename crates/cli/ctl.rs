@@ -30,15 +30,22 @@ macro_rules! out_part {
     }};
 }
 
+/// The admin API `ctl` asks when neither `--admin` nor `$CUTOVER_ADMIN_URL` says.
+const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
+
 /// Options of `cutover ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// Admin API base URL.
-    #[arg(long, global = true, env = "CUTOVER_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+    #[arg(long, global = true, env = "CUTOVER_ADMIN_URL", default_value = DEFAULT_ADMIN)]
     admin: String,
     /// Bearer token for the admin API.
     #[arg(long, global = true, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// How long to wait for each answer of the admin API (a switch waits for
+    /// its smoke checks) before giving up with exit code 2.
+    #[arg(long, global = true, value_parser = duration, default_value = "2m")]
+    request_timeout: Duration,
     /// Print the raw JSON answer.
     #[arg(long, global = true)]
     json: bool,
@@ -63,7 +70,7 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
         /// How long the old target may finish its work, e.g. 30s.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         drain_timeout: Option<Duration>,
         /// Refuse unless every endpoint runs this version.
         #[arg(long)]
@@ -108,10 +115,10 @@ enum CtlCommand {
         #[arg(long)]
         version: Option<String>,
         /// How long to watch after the switch, e.g. 60s (default: the site's switch.watch).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         watch: Option<Duration>,
         /// How long to wait for the target to be healthy, e.g. 60s.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         healthy_timeout: Option<Duration>,
     },
     /// Re-read the configuration file of the running proxy.
@@ -135,7 +142,7 @@ enum CtlCommand {
         /// Site name.
         site: String,
         /// How long each request may be held, e.g. 30s.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         timeout: Option<Duration>,
     },
     /// Release the requests held on SITE, to the live target of this moment.
@@ -171,6 +178,20 @@ fn parse_weight(s: &str) -> Result<(String, u8), String> {
     Ok((name.to_string(), pct))
 }
 
+/// A duration argument, such as `30s`.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 30s, 500ms or 5m)"))
+}
+
+/// Where and how `ctl` asks the admin API.
+struct Admin<'a> {
+    /// The base URL (an empty `$CUTOVER_ADMIN_URL` counts as unset).
+    base: &'a str,
+    token: Option<&'a str>,
+    /// For each exchange, from the connect to the answer's last byte.
+    timeout: Duration,
+}
+
 /// Runs one `ctl` command and maps the outcome to the exit code.
 pub fn run(args: CtlArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -181,9 +202,11 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
     };
     let (method, path, body) = request_for(&args.command);
-    match runtime.block_on(call(&args.admin, args.token.as_deref(), method, &path, body)) {
+    let base = if args.admin.trim().is_empty() { DEFAULT_ADMIN } else { args.admin.as_str() };
+    let admin = Admin { base, token: args.token.as_deref(), timeout: args.request_timeout };
+    match runtime.block_on(call(&admin, method, &path, body)) {
         Err(e) => {
-            eprintln!("cutover ctl: cannot reach the admin API at {}: {e}", args.admin);
+            eprintln!("cutover ctl: cannot reach the admin API at {}: {e}", admin.base);
             ExitCode::from(2)
         }
         Ok((status, value)) if status >= 400 => {
@@ -196,7 +219,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
         Ok((_, value)) if matches!(args.command, CtlCommand::Deploy { .. }) => {
             let id = value["id"].as_str().unwrap_or_default().to_string();
-            runtime.block_on(follow_deploy(&args.admin, args.token.as_deref(), &id, args.json))
+            runtime.block_on(follow_deploy(&admin, &id, args.json))
         }
         Ok((_, value)) => {
             if args.json {
@@ -211,7 +234,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
 
 /// Follows deployment `id` until it ends, showing each step as it happens:
 /// a live spinner line on a terminal, one plain line per change otherwise.
-async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -> ExitCode {
+async fn follow_deploy(admin: &Admin<'_>, id: &str, json: bool) -> ExitCode {
     use std::io::{IsTerminal, Write};
     let tty = !json && std::io::stdout().is_terminal();
     const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
@@ -221,7 +244,7 @@ async fn follow_deploy(admin: &str, token: Option<&str>, id: &str, json: bool) -
         out!("deployment {id}");
     }
     loop {
-        let d = match call(admin, token, Method::GET, &format!("/v1/deployments/{id}"), None).await {
+        let d = match call(admin, Method::GET, &format!("/v1/deployments/{id}"), None).await {
             Ok((200, d)) => d,
             Ok((status, v)) => {
                 print_error(status, &v);
@@ -338,31 +361,28 @@ fn request_for(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
     }
 }
 
-/// Sends one request to the admin API; returns the status and the JSON (or text) answer.
-async fn call(
-    base: &str,
-    token: Option<&str>,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
+/// Sends one request to the admin API; returns the status and the JSON answer.
+async fn call(admin: &Admin<'_>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+    let limit = humantime::format_duration(admin.timeout);
+    tokio::time::timeout(admin.timeout, exchange(admin, method, path, body))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {limit} (--request-timeout)"))?
+}
+
+async fn exchange(admin: &Admin<'_>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+    let base = admin.base;
     let base: Uri = base.parse().map_err(|e| anyhow::anyhow!("--admin {base:?} is not a URL: {e}"))?;
     if base.scheme_str() != Some("http") {
         anyhow::bail!("--admin must be an http:// URL");
     }
     let authority = base.authority().ok_or_else(|| anyhow::anyhow!("--admin has no host"))?.clone();
     let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connection timed out"))??;
+    let stream = tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port)).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let prefix = base.path().trim_end_matches('/');
     let mut req = Request::builder().method(method).uri(format!("{prefix}{path}")).header("host", authority.as_str());
-    if let Some(t) = token {
+    if let Some(t) = admin.token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let bytes = match body {
@@ -372,10 +392,7 @@ async fn call(
         }
         None => Bytes::new(),
     };
-    // Switches wait for smoke checks: allow them time.
-    let resp = tokio::time::timeout(Duration::from_secs(120), sender.send_request(req.body(Full::new(bytes))?))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within 120s"))??;
+    let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     // Something else listening there (an app, the data plane) must not pass

@@ -283,6 +283,16 @@ impl Admin {
             (&Method::POST, ["sites", site, "deploy"]) => match parse::<DeployBody>(body).and_then(|b| {
                 bounded("watch", b.watch)?;
                 bounded("healthy_timeout", b.healthy_timeout)?;
+                if b.healthy_timeout.is_some_and(|d| d.is_zero()) {
+                    let message =
+                        "healthy_timeout: must be greater than zero (no endpoint is healthy before it was checked)";
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        message,
+                        json!({ "field": "healthy_timeout" }),
+                    ));
+                }
                 Ok(b)
             }) {
                 Ok(b) => {
@@ -391,6 +401,11 @@ fn control_error(e: ControlError) -> ApiError {
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every body is an object (serde would also take a struct as an array of its fields).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let message = "request body: expected a JSON object";
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message, json!({})));
+    }
     serde_json::from_slice(body).map_err(|e| {
         let code = if e.to_string().starts_with("unknown field") { "unknown_field" } else { "invalid_json" };
         ApiError::new(StatusCode::BAD_REQUEST, code, &format!("request body: {e}"), json!({}))

@@ -427,7 +427,7 @@ impl Validator {
                 return Vec::new();
             }
             other => {
-                self.err("sites", type_name(&other), "expected a list of sites");
+                self.err("sites", yaml_text(&other), format!("expected a list of sites, not {}", type_name(&other)));
                 return Vec::new();
             }
         };
@@ -456,7 +456,8 @@ impl Validator {
                     } else {
                         format!("{path}.preview.hosts.{host}")
                     };
-                    self.err(field, host, format!("duplicate host (already used by sites[{first}])"));
+                    let by = if first == i { "by this site's hosts".to_string() } else { format!("by sites[{first}]") };
+                    self.err(field, host, format!("duplicate host (already used {by})"));
                 }
             }
             sites.push(site);
@@ -561,6 +562,9 @@ impl Validator {
             if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
                 self.err(format!("{path}.server_name"), name, "expected a DNS name or an IP address");
             }
+        }
+        if raw.version.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            self.err(format!("{path}.version"), "", "must not be empty (leave it out for none)");
         }
         Target {
             endpoints: raw.endpoints,
@@ -788,15 +792,44 @@ fn join_path(prefix: &str, rest: &str) -> String {
     }
 }
 
+/// A configured host as requests are matched against it: lower case, without
+/// the trailing dot of a fully qualified name; a DNS name, an IPv4 address or
+/// a bracketed IPv6 one, or `*` alone.
 fn normalize_host(h: &str) -> Result<String, String> {
     let h = h.trim().to_ascii_lowercase();
     if h == "*" {
         return Ok(h);
     }
-    if h.is_empty() || h.contains(':') && !h.starts_with('[') || h.contains('/') || h.contains(char::is_whitespace) {
-        return Err("expected a host name without port or scheme, or *".into());
+    if h.is_empty() {
+        return Err("a host name must not be empty".into());
     }
-    Ok(h)
+    if h.contains('*') {
+        return Err("a wildcard is \"*\" alone (the default site); \"*\" within a name matches nothing".into());
+    }
+    if !h.is_ascii() {
+        return Err("expected an ASCII host name (write an international name in its xn-- form)".into());
+    }
+    if let Some(inner) = h.strip_prefix('[') {
+        return match inner.strip_suffix(']').map(str::parse::<std::net::Ipv6Addr>) {
+            Some(Ok(_)) => Ok(h),
+            _ => Err("expected an IPv6 address in brackets, such as [::1]".into()),
+        };
+    }
+    let name = h.strip_suffix('.').unwrap_or(&h);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(
+            "expected a host name without port or scheme (letters, digits, - and _ in dot-separated labels), or *"
+                .into(),
+        );
+    }
+    Ok(name.to_string())
 }
 
 fn is_token(s: &str) -> bool {

@@ -470,6 +470,37 @@ fn an_endpoint_listed_twice_in_a_target_is_an_error() {
     assert_eq!(e.errors.len(), 1, "{e}");
 }
 
+/// Hosts are matched as requests are: a fully qualified name's trailing dot
+/// is dropped (so it can clash with the same name without one), and what
+/// could never match (a `*` within a name, a non-ASCII name, an empty label)
+/// is refused rather than left to 404 every request.
+#[test]
+fn hosts_are_normalised_and_unmatchable_ones_refused() {
+    let dir = tmp();
+    let c = ok(&one_site("").replace("[shop.example.com]", "[Shop.Example.COM., \"[::1]\", 10.0.0.1]"), dir.path());
+    assert_eq!(c.sites[0].hosts, ["shop.example.com", "[::1]", "10.0.0.1"]);
+    let text = one_site("").replace("[shop.example.com]", "[shop.example.com, shop.example.com.]");
+    assert!(at(&errs(&text, dir.path()), "sites[0].hosts[1]").message.contains("duplicate"));
+    for bad in ["\"*.example.com\"", "ünï.test", "a..b", "-bad.test", "\"\"", "\"[zz]\""] {
+        let text = one_site("").replace("[shop.example.com]", &format!("[{bad}]"));
+        let e = errs(&text, dir.path());
+        let err = at(&e, "sites[0].hosts[0]");
+        assert!(!err.message.is_empty() && e.errors.len() == 1, "{bad}: {e}");
+    }
+    let text = one_site("").replace("[shop.example.com]", "[\"*.example.com\"]");
+    assert!(at(&errs(&text, dir.path()), "sites[0].hosts[0]").message.contains("wildcard"));
+}
+
+/// An empty declared version is refused (it would show as a blank, and
+/// `expect_version: ""` could match it).
+#[test]
+fn an_empty_version_is_an_error() {
+    let dir = tmp();
+    let text =
+        one_site("").replace("{ endpoints: [127.0.0.1:4001] }", "{ endpoints: [127.0.0.1:4001], version: \"\" }");
+    assert!(at(&errs(&text, dir.path()), "sites[0].targets.green.version").message.contains("empty"));
+}
+
 /// Limits too large to run with, listeners that clash, and probe or smoke
 /// requests that could not be sent are refused at check time.
 #[test]
@@ -550,6 +581,12 @@ fn the_offending_value_is_reported() {
 
     let e = errs(&one_site("").replace("127.0.0.1:8080", "localhost:8080"), dir.path());
     assert_eq!(at(&e, "listen.http").value, "localhost:8080");
+
+    // A value of the wrong kind is shown as written, and its kind named.
+    let e = errs(&with_listen("sites: 5\n"), dir.path());
+    let err = at(&e, "sites");
+    assert_eq!(err.value, "5");
+    assert!(err.message.contains("a number"), "{e}");
 }
 
 #[test]

@@ -111,12 +111,12 @@ pub enum StateError {
         source: io::Error,
     },
     /// The file exists but cannot be read (a directory, no permission).
-    #[error("state file {path} cannot be read: {source} (fix it, or start with --reset-state to move it aside)")]
+    #[error("state file {path} cannot be read: {fault} (fix it, or start with --reset-state to move it aside)")]
     Unreadable {
         /// The file.
         path: PathBuf,
-        /// The fault.
-        source: io::Error,
+        /// The fault (in the message, not a source: it would be printed twice).
+        fault: io::Error,
     },
     /// The file is not a valid state file.
     #[error("state file {path} is not valid: {message} (fix it, or start with --reset-state to move it aside)")]
@@ -217,7 +217,7 @@ impl StateStore for FileStore {
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Unreadable { path: self.path.clone(), source }),
+            Err(fault) => return Err(StateError::Unreadable { path: self.path.clone(), fault }),
         };
         let corrupt = |message: String| StateError::Corrupt { path: self.path.clone(), message };
         let state: State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
@@ -299,7 +299,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         fs::create_dir(&path).unwrap();
-        let err = FileStore::new(&path).load().unwrap_err().to_string();
+        let err = FileStore::new(&path).load().unwrap_err();
+        // The fault is said once: in the message, with no source to print after it.
+        assert!(std::error::Error::source(&err).is_none());
+        let err = err.to_string();
         assert!(err.contains("cannot be read") && err.contains("--reset-state"), "{err}");
         let aside = FileStore::new(&path).reset().unwrap().unwrap();
         assert!(aside.is_dir() && !path.exists());

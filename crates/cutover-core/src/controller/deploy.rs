@@ -148,7 +148,7 @@ impl Controller {
     /// (`running`, every step `pending`), then starts.
     pub async fn deploy(&self, site: &str, req: DeployRequest) -> Result<String, ControlError> {
         self.site_exists(site).await?;
-        super::check_new_target(&req.target, &req.endpoints)?;
+        super::check_new_target(&req.target, &req.endpoints, req.version.as_deref())?;
         let id = new_id();
         let live = {
             let inner = self.inner.lock().await;

@@ -452,7 +452,7 @@ impl Controller {
         let lock = self.site_lock(site);
         let _guard = lock.lock().await;
         self.site_exists(site).await?;
-        check_new_target(target, &endpoints)?;
+        check_new_target(target, &endpoints, version.as_deref())?;
         let live = {
             let inner = self.inner.lock().await;
             inner.state.sites.get(site).ok_or_else(|| not_found("site", site))?.live.clone()
@@ -741,7 +741,8 @@ impl Controller {
         // A switch ends any canary split: 100 % to the new live target.
         s.weights = None;
         let mut entry = HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok");
-        match (&req.reason, req.force) {
+        // Forced by an operator; the watch's and a deploy's own rollbacks skip the gates, but nobody forced them.
+        match (&req.reason, req.force && actor == Actor::Api) {
             (Some(r), true) => entry = entry.reason(format!("{r} (forced)")),
             (Some(r), false) => entry = entry.reason(r.clone()),
             (None, true) => entry = entry.reason("forced"),
@@ -1119,8 +1120,11 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError
 }
 
 /// Checks a target's name and endpoints as given to the API (`set_target`, deploys).
-fn check_new_target(target: &str, endpoints: &[String]) -> Result<(), ControlError> {
+fn check_new_target(target: &str, endpoints: &[String], version: Option<&str>) -> Result<(), ControlError> {
     cutover_config::validate_site_name(target).map_err(|m| invalid("target", format!("{target:?} {m}")))?;
+    if version.is_some_and(|v| v.trim().is_empty()) {
+        return Err(invalid("version", "must not be empty (leave it out for none)"));
+    }
     if endpoints.is_empty() {
         return Err(invalid("endpoints", "at least one endpoint is required"));
     }
