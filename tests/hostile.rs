@@ -1017,6 +1017,39 @@ async fn smuggled_request_never_reaches_the_origin() {
     assert!(seen.iter().all(|p| p == "/"), "{seen:?}");
 }
 
+/// A request that could be read two ways, pipelined behind a chunked one in
+/// the same write (so hyper's server, which reads the chunked one, could
+/// have read it too): judged before hyper gets its bytes, answered `400`, and
+/// never forwarded; the chunked request before it is answered as usual.
+#[tokio::test]
+async fn an_ambiguous_request_behind_a_chunked_one_is_refused() {
+    let (p, blue) = one_site("").await;
+    let chunked: &[u8] =
+        b"POST /first HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n";
+    let ambiguous: [&[u8]; 2] = [
+        b"POST /second HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /second HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    ];
+    for second in ambiguous {
+        let r = raw(p.addr, &[chunked, second, CANARY].concat()).await;
+        assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
+        assert_eq!(r.responses(), 2, "{:?}", r.text);
+        assert!(r.text.contains("HTTP/1.1 400"), "{:?}", r.text);
+        assert!(r.closed, "connection kept alive after an ambiguous request");
+    }
+    // Behind a chunked request, a plain GET and another chunked one are answered in order.
+    let get: &[u8] = b"GET /third HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+    let last: &[u8] =
+        b"POST /fourth HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n";
+    let r = raw(p.addr, &[chunked, get, last].concat()).await;
+    assert_eq!((r.text.matches("HTTP/1.1 200").count(), r.closed), (3, true), "{:?}", r.text);
+    settle().await;
+    let seen = paths(&blue);
+    assert!(!seen.iter().any(|p| p == "/second" || p == "/canary"), "forwarded: {seen:?}");
+    assert_eq!(seen.iter().filter(|p| *p == "/first").count(), 3, "{seen:?}");
+    assert!(seen.ends_with(&["/third".to_string(), "/fourth".to_string()]), "{seen:?}");
+}
+
 /// An upstream that answers before it has read the request body (a `401`
 /// from the head alone): the body that comes late is the rest of that
 /// request, never a request of its own, however long the connection was

@@ -33,6 +33,9 @@ pub struct Activity {
     head_since_ms: AtomicU64,
     /// Whether the last write could not complete (hyper still has bytes to send).
     write_blocked: AtomicBool,
+    /// Whether hyper's server, after a hand-over, has been given every byte of
+    /// the request it reads, to the end of its body ([`crate::handover`]).
+    message_read: AtomicBool,
     /// Milliseconds since `opened` when the write now blocked first could not complete.
     blocked_since_ms: AtomicU64,
     /// Whether requests came over HTTP/2 (never parked).
@@ -69,6 +72,7 @@ impl Activity {
             read_since_finish: AtomicBool::new(false),
             head_since_ms: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
+            message_read: AtomicBool::new(false),
             blocked_since_ms: AtomicU64::new(0),
             multiplexed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
@@ -184,10 +188,18 @@ impl Activity {
             && self.all_read_all_written()
     }
 
-    /// Nothing left to write, and the last request body read to its end.
+    /// Nothing left to write, and the last request body read to its end
+    /// (sent upstream, or read off the connection whole by hyper's server).
     fn all_read_all_written(&self) -> bool {
         !self.write_blocked.load(Ordering::Relaxed)
-            && self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done())
+            && (self.message_read.load(Ordering::Relaxed)
+                || self.body.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|b| b.done()))
+    }
+
+    /// Whether (`true`) hyper's server has been given the whole request it
+    /// reads, to the end of its body, or (`false`) is given a new one.
+    pub fn set_message_read(&self, read: bool) {
+        self.message_read.store(read, Ordering::Relaxed);
     }
 
     /// Whether hyper's HTTP/1.1 server, serving this connection after a

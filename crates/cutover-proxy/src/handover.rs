@@ -7,8 +7,10 @@
 //! `GET`, a small `POST` with its body, or one cutover answers itself, such as
 //! a request that could be read two ways, which hyper would read as chunked
 //! without a word) brings the connection back to cutover's own server, with
-//! those bytes, once hyper has let go of it. A head hyper already holds (sent
-//! in the same packets as the request before it) stays hyper's.
+//! those bytes, once hyper has let go of it. hyper is given the bytes of one
+//! message at a time ([`MessageEnd`]: a head, then its body as its length or
+//! its chunks say), so a request pipelined behind another, even in the same
+//! packet, is judged before hyper reads it.
 
 use std::future::Future;
 use std::io;
@@ -26,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::activity::Activity;
 use crate::h1_server::{self, Judged};
+use crate::message_end::MessageEnd;
 use crate::sniff::Prefixed;
 
 /// What one read of a next request head asks for.
@@ -40,26 +43,23 @@ const READ_SIZE: usize = 4096;
 pub struct HandedOver<T> {
     /// The stream, after bytes for hyper that are to be read first.
     inner: Prefixed<T>,
-    /// The start of a next request head, not judged yet.
+    /// The start of a next request head, not judged yet (the prefix is
+    /// empty while it holds bytes).
     judging: BytesMut,
+    /// Where the message hyper is being given ends.
+    message: MessageEnd,
     activity: Arc<Activity>,
-    /// Requests read on the connection before the hand-over: later heads are judged.
-    served_before: u64,
     /// The largest request head cutover's own server reads.
     limit: usize,
 }
 
 impl<T> HandedOver<T> {
-    /// `inner`, to be read after `prefix`, on the connection with `activity`.
+    /// `inner`, to be read after `prefix` (which starts with the head cutover's
+    /// own server handed over), on the connection with `activity`.
     pub fn new(prefix: Bytes, inner: T, activity: Arc<Activity>, limit: usize) -> Self {
-        let served_before = activity.requests();
-        Self { inner: Prefixed::new(prefix, inner), judging: BytesMut::new(), activity, served_before, limit }
-    }
-
-    /// Whether hyper, reading now, waits for a next request (one it has not
-    /// begun to read) on a connection it may give back.
-    fn between_requests(&self) -> bool {
-        self.activity.requests() > self.served_before && self.judging.is_empty() && self.activity.can_hand_back()
+        let message = MessageEnd::of_head(&prefix);
+        activity.set_message_read(false);
+        Self { inner: Prefixed::new(prefix, inner), judging: BytesMut::new(), message, activity, limit }
     }
 }
 
@@ -73,6 +73,8 @@ impl<T: AsyncRead + Unpin> HandedOver<T> {
                 let head = self.judging.split().freeze();
                 let judged = h1_server::judge(&head, self.limit);
                 if let Judged::Hyper = judged {
+                    self.message = MessageEnd::of_head(&head);
+                    self.activity.set_message_read(false);
                     self.inner.set_prefix(head);
                     return Poll::Ready(Ok(()));
                 }
@@ -91,6 +93,7 @@ impl<T: AsyncRead + Unpin> HandedOver<T> {
                 // The end of the stream: hyper closes on it (after a part of a
                 // head, cutover's own server does, as it would have).
                 if self.judging.is_empty() {
+                    self.message = MessageEnd::Unknown;
                     return Poll::Ready(Ok(()));
                 }
                 self.activity.ask_hand_back(true);
@@ -105,19 +108,40 @@ impl<T: AsyncRead + Unpin> HandedOver<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for HandedOver<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.inner.prefix_read() && (!this.judging.is_empty() || this.between_requests()) {
+        if this.message == MessageEnd::Reached {
             if this.activity.closing() || this.activity.upgraded() {
                 // hyper finishes the connection (it was not let go of), or it is a
                 // tunnel now: the bytes are its after all.
+                this.message = MessageEnd::Unknown;
                 this.inner.set_prefix(this.judging.split().freeze());
             } else if this.activity.hand_back_asked() {
-                // Going back: hyper waits meanwhile.
+                // Going back: hyper waits meanwhile. Judged while hyper was still
+                // busy with the request before, it goes once hyper is done.
+                if this.activity.can_hand_back() {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             } else {
                 std::task::ready!(this.judge(cx))?;
             }
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        // Bytes past the message's end are not hyper's yet: judged first, with
+        // what is left of the prefix after them.
+        if let Some(n) = this.message.follow(&buf.filled()[before..]) {
+            this.activity.set_message_read(true);
+            this.judging.extend_from_slice(&buf.filled()[before + n..]);
+            this.judging.extend_from_slice(&this.inner.take_prefix());
+            buf.set_filled(before + n);
+            if n == 0 {
+                // Nothing of it was hyper's (an empty read is the end of the
+                // stream to hyper): judge it first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

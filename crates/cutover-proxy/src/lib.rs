@@ -25,6 +25,7 @@ pub mod forward;
 mod h1_server;
 mod handover;
 pub mod headers;
+mod message_end;
 pub mod modes;
 mod quiet;
 pub mod server;

@@ -90,6 +90,11 @@ impl<T> Prefixed<T> {
         self.prefix = bytes;
     }
 
+    /// Takes what is left of the prefix.
+    pub fn take_prefix(&mut self) -> Bytes {
+        std::mem::take(&mut self.prefix)
+    }
+
     /// What is left of the prefix, and the stream.
     pub fn into_parts(self) -> (Bytes, T) {
         (self.prefix, self.inner)

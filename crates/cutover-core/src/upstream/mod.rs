@@ -220,7 +220,9 @@ impl http_body::Body for RequestBody {
             p.waiting_on_client.store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
             if let std::task::Poll::Ready(frame) = &polled {
                 p.touch();
-                if frame.is_none() || inner.is_end_stream() {
+                // Trailers are a body's last frame.
+                let last = frame.as_ref().is_none_or(|f| f.as_ref().is_ok_and(http_body::Frame::is_trailers));
+                if last || inner.is_end_stream() {
                     p.done.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
