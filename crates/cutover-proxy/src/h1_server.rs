@@ -317,10 +317,12 @@ fn parse(buf: &mut Bytes, limit: usize) -> Result<Option<(Request<RequestBody>, 
 }
 
 /// A request for hyper, unless its body could be read two ways (both
-/// `Content-Length` and `Transfer-Encoding`), which hyper would accept.
+/// `Content-Length` and `Transfer-Encoding`, or two `Content-Length` fields,
+/// even equal, as nginx refuses them), which hyper would accept.
 fn for_hyper(req: &httparse::Request<'_, '_>) -> NotMine {
-    let has = |n: &[u8]| req.headers.iter().any(|f| f.name.as_bytes().eq_ignore_ascii_case(n));
-    if has(b"content-length") && has(b"transfer-encoding") {
+    let count = |n: &[u8]| req.headers.iter().filter(|f| f.name.as_bytes().eq_ignore_ascii_case(n)).count();
+    let lengths = count(b"content-length");
+    if lengths > 1 || lengths == 1 && count(b"transfer-encoding") > 0 {
         NotMine::Ambiguous
     } else {
         NotMine::Hyper
