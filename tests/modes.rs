@@ -321,6 +321,13 @@ async fn preview_never_falls_back() {
     assert_eq!(c.send(preview("green", Some("wrong"))).await.unwrap().status, 403);
     assert_eq!(c.send(preview("purple", Some("letmein"))).await.unwrap().status, 503);
     assert_eq!(c.send(preview("broken", Some("letmein"))).await.unwrap().status, 503);
+    // Named twice, or with two tokens: which one counts is not guessed.
+    let mut twice = preview("green", Some("letmein"));
+    twice.headers_mut().append("x-cutover-target", "clone".parse().unwrap());
+    assert_eq!(c.send(twice).await.unwrap().status, 503);
+    let mut two_tokens = preview("green", Some("letmein"));
+    two_tokens.headers_mut().append("x-cutover-preview-token", "wrong".parse().unwrap());
+    assert_eq!(c.send(two_tokens).await.unwrap().status, 403);
     // Preview refusals are not the live target's answers: not counted under it.
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
     for code in ["4xx", "5xx"] {

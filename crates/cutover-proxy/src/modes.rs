@@ -52,12 +52,20 @@ impl Refusal {
 /// target — else the sticky canary split, else the live target.
 pub fn pick<B>(site: &SiteRoute, preview_host: Option<&str>, req: &Request<B>) -> Result<Pick, Refusal> {
     let preview = &site.config.preview;
-    let by_header = || req.headers().get(preview.header.as_str()).and_then(|v| v.to_str().ok());
-    let named = preview_host.or_else(|| if preview.enabled { by_header() } else { None });
+    let by_header = || single(req.headers().get_all(preview.header.as_str())).map(|v| v.and_then(|v| v.to_str().ok()));
+    let named = match preview_host {
+        Some(host) => Some(Some(host)),
+        None if preview.enabled => by_header(),
+        None => None,
+    };
     if let Some(name) = named {
+        // Named twice (or not in text), it names no one target: refused, never guessed.
+        let Some(name) = name else {
+            return Err(Refusal::text(StatusCode::SERVICE_UNAVAILABLE, "the preview header must name one target\n"));
+        };
         if let Some(token) = &preview.token {
-            let given = req.headers().get(&PREVIEW_TOKEN).map(HeaderValue::as_bytes).unwrap_or_default();
-            if !bool::from(given.ct_eq(token.as_bytes())) {
+            let given = single(req.headers().get_all(&PREVIEW_TOKEN)).flatten().map(HeaderValue::as_bytes);
+            if !bool::from(given.unwrap_or_default().ct_eq(token.as_bytes())) {
                 return Err(Refusal::text(StatusCode::FORBIDDEN, "preview needs a valid x-cutover-preview-token\n"));
             }
         }
@@ -83,6 +91,14 @@ pub fn pick<B>(site: &SiteRoute, preview_host: Option<&str>, req: &Request<B>) -
         return Ok(Pick { target: canary.target(bucket).clone(), preview: false, new_bucket });
     }
     Ok(Pick { target: site.live.clone(), preview: false, new_bucket: None })
+}
+
+/// The one value of a field: `None` when it is absent, `Some(None)` when it
+/// came more than once.
+fn single(all: http::header::GetAll<'_, HeaderValue>) -> Option<Option<&HeaderValue>> {
+    let mut values = all.iter();
+    let first = values.next()?;
+    Some(values.next().is_none().then_some(first))
 }
 
 /// The client's canary bucket (0–99) from its cookie.
