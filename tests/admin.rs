@@ -67,6 +67,7 @@ async fn bad_requests_are_400_and_change_nothing() {
         ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":[]}"#, "invalid_request"),
         ("PUT", "/v1/sites/shop/targets/Bad_Name", r#"{"endpoints":["127.0.0.1:1"]}"#, "invalid_request"),
         ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["127.0.0.1:1"],"colour":"x"}"#, "unknown_field"),
+        ("POST", "/v1/sites/shop/switch", r#"{"to":"green","expect_version":""}"#, "invalid_request"),
         // A body is an object, not the struct's fields in a list.
         ("POST", "/v1/sites/shop/switch", r#"["green",false,null,null,null]"#, "invalid_json"),
         ("PUT", "/v1/sites/shop/targets/green", r#"[["127.0.0.1:1"],"v5"]"#, "invalid_json"),

@@ -127,6 +127,21 @@ async fn h2_upstream_with_trailers() {
     assert!(grpc.connections.load(std::sync::atomic::Ordering::Relaxed) <= 3);
 }
 
+/// An HTTP/2 request without a body declares no trailers to an HTTP/1.1
+/// upstream: `Trailer` (hop-by-hop) stays on a body that can end with them.
+#[tokio::test]
+async fn a_bodiless_h2_request_loses_its_trailer_field() {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
+    let mut sender = h2c(p.addr).await;
+    let mut req = get("shop.test", "/");
+    req.headers_mut().insert("trailer", "x-a".parse().unwrap());
+    req.headers_mut().insert("te", "trailers".parse().unwrap());
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let seen = &blue.seen()[0];
+    assert!(seen.headers.get("trailer").is_none() && seen.headers.get("te").is_none(), "{:?}", seen.headers);
+}
+
 /// A small body that came whole with its head (read by cutover's own
 /// server) reaches a `protocol: h2` target as an HTTP/2 request body.
 #[tokio::test]

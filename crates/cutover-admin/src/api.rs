@@ -317,7 +317,16 @@ impl Admin {
                 Err(r) => Err(r),
             },
             (&Method::POST, ["sites", site, "switch"]) => {
-                match parse::<SwitchBody>(body).and_then(|b| bounded("drain_timeout", b.drain_timeout).map(|()| b)) {
+                let checked = parse::<SwitchBody>(body).and_then(|b| {
+                    bounded("drain_timeout", b.drain_timeout)?;
+                    if b.expect_version.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                        let message = "expect_version: must not be empty (leave it out to expect none)";
+                        let details = json!({ "field": "expect_version" });
+                        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message, details));
+                    }
+                    Ok(b)
+                });
+                match checked {
                     Ok(b) => {
                         let req = SwitchRequest {
                             to: b.to,

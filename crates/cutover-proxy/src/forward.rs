@@ -265,7 +265,7 @@ impl Proxy {
             // parts are not kept in the future across the await.
             let (wire, method) = {
                 let (mut parts, _) = req.into_parts();
-                let added = prepare(&mut parts, conn, &routed, &mut guard, None, protocol);
+                let added = prepare(&mut parts, conn, &routed, &mut guard, None, protocol, false);
                 (h1::encode_request(&parts, added.iter(), &body), parts.method)
             };
             return Ok(match self.send_direct(&routed, &wire, &method, &mut guard).await {
@@ -284,7 +284,8 @@ impl Proxy {
             });
         }
         let (mut parts, body) = req.into_parts();
-        prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol)
+        let streamed = !http_body::Body::is_end_stream(&body);
+        prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol, streamed)
             .insert_into(&mut parts.headers);
         let mut req = Request::from_parts(parts, body);
         // The upload waits for the upstream's `100 Continue` (HTTP/1.1 only:
@@ -642,8 +643,9 @@ fn failure(e: ForwardError, target: &TargetPool, mut guard: RequestGuard) -> Res
     resp
 }
 
-/// Rewrites the request head for the upstream; returns the fields cutover
-/// adds (forwarded headers, request id), which are not in `parts` yet.
+/// Rewrites the request head for the upstream (`streamed`: a body follows
+/// that is still to be read, which may end with trailers); returns the fields
+/// cutover adds (forwarded headers, request id), which are not in `parts` yet.
 fn prepare(
     parts: &mut http::request::Parts,
     conn: &ClientConn,
@@ -651,6 +653,7 @@ fn prepare(
     guard: &mut RequestGuard,
     upgrade: Option<&HeaderValue>,
     protocol: Protocol,
+    streamed: bool,
 ) -> headers::Added {
     // An absolute-form target or an h2 :authority becomes the Host header.
     if let Some(authority) = parts.uri.authority() {
@@ -678,8 +681,8 @@ fn prepare(
     // `Trailer` is hop-by-hop (SPEC §3), but trailers pass through, and hyper's
     // client sends only those `Trailer` declares: it stays on a body that can
     // carry trailers (chunked, or HTTP/2 without a length), and only there.
-    let body_has_trailers =
-        scan.chunked() || (parts.version == Version::HTTP_2 && !parts.headers.contains_key(CONTENT_LENGTH));
+    let body_has_trailers = streamed
+        && (scan.chunked() || (parts.version == Version::HTTP_2 && !parts.headers.contains_key(CONTENT_LENGTH)));
     let declared: Vec<HeaderValue> = match scan.declares_trailers() && body_has_trailers {
         true => parts.headers.get_all(TRAILER).iter().cloned().collect(),
         false => Vec::new(),
