@@ -1228,6 +1228,21 @@ async fn expect_100_continue_waits_for_the_upstream() {
     let head = b"POST /refuse HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n";
     let (_, got) = first_answer(p.addr, head).await;
     assert!(got.starts_with(b"HTTP/1.1 401"), "before the final answer: {:?}", String::from_utf8_lossy(&got));
+    // The upload never went: the connection ends after the answer, and says
+    // so every time, also when the upstream would keep its own.
+    let (keeping, _) = raw_origin(BodyRead::Never, |head, _| match head.starts_with("get /up ") {
+        true => (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n".to_vec(), true),
+        false => (b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\n\r\n".to_vec(), true),
+    })
+    .await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![keeping])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let head = b"POST /reject HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n\r\n";
+    for _ in 0..10 {
+        let (_, got) = first_answer(p.addr, head).await;
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        assert!(text.starts_with("http/1.1 417") && text.contains("\r\nconnection: close\r\n"), "{text:?}");
+    }
 
     let (p, blue) = one_site("").await;
     let head = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";

@@ -283,6 +283,7 @@ impl Proxy {
                 Err(e) => failure(e, &routed.target, guard),
             });
         }
+        let client_h1 = req.version() <= Version::HTTP_11;
         let (mut parts, body) = req.into_parts();
         let streamed = !http_body::Body::is_end_stream(&body);
         prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol, streamed)
@@ -321,6 +322,12 @@ impl Proxy {
             }
         }
         headers::remove_hop_by_hop_response(&mut parts.headers, parts.version);
+        // Answered before the upload was let go (a `417`, a `401` from the head
+        // alone): the client may still send it, or never; the connection ends
+        // after this answer, and says so.
+        if client_h1 && request_progress.as_ref().is_some_and(|p| p.held_back()) {
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         finish_head(&mut parts.headers, &pick, &routed, Some(&endpoint));
         no_made_up_reason(parts.status, &mut parts.extensions);
         let sender = match via {

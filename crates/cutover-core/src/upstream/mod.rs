@@ -56,6 +56,11 @@ impl BodyProgress {
         self.waiting_on_client.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the body is still held back for `Expect: 100-continue`.
+    pub fn held_back(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether the whole body was sent upstream.
     pub fn done(&self) -> bool {
         self.done.load(std::sync::atomic::Ordering::Acquire)
