@@ -44,7 +44,7 @@ pub struct CtlArgs {
     token: Option<String>,
     /// How long to wait for each answer of the admin API (a switch waits for
     /// its smoke checks) before giving up with exit code 2.
-    #[arg(long, global = true, value_parser = duration, default_value = "2m")]
+    #[arg(long, global = true, value_parser = timeout, default_value = "2m")]
     request_timeout: Duration,
     /// Print the raw JSON answer.
     #[arg(long, global = true)]
@@ -178,9 +178,17 @@ fn parse_weight(s: &str) -> Result<(String, u8), String> {
     Ok((name.to_string(), pct))
 }
 
+/// How long `ctl` waits for the admin API to take a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A duration argument, such as `30s`.
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 30s, 500ms or 5m)"))
+}
+
+/// A timeout argument: a duration above zero.
+fn timeout(s: &str) -> Result<Duration, String> {
+    duration(s).and_then(|d| if d.is_zero() { Err("must be greater than zero".into()) } else { Ok(d) })
 }
 
 /// Where and how `ctl` asks the admin API.
@@ -377,7 +385,11 @@ async fn exchange(admin: &Admin<'_>, method: Method, path: &str, body: Option<Va
     }
     let authority = base.authority().ok_or_else(|| anyhow::anyhow!("--admin has no host"))?.clone();
     let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port)).await?;
+    // An address that drops the connect: said within seconds, not at the answer's timeout.
+    let connect = tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port));
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT.min(admin.timeout), connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("connection timed out"))??;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let prefix = base.path().trim_end_matches('/');

@@ -212,19 +212,12 @@ pub enum Judged {
     Own,
 }
 
-/// Judges the request head at the start of `head` as [`serve`] would. An
-/// incomplete head that holds an empty line is the end of one whose start
-/// hyper already holds (a head cannot hold an empty line before its end): hyper's.
+/// Judges the request head at the start of `head` as [`serve`] would
+/// (empty lines before it are skipped, as both servers skip them). hyper is
+/// given one message at a time ([`crate::handover`]), so it never holds the
+/// start of this head: an incomplete one waits for the rest.
 pub fn judge(head: &Bytes, limit: usize) -> Judged {
     match parse(&mut head.clone(), limit) {
-        Ok(None)
-            if head.starts_with(b"\n")
-                || head.starts_with(b"\r\n")
-                || head.windows(2).any(|w| w == b"\n\n")
-                || head.windows(3).any(|w| w == b"\n\r\n") =>
-        {
-            Judged::Hyper
-        }
         Ok(None) => Judged::Incomplete,
         Err(NotMine::Hyper) => Judged::Hyper,
         Ok(Some(_)) | Err(NotMine::TooLarge | NotMine::Ambiguous) => Judged::Own,

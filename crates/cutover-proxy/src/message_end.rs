@@ -6,8 +6,6 @@
 //! the connection), and so does a message whose end cannot be told (an
 //! upgrade, a head hyper refuses).
 
-use cutover_core::upstream::h1;
-
 /// The most header fields hyper's server reads in a head.
 const MAX_HEADERS: usize = 100;
 
@@ -33,26 +31,20 @@ impl MessageEnd {
         if req.method == Some("CONNECT") || req.version != Some(1) && req.version != Some(0) {
             return MessageEnd::Unknown;
         }
-        let (mut length, mut chunked) = (None, false);
+        let (mut length, mut coded, mut chunked) = (None, false, false);
         for f in req.headers.iter() {
             let name = f.name.as_bytes();
             if name.eq_ignore_ascii_case(b"upgrade") {
                 return MessageEnd::Unknown;
             }
             if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // hyper decodes a body whose last coding is chunked, and refuses any other.
-                chunked = f
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                if !chunked {
-                    return MessageEnd::Unknown;
-                }
+                // As hyper reads it: the last field decides, chunked when its last coding is.
+                let last = f.value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+                (coded, chunked) = (true, last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
             }
             if name.eq_ignore_ascii_case(b"content-length") {
                 for part in f.value.split(|&b| b == b',') {
-                    match h1::parse_length(part) {
+                    match digits(part.trim_ascii()) {
                         Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
                         _ => return MessageEnd::Unknown,
                     }
@@ -60,11 +52,13 @@ impl MessageEnd {
             }
         }
         let len = len as u64;
-        match (chunked, length) {
+        match (coded, chunked, length) {
+            // hyper refuses a coding it cannot undo (and closes).
+            (true, false, _) => MessageEnd::Unknown,
             // Both: hyper reads it chunked (cutover's judge answers it first).
-            (true, _) => MessageEnd::After(len).then_chunked(),
-            (false, Some(n)) => len.checked_add(n).map_or(MessageEnd::Unknown, MessageEnd::After),
-            (false, None) => MessageEnd::After(len),
+            (true, true, _) => MessageEnd::After(len).then_chunked(),
+            (false, _, Some(n)) => len.checked_add(n).map_or(MessageEnd::Unknown, MessageEnd::After),
+            (false, _, None) => MessageEnd::After(len),
         }
     }
 
@@ -102,6 +96,18 @@ impl MessageEnd {
             MessageEnd::Unknown => None,
         }
     }
+}
+
+/// A decimal length as hyper reads one: digits only, any number of them
+/// (leading zeros too), within `u64`.
+fn digits(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
 }
 
 /// A chunked body's decoding, byte by byte as hyper's decoder goes.
@@ -237,6 +243,14 @@ mod tests {
         let plain: &[u8] =
             b"POST /a HTTP/1.1\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
         assert_eq!(end_of(plain, b"GET / HTTP/1.1\r\n\r\n", 4), Some(plain.len()));
+    }
+
+    #[test]
+    fn lengths_and_codings_are_read_as_hyper_reads_them() {
+        let m = b"POST /a HTTP/1.1\r\nContent-Length: 0000000000000000000003\r\n\r\nabc";
+        assert_eq!(end_of(m, b"GET / HTTP/1.1\r\n\r\n", 5), Some(m.len()));
+        let m = b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(end_of(m, b"GET / HTTP/1.1\r\n\r\n", 5), Some(m.len()));
     }
 
     #[test]
