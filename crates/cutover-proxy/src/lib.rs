@@ -3,7 +3,8 @@
 //! - [`server`]: the accept loop and per-connection server (HTTP/1.1
 //!   and h2c), connection limit, graceful shutdown.
 //! - `h1_server`: cutover's own HTTP/1.1 server for `GET` and `HEAD` without
-//!   a body; anything else goes on to hyper's (`handover`: there and back).
+//!   a body; anything else goes on to hyper's (`handover`: there and back,
+//!   one request at a time, each message's end told by `message_end`).
 //! - [`forward`]: the life of one request: route through one snapshot, pick
 //!   an endpoint, forward, retry a connection that could not be made.
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `X-Request-Id`.
