@@ -75,14 +75,16 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Refuses a duration longer than [`MAX_DURATION`] (`400`).
 fn bounded(field: &str, d: Option<Duration>) -> Result<(), ApiError> {
     match d {
-        Some(d) if d > MAX_DURATION => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            &format!("{field}: {} is longer than a year", humantime::format_duration(d)),
-            json!({ "field": field }),
-        )),
+        Some(d) if d > MAX_DURATION => {
+            Err(bad_value(field, &format!("{} is longer than a year", humantime::format_duration(d))))
+        }
         _ => Ok(()),
     }
+}
+
+/// `400 invalid_request` for a bad value in `field` of the body.
+fn bad_value(field: &str, message: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", &format!("{field}: {message}"), json!({ "field": field }))
 }
 
 /// How long a paused site holds each request when the pause names no timeout.
@@ -284,14 +286,8 @@ impl Admin {
                 bounded("watch", b.watch)?;
                 bounded("healthy_timeout", b.healthy_timeout)?;
                 if b.healthy_timeout.is_some_and(|d| d.is_zero()) {
-                    let message =
-                        "healthy_timeout: must be greater than zero (no endpoint is healthy before it was checked)";
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        message,
-                        json!({ "field": "healthy_timeout" }),
-                    ));
+                    let message = "must be greater than zero (no endpoint is healthy before it was checked)";
+                    return Err(bad_value("healthy_timeout", message));
                 }
                 Ok(b)
             }) {
@@ -320,9 +316,7 @@ impl Admin {
                 let checked = parse::<SwitchBody>(body).and_then(|b| {
                     bounded("drain_timeout", b.drain_timeout)?;
                     if b.expect_version.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                        let message = "expect_version: must not be empty (leave it out to expect none)";
-                        let details = json!({ "field": "expect_version" });
-                        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message, details));
+                        return Err(bad_value("expect_version", "must not be empty (leave it out to expect none)"));
                     }
                     Ok(b)
                 });

@@ -688,9 +688,8 @@ fn prepare(
     // `Trailer` is hop-by-hop (SPEC §3), but trailers pass through, and hyper's
     // client sends only those `Trailer` declares: it stays on a body that can
     // carry trailers (chunked, or HTTP/2 without a length), and only there.
-    let body_has_trailers = streamed
-        && (scan.chunked() || (parts.version == Version::HTTP_2 && !parts.headers.contains_key(CONTENT_LENGTH)));
-    let declared: Vec<HeaderValue> = match scan.declares_trailers() && body_has_trailers {
+    let keep_trailer = scan.declares_trailers() && streamed && headers::trailers_fit(&parts.headers, parts.version);
+    let declared: Vec<HeaderValue> = match keep_trailer {
         true => parts.headers.get_all(TRAILER).iter().cloned().collect(),
         false => Vec::new(),
     };

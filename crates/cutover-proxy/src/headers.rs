@@ -63,12 +63,6 @@ impl Scan {
         self.hop_by_hop & 1 << hop_by_hop::TRAILER_INDEX != 0
     }
 
-    /// Whether a `Transfer-Encoding` field came (an HTTP/1.1 request's body
-    /// is chunked then: the only framing with room for trailers).
-    pub fn chunked(&self) -> bool {
-        self.hop_by_hop & 1 << hop_by_hop::TRANSFER_ENCODING_INDEX != 0
-    }
-
     /// Removes the hop-by-hop fields found, and every field `Connection`
     /// names; `true` when it named any (what was noted may be gone then).
     pub fn remove_hop_by_hop(&self, headers: &mut HeaderMap) -> bool {
@@ -102,9 +96,7 @@ impl Scan {
 /// with trailers (chunked, or HTTP/2 without a length): hyper sends HTTP/1.1
 /// trailers only when the response declares them there.
 pub fn remove_hop_by_hop_response(headers: &mut HeaderMap, version: Version) {
-    let room = headers.contains_key(TRANSFER_ENCODING)
-        || (version == Version::HTTP_2 && !headers.contains_key(CONTENT_LENGTH));
-    let declared: Vec<HeaderValue> = match room {
+    let declared: Vec<HeaderValue> = match trailers_fit(headers, version) {
         true => headers.get_all(TRAILER).iter().cloned().collect(),
         false => Vec::new(),
     };
@@ -112,6 +104,13 @@ pub fn remove_hop_by_hop_response(headers: &mut HeaderMap, version: Version) {
     for v in declared {
         headers.append(TRAILER, v);
     }
+}
+
+/// Whether a message with this head can end with trailers, so that its
+/// `Trailer` field (hop-by-hop, but declaring them) stays: a chunked body,
+/// or an HTTP/2 one without a length.
+pub fn trailers_fit(headers: &HeaderMap, version: Version) -> bool {
+    headers.contains_key(TRANSFER_ENCODING) || (version == Version::HTTP_2 && !headers.contains_key(CONTENT_LENGTH))
 }
 
 /// Drops header fields whose names contain `_`: upstreams that treat `_` as

@@ -35,12 +35,13 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
         // A target the configuration defined goes with it, endpoints set
         // through the API or not; one only the API defined stays.
         s.targets.retain(|name, spec| {
-            spec.configured |= site.targets.contains_key(name);
-            let kept = !spec.configured || site.targets.contains_key(name);
-            if !kept {
+            let defined = site.targets.contains_key(name);
+            if spec.configured && !defined {
                 tracing::warn!(site = %site.name, target = %name, "state has a target the configuration no longer has; dropped");
+                return false;
             }
-            kept
+            spec.configured |= defined;
+            true
         });
         let known = |t: &str, s: &SiteState| site.targets.contains_key(t) || s.targets.contains_key(t);
         if !known(&s.live, &s) {
