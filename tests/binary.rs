@@ -476,6 +476,64 @@ async fn a_pause_survives_kill_9() {
     child.wait().unwrap();
 }
 
+/// A post-switch watch acknowledged before `kill -9` runs again after the
+/// restart, for the time it has left, and still rolls a failing target back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_switch_watch_survives_kill_9() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let config = dir.path().join("cutover.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap() + "    switch: { watch: { duration: 60s } }\n";
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let body = serde_json::json!({"to": "green"});
+    let mut before = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (status, site) =
+            support::admin_call(admin, "POST", "/v1/sites/shop/switch", Some(body.clone()), None).await;
+        before = site;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(before["watch"]["target"], "green", "switch never accepted: {before}");
+    assert_eq!(before["watch"]["resumed_at"], serde_json::Value::Null);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+    let watch = &site["watch"];
+    assert_eq!((watch["target"].as_str(), watch["previous"].as_str()), (Some("green"), Some("blue")), "{site}");
+    assert_eq!(watch["started_at"], before["watch"]["started_at"], "{site}");
+    assert!(watch["resumed_at"].is_string(), "{site}");
+    assert_eq!(watch["duration"], "1m", "{site}");
+    let status = String::from_utf8(ctl(admin, &["status", "shop"]).await.stdout).unwrap();
+    assert!(status.contains("resumed after a restart at"), "{status}");
+    // Green fails: the resumed watch rolls it back (default min_requests 20).
+    green.faults.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut rolled_back = false;
+    for _ in 0..200 {
+        if support::get(http, "shop", "/").await.body == "blue" {
+            rolled_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rolled_back, "the resumed watch did not roll green back");
+    let (_, history) = support::admin_call(admin, "GET", "/v1/sites/shop/history", None, None).await;
+    assert_eq!(
+        (history[0]["kind"].as_str(), history[0]["actor"].as_str()),
+        (Some("automatic_rollback"), Some("watch"))
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// A second cutover cannot take the same state file (it is locked) nor the
 /// same listening port (`SO_REUSEPORT` would have shared it silently); a
 /// state directory that does not exist stops the start, naming it; a

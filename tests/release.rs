@@ -326,6 +326,44 @@ async fn clearly_worse_than_blue_is_rolled_back() {
     assert!(reason.contains("clearly worse"), "{reason}");
 }
 
+/// The saved watch goes once it is over: when it passes, when its time ran
+/// out while cutover was down (a restart does not resume it then), and when
+/// a rollback ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_is_over_is_not_resumed() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let extra = "    switch: { watch: { duration: 2s } }\n";
+    let sites = shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, extra);
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let saved_watch = |p: &Proxy| {
+        let state = std::fs::read_to_string(p.dir.path().join("state.json")).unwrap();
+        serde_json::from_str::<Value>(&state).unwrap()["sites"]["shop"]["watch"].clone()
+    };
+    // Passes: no longer saved.
+    p.switch("shop", "green").await;
+    assert_eq!(saved_watch(&p)["target"], "green");
+    let passed = support::eventually(Duration::from_secs(10), || saved_watch(&p).is_null()).await;
+    assert!(passed, "a passed watch is still saved: {}", saved_watch(&p));
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), &site["watch"]), (Some("green"), &Value::Null), "{site}");
+    // Over while down: not resumed.
+    p.switch("shop", "blue").await;
+    let dir = p.stop().await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let p = Proxy::start_with(&sites, support::Options { dir: Some(dir), ..Default::default() }).await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), &site["watch"]), (Some("blue"), &Value::Null), "{site}");
+    assert!(saved_watch(&p).is_null(), "{}", saved_watch(&p));
+    // Ended by a rollback: no longer saved either.
+    let (status, _) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "force": true}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(saved_watch(&p)["previous"], "blue");
+    let (status, site) = p.api("POST", "/v1/sites/shop/rollback", Some(json!({}))).await;
+    assert_eq!((status, &site["watch"]), (200, &Value::Null), "{site}");
+    assert!(saved_watch(&p).is_null(), "{}", saved_watch(&p));
+}
+
 async fn wait_deployment(p: &Proxy, id: &str) -> Value {
     for _ in 0..400 {
         let (status, d) = p.api("GET", &format!("/v1/deployments/{id}"), None).await;

@@ -511,6 +511,9 @@ fn print_site(s: &Value) {
             text(&w["errors"]),
             text(&w["max_error_rate"])
         );
+        if w["resumed_at"].is_string() {
+            out!("  resumed after a restart at {} (answers counted since then)", text(&w["resumed_at"]));
+        }
     }
     let mut rows = vec![row(["TARGET", "STATE", "VERSION", "INFLIGHT", "ENDPOINT", "HEALTH", "REPORTS"])];
     if let Some(targets) = s["targets"].as_object() {

@@ -67,6 +67,35 @@ pub struct SiteState {
     /// Recorded actions, oldest first.
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// The post-switch watch that was running: a restart resumes it for the
+    /// time it has left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchState>,
+}
+
+/// A running post-switch watch, as saved with the switch that started it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchState {
+    /// The target watched: the one the switch made live.
+    pub target: String,
+    /// The target an automatic rollback returns to.
+    pub previous: String,
+    /// When the watch started (RFC 3339).
+    pub started_at: String,
+    /// How long it lasts in all.
+    #[serde(with = "humantime_serde")]
+    pub duration: std::time::Duration,
+}
+
+impl WatchState {
+    /// How long the watch has left at `now`: `None` once it is over, or when
+    /// its start cannot be read.
+    pub fn left_at(&self, now: SystemTime) -> Option<std::time::Duration> {
+        let started = humantime::parse_rfc3339(&self.started_at).ok()?;
+        let end = started.checked_add(self.duration)?;
+        end.duration_since(now).ok().filter(|left| !left.is_zero())
+    }
 }
 
 /// A target set through the API.

@@ -38,7 +38,7 @@ use crate::error::ControlError;
 use crate::history::{self, HistoryEntry};
 use crate::routing::{RoutingTable, Settings, TargetPool};
 use crate::smoke;
-use crate::state::{State, StateError, StateStore, TargetSpec};
+use crate::state::{State, StateError, StateStore, TargetSpec, WatchState};
 use crate::view::{EndpointView, ModeView, SiteView, TargetView};
 
 /// Who asked for an action (recorded in history).
@@ -107,6 +107,18 @@ pub struct ReloadOutcome {
 
 /// Reports how a post-switch watch ended.
 type WatchReceiver = tokio::sync::watch::Receiver<Option<WatchOutcome>>;
+
+/// A post-switch watch about to run.
+struct WatchPlan {
+    /// As saved with the switch.
+    saved: WatchState,
+    /// Its thresholds and whole duration.
+    cfg: cutover_config::Watch,
+    /// The old target's answers before the switch.
+    baseline: Option<watch::Totals>,
+    /// What it has left, when a restart resumes it (else all of `cfg.duration`).
+    left: Option<Duration>,
+}
 
 /// A running drain of a target that was live.
 struct DrainTimer {
@@ -216,8 +228,9 @@ impl Controller {
             inner: tokio::sync::Mutex::new(inner),
         });
         {
-            let inner = controller.inner.try_lock().expect("fresh controller is unlocked");
+            let mut inner = controller.inner.try_lock().expect("fresh controller is unlocked");
             controller.publish(&inner);
+            controller.resume_watches(&mut inner);
         }
         // Samples every target's counters: the baseline of post-switch watches.
         let (me, stop) = (Arc::downgrade(&controller), controller.shutdown.clone());
@@ -740,6 +753,16 @@ impl Controller {
         s.live = req.to.clone();
         // A switch ends any canary split: 100 % to the new live target.
         s.weights = None;
+        // It ends the running watch too; a forward switch saves the one it
+        // starts with it, so that a restart resumes it.
+        let watch = if kind == "switch" { watch_config(&config, req.watch) } else { None };
+        s.watch = watch.as_ref().map(|cfg| WatchState {
+            target: req.to.clone(),
+            previous: from.clone(),
+            started_at: watch::now_rfc3339(),
+            duration: cfg.duration,
+        });
+        let saved_watch = s.watch.clone();
         let mut entry = HistoryEntry::now(kind, Some(&from), Some(&req.to), actor.as_str(), "ok");
         // Forced by an operator; the watch's and a deploy's own rollbacks skip the gates, but nobody forced them.
         match (&req.reason, req.force && actor == Actor::Api) {
@@ -768,41 +791,52 @@ impl Controller {
                 w.cancel();
             }
         }
-        let outcome =
-            if kind == "switch" { self.start_watch(&mut inner, &config, &target, &from, req.watch) } else { None };
+        let outcome = match (watch, saved_watch) {
+            (Some(cfg), Some(saved)) => {
+                let baseline = self.baseline(site, &from, cfg.duration);
+                Some(self.start_watch(&mut inner, site, target, WatchPlan { saved, cfg, baseline, left: None }))
+            }
+            _ => None,
+        };
         Ok((self.view(&inner, site)?, outcome))
     }
 
-    /// Starts watching `target` (just made live) for `duration` or the site's
-    /// `switch.watch`; `None` when neither is set.
-    fn start_watch(
-        &self,
-        inner: &mut Inner,
-        config: &Site,
-        target: &Arc<TargetPool>,
-        from: &str,
-        duration: Option<Duration>,
-    ) -> Option<WatchReceiver> {
-        let mut cfg = config.switch.watch.clone().unwrap_or(cutover_config::Watch {
-            duration: Duration::ZERO,
-            max_error_rate: 0.05,
-            min_requests: 20,
-        });
-        if let Some(d) = duration {
-            cfg.duration = d;
+    /// The answers of `from` over the `window` before now: a new watch's baseline.
+    fn baseline(&self, site: &str, from: &str, window: Duration) -> Option<watch::Totals> {
+        let key = (site.to_string(), from.to_string());
+        let now = self.table.load().site(site).and_then(|s| s.target(from)).map(|t| t.metrics.totals())?;
+        self.sampler.over_last(&key, window, now)
+    }
+
+    /// Resumes, after a start, each site's saved watch for the time it has
+    /// left. (The answers before the restart and the old target's baseline
+    /// went with the process: it judges the answers from now on.)
+    fn resume_watches(&self, inner: &mut Inner) {
+        let saved: Vec<(String, WatchState)> =
+            inner.state.sites.iter().filter_map(|(name, s)| Some((name.clone(), s.watch.clone()?))).collect();
+        let now = std::time::SystemTime::now();
+        for (site, saved) in saved {
+            let Some(config) = inner.sites.get(&site).cloned() else { continue };
+            let Some(target) = self.table.load().site(&site).and_then(|s| s.target(&saved.target)).cloned() else {
+                continue;
+            };
+            let (Some(left), Some(cfg)) = (saved.left_at(now), watch_config(&config, Some(saved.duration))) else {
+                continue;
+            };
+            tracing::info!(site = %site, target = %saved.target, left = ?left, "post-switch watch resumed");
+            let _ = self.start_watch(inner, &site, target, WatchPlan { saved, cfg, baseline: None, left: Some(left) });
         }
-        if cfg.duration.is_zero() {
-            return None;
-        }
-        let site = config.name.clone();
-        let baseline_key = (site.clone(), from.to_string());
-        let old_totals = self.table.load().site(&site).and_then(|s| s.target(from)).map(|t| t.metrics.totals());
-        let baseline = old_totals.and_then(|now| self.sampler.over_last(&baseline_key, cfg.duration, now));
+    }
+
+    /// Runs the watch `plan` of `target` on `site`.
+    fn start_watch(&self, inner: &mut Inner, site: &str, target: Arc<TargetPool>, plan: WatchPlan) -> WatchReceiver {
+        let WatchPlan { saved, cfg, baseline, left } = plan;
         let rate = |(e, n): (u64, u64)| (n > 0).then(|| e as f64 / n as f64);
         let view = Arc::new(Mutex::new(WatchView {
             target: target.name.clone(),
-            previous: from.to_string(),
-            started_at: watch::now_rfc3339(),
+            previous: saved.previous.clone(),
+            started_at: saved.started_at.clone(),
+            resumed_at: left.map(|_| watch::now_rfc3339()),
             duration: humantime::format_duration(cfg.duration).to_string(),
             requests: 0,
             errors: 0,
@@ -814,11 +848,11 @@ impl Controller {
         let (outcome, receiver) = tokio::sync::watch::channel(None);
         let stop = self.shutdown.child_token();
         let handle = WatchHandle { stop: stop.clone(), view: view.clone(), outcome: outcome.clone() };
-        inner.watches.insert(site.clone(), handle);
-        let (me, target) = (self.me.clone(), target.clone());
+        inner.watches.insert(site.to_string(), handle);
+        let (me, site) = (self.me.clone(), site.to_string());
         let start_totals = target.metrics.totals();
         tokio::spawn(async move {
-            let until = crate::deadline_after(cfg.duration);
+            let until = crate::deadline_after(left.unwrap_or(cfg.duration));
             let mut tick = tokio::time::interval(watch::CHECK_EVERY);
             let result = loop {
                 tokio::select! {
@@ -842,15 +876,34 @@ impl Controller {
                     break WatchOutcome::Passed;
                 }
             };
+            let passed = result == WatchOutcome::Passed;
             outcome.send_replace(Some(result));
             if let Some(c) = me.upgrade() {
-                let mut inner = c.inner.lock().await;
-                if inner.watches.get(&site).is_some_and(|w| w.stop == stop) {
-                    inner.watches.remove(&site);
-                }
+                c.watch_ended(&site, &stop, passed.then_some(&saved)).await;
             }
         });
-        Some(receiver)
+        receiver
+    }
+
+    /// A watch of `site` ended; one that `passed` is no longer saved (if a
+    /// later switch has not replaced it meanwhile).
+    async fn watch_ended(&self, site: &str, stop: &CancellationToken, passed: Option<&WatchState>) {
+        let mut inner = self.inner.lock().await;
+        if inner.watches.get(site).is_some_and(|w| w.stop == *stop) {
+            inner.watches.remove(site);
+        }
+        let Some(saved) = passed else { return };
+        if inner.state.sites.get(site).and_then(|s| s.watch.as_ref()) != Some(saved) {
+            return;
+        }
+        let mut next = inner.state.clone();
+        if let Some(s) = next.sites.get_mut(site) {
+            s.watch = None;
+        }
+        if let Err(e) = self.commit(&mut inner, next).await {
+            // A restart would resume it, and find its time over.
+            tracing::warn!(site, error = %e, "could not save the end of a post-switch watch");
+        }
     }
 
     /// Starts the drain of `key`: at the deadline, whatever still runs on it is closed.
@@ -1117,6 +1170,21 @@ fn not_found(kind: &'static str, name: &str) -> ControlError {
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError {
     ControlError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// The watch a switch of `config`'s site starts: the site's `switch.watch`
+/// (or the defaults), lasting `duration` when the switch gives one; `None`
+/// when it lasts zero.
+fn watch_config(config: &Site, duration: Option<Duration>) -> Option<cutover_config::Watch> {
+    let mut cfg = config.switch.watch.clone().unwrap_or(cutover_config::Watch {
+        duration: Duration::ZERO,
+        max_error_rate: 0.05,
+        min_requests: 20,
+    });
+    if let Some(d) = duration {
+        cfg.duration = d;
+    }
+    (!cfg.duration.is_zero()).then_some(cfg)
 }
 
 /// Checks a target's name and endpoints as given to the API (`set_target`, deploys).

@@ -1,6 +1,7 @@
 //! Merging durable state with the configuration: what survives a restart or a reload.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use cutover_config::{Config, Site, Target};
 
@@ -67,6 +68,15 @@ pub(crate) fn reconcile(config: &Config, loaded: Option<State>) -> State {
                 let entry = HistoryEntry::now("weights", None, None, "reload", "ok")
                     .reason("cleared: they named a target that is no longer configured");
                 history::push(&mut s.history, entry);
+            }
+        }
+        if let Some(w) = &s.watch {
+            if w.target != s.live || s.previous.as_ref() != Some(&w.previous) {
+                tracing::warn!(site = %site.name, target = %w.target, "state's post-switch watch no longer applies; dropped");
+                s.watch = None;
+            } else if w.left_at(SystemTime::now()).is_none() {
+                tracing::info!(site = %site.name, target = %w.target, "state's post-switch watch is over; dropped");
+                s.watch = None;
             }
         }
         state.sites.insert(site.name.clone(), s);
@@ -159,5 +169,33 @@ sites:
         let shop = &state.sites["shop"];
         assert!(shop.targets.is_empty());
         assert_eq!((shop.live.as_str(), shop.previous.as_deref()), ("blue", None));
+    }
+
+    /// A saved watch is resumed only while it has time left and still
+    /// watches the live target, with the previous one to roll back to.
+    #[test]
+    fn a_saved_watch_stays_only_while_it_applies() {
+        use crate::state::WatchState;
+        let watch = |target: &str, ago: u64, secs: u64| WatchState {
+            target: target.into(),
+            previous: "blue".into(),
+            started_at: humantime::format_rfc3339_millis(SystemTime::now() - std::time::Duration::from_secs(ago))
+                .to_string(),
+            duration: std::time::Duration::from_secs(secs),
+        };
+        let kept = |w: WatchState, previous: Option<&str>| {
+            let mut loaded = State { version: STATE_VERSION, ..Default::default() };
+            let mut shop = site_state("green", previous);
+            shop.watch = Some(w);
+            loaded.sites.insert("shop".into(), shop);
+            reconcile(&config(), Some(loaded)).sites["shop"].watch.is_some()
+        };
+        assert!(kept(watch("green", 10, 60), Some("blue")));
+        assert!(!kept(watch("green", 70, 60), Some("blue")), "its time is over");
+        assert!(!kept(watch("blue", 10, 60), Some("blue")), "it watches a target that is not live");
+        assert!(!kept(watch("green", 10, 60), None), "nothing to roll back to");
+        let mut odd = watch("green", 10, 60);
+        odd.started_at = "yesterday".into();
+        assert!(!kept(odd, Some("blue")), "a start that cannot be read");
     }
 }

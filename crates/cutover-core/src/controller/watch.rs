@@ -98,6 +98,9 @@ pub struct WatchView {
     pub previous: String,
     /// When the watch started (RFC 3339).
     pub started_at: String,
+    /// When a restart of cutover resumed it, or null: the answers counted
+    /// are those since then, and there is no baseline.
+    pub resumed_at: Option<String>,
     /// How long it lasts.
     pub duration: String,
     /// Answers counted so far.
