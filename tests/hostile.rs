@@ -242,6 +242,73 @@ async fn a_request_read_two_ways_after_a_body_is_refused() {
     assert_eq!(paths(&blue), ["/first"], "forwarded after the first request");
 }
 
+/// 4d. An `Upgrade` the upstream declines (it answers `200`, not `101`)
+/// leaves the connection HTTP/1.1, and the next request heads are judged as
+/// any others: one that could be read two ways gets `400` and is never
+/// forwarded, and an ordinary one is answered, also after the connection
+/// idled past the park delay.
+#[tokio::test]
+async fn requests_after_a_declined_upgrade_are_judged() {
+    let (p, blue) = one_site("").await;
+    let upgrade: &[u8] = b"GET /ws HTTP/1.1\r\nHost: shop.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let refused: [&[u8]; 3] = [
+        b"POST /clte HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /tecl HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        b"POST /dupcl HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    ];
+    for req in refused {
+        let r = raw(p.addr, &[upgrade, req, CANARY].concat()).await;
+        assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
+        let second = r.text.match_indices("HTTP/1.1 ").nth(1).map(|(i, _)| &r.text[i..]).unwrap_or_default();
+        assert!(second.starts_with("HTTP/1.1 400"), "{:?}", r.text);
+        assert_eq!(r.responses(), 2, "the canary was answered: {:?}", r.text);
+        assert!(r.closed, "connection left open after a request read two ways");
+    }
+    settle().await;
+    assert_eq!(paths(&blue), ["/ws", "/ws", "/ws"], "forwarded after the declined upgrade");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(upgrade).await.unwrap();
+    assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+    let after = read_one_response(&mut s).await;
+    assert!(after.starts_with("HTTP/1.1 200") && after.ends_with("blue"), "{after:?}");
+    // Declined by cutover itself (no site for the host): the same.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: nowhere.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 404"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+    assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // The client closes after a declined upgrade: cutover closes its side too.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(upgrade).await.unwrap();
+    assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.shutdown().await.unwrap();
+    let r = read_until_close(&mut s, Duration::from_secs(2)).await;
+    assert!(r.closed && r.text.is_empty(), "the connection was kept after the client closed: {:?}", r.text);
+}
+
+/// 4e. A line of a chunked body's trailer section that ends with a bare LF:
+/// hyper would read on into the trailers, a pipelined request with them,
+/// where a reader that takes LF for a line's end sees two requests. The
+/// connection closes there, and the request behind is never forwarded.
+#[tokio::test]
+async fn a_bare_lf_in_a_chunked_trailer_section_closes_the_connection() {
+    let (p, blue) = one_site("").await;
+    let head: &[u8] = b"POST /x HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let tails: [&[u8]; 3] = [b"0\r\n\n", b"0\r\nA: b\n\r\n", b"0\r\nA: b\r\n\n"];
+    for tail in tails {
+        let r = raw(p.addr, &[head, tail, CANARY].concat()).await;
+        assert!(r.closed, "connection left open after {:?}: {:?}", String::from_utf8_lossy(tail), r.text);
+        assert!(!r.text.contains("blue"), "answered after {:?}: {:?}", String::from_utf8_lossy(tail), r.text);
+    }
+    settle().await;
+    assert!(!paths(&blue).iter().any(|p| p == "/canary"), "forwarded: {:?}", paths(&blue));
+}
+
 /// 4c. Bodies and plain `GET`s alternate on one kept-alive connection
 /// without losing a byte, and a `GET` whose head arrives in two parts, the
 /// first with the body before it, is answered once it is whole.

@@ -115,6 +115,22 @@ async fn parked_connection_serves_again() {
     assert_eq!(blue.count(), 4);
 }
 
+/// HTTP/2 with prior knowledge starts a connection: a parked HTTP/1.1
+/// connection that wakes with the HTTP/2 preface is answered in HTTP/1.1
+/// (or closed), never switched to HTTP/2.
+#[tokio::test]
+async fn a_parked_connection_does_not_switch_to_http2() {
+    let (_blue, _p, mut s) = served_once("").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await;
+    let mut got = std::mem::take(&mut s.pending);
+    let mut buf = [0u8; 1024];
+    while let Ok(Ok(n @ 1..)) = timeout(Duration::from_secs(2), s.s.read(&mut buf)).await {
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&got));
+}
+
 /// Two pipelined requests sent to a parked connection in one write are both answered, in order.
 #[tokio::test]
 async fn pipelined_requests_wake_a_parked_connection() {

@@ -59,6 +59,10 @@ pub struct Activity {
     /// read to its end, its rest cannot be told from a next request, so the
     /// connection is never parked (hyper closes it after the response).
     body: Mutex<Option<Arc<BodyProgress>>>,
+    /// The upgrade hyper's HTTP/1.1 server prepared for the last request
+    /// with an `Upgrade` field that was not upgraded: hyper hands the stream
+    /// to it when it finishes, and a hand-back takes the stream from there.
+    unused_upgrade: Mutex<Option<hyper::upgrade::OnUpgrade>>,
 }
 
 impl Activity {
@@ -81,6 +85,7 @@ impl Activity {
             handing_back: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
             body: Mutex::new(None),
+            unused_upgrade: Mutex::new(None),
         })
     }
 
@@ -239,6 +244,16 @@ impl Activity {
     pub fn request_upgraded(&self) {
         self.upgraded.store(true, Ordering::Relaxed);
         self.request_finished();
+    }
+
+    /// Keeps the upgrade hyper prepared for a request that was not upgraded.
+    pub fn keep_unused_upgrade(&self, upgrade: hyper::upgrade::OnUpgrade) {
+        *self.unused_upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(upgrade);
+    }
+
+    /// The upgrade kept by [`Activity::keep_unused_upgrade`], if any.
+    pub fn take_unused_upgrade(&self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.unused_upgrade.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Starts (`true`) or ends (`false`) parking.

@@ -35,6 +35,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
+use hyper::upgrade::OnUpgrade;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
@@ -190,6 +191,7 @@ impl Proxy {
         mut req: Request<RequestBody>,
         conn: &ClientConn,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let mut prepared = PreparedUpgrade::of(&mut req, &conn.activity);
         let method = req.method().clone();
         let uri = req.uri().clone();
         if let Some((status, message)) = reject_bad_request(&req, conn.scheme) {
@@ -253,7 +255,7 @@ impl Proxy {
         };
         let route = (routed.site.clone(), routed.target.clone());
         let mut guard = RequestGuard::new(Some(route), Some(conn.activity.clone()), method, uri);
-        let upgrade = upgrade_protocol(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
+        let upgrade = upgrade_protocol(&req).filter(|_| prepared.upgrade.is_some());
         let protocol = routed.target.protocol;
         let whole = match (&upgrade, protocol) {
             (None, Protocol::Http1) => req.body_mut().take_whole(),
@@ -286,7 +288,7 @@ impl Proxy {
         let client_h1 = req.version() <= Version::HTTP_11;
         let (mut parts, body) = req.into_parts();
         let streamed = !http_body::Body::is_end_stream(&body);
-        prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref().map(|(p, _)| p), protocol, streamed)
+        prepare(&mut parts, conn, &routed, &mut guard, upgrade.as_ref(), protocol, streamed)
             .insert_into(&mut parts.headers);
         let mut req = Request::from_parts(parts, body);
         // The upload waits for the upstream's `100 Continue` (HTTP/1.1 only:
@@ -303,8 +305,8 @@ impl Proxy {
             Err(e) => return Ok(failure(e, &routed.target, guard)),
         };
         guard.status = resp.status().as_u16();
-        if let Some((_, client_side)) = upgrade {
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if upgrade.is_some() && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = prepared.upgrade.take() {
                 let upstream_side = hyper::upgrade::on(&mut resp);
                 self.tunnels.spawn(crate::upgrade::tunnel(client_side, upstream_side, guard, conn.hold.clone()));
                 let (parts, _) = resp.into_parts();
@@ -747,6 +749,29 @@ fn prepare(
         }
     }
     added
+}
+
+/// The upgrade hyper's HTTP/1.1 server prepared for a request with an
+/// `Upgrade` field: hyper hands the stream to it when it finishes with the
+/// connection. Unless the request becomes a tunnel, it goes to the
+/// connection, which takes its stream back from it ([`crate::handover`]).
+struct PreparedUpgrade<'a> {
+    upgrade: Option<OnUpgrade>,
+    activity: &'a Activity,
+}
+
+impl<'a> PreparedUpgrade<'a> {
+    fn of<B>(req: &mut Request<B>, activity: &'a Activity) -> Self {
+        Self { upgrade: req.extensions_mut().remove::<OnUpgrade>(), activity }
+    }
+}
+
+impl Drop for PreparedUpgrade<'_> {
+    fn drop(&mut self) {
+        if let Some(unused) = self.upgrade.take() {
+            self.activity.keep_unused_upgrade(unused);
+        }
+    }
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (never `h2c`).

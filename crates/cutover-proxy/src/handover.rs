@@ -17,12 +17,13 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1::UpgradeableConnection;
 use hyper::service::HttpService;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -126,10 +127,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for HandedOver<T> {
             }
         }
         let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.message != MessageEnd::Ambiguous {
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        }
         // Bytes past the message's end are not hyper's yet: judged first, with
         // what is left of the prefix after them.
-        if let Some(n) = this.message.follow(&buf.filled()[before..]) {
+        let end = this.message.follow(&buf.filled()[before..]);
+        if this.message == MessageEnd::Ambiguous {
+            // hyper's read of the body fails, and it closes the connection.
+            buf.set_filled(before);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a line of the chunked trailer section ends with a bare LF",
+            )));
+        }
+        if let Some(n) = end {
             this.activity.set_message_read(true);
             this.judging.extend_from_slice(&buf.filled()[before + n..]);
             this.judging.extend_from_slice(&this.inner.take_prefix());
@@ -181,8 +193,9 @@ pub trait HyperH1<IO>: Future<Output = hyper::Result<()>> + Unpin {
     fn graceful_shutdown(self: Pin<&mut Self>);
 
     /// The stream, and the bytes read from it that hyper did not parse, when
-    /// it finished without an upgrade.
-    fn into_io(self) -> Option<(IO, Bytes)>;
+    /// it finished without an upgrade, or when it handed them to `unused`,
+    /// the upgrade it prepared for a request that was not upgraded.
+    fn into_io(self, unused: Option<OnUpgrade>) -> Option<(IO, Bytes)>;
 }
 
 impl<IO, S, B> HyperH1<IO> for UpgradeableConnection<TokioIo<HandedOver<IO>>, S>
@@ -197,12 +210,24 @@ where
         UpgradeableConnection::graceful_shutdown(self);
     }
 
-    fn into_io(self) -> Option<(IO, Bytes)> {
-        let parts = self.into_parts()?;
-        let over = parts.io.into_inner();
+    fn into_io(self, unused: Option<OnUpgrade>) -> Option<(IO, Bytes)> {
+        let (io, read_buf) = match self.into_parts() {
+            Some(parts) => (parts.io, parts.read_buf),
+            None => {
+                // hyper fulfils a pending upgrade as it finishes, at once.
+                let mut unused = unused?;
+                let Poll::Ready(Ok(upgraded)) = Pin::new(&mut unused).poll(&mut Context::from_waker(Waker::noop()))
+                else {
+                    return None;
+                };
+                let parts = upgraded.downcast::<TokioIo<HandedOver<IO>>>().ok()?;
+                (parts.io, parts.read_buf)
+            }
+        };
+        let over = io.into_inner();
         let (unread, io) = over.inner.into_parts();
         // In the order they came: what hyper read, then what it was not given yet.
-        let mut rest = BytesMut::from(&parts.read_buf[..]);
+        let mut rest = BytesMut::from(&read_buf[..]);
         rest.extend_from_slice(&unread);
         rest.extend_from_slice(&over.judging);
         Some((io, rest.freeze()))
@@ -218,9 +243,16 @@ pub fn poll_back<IO, C: HyperH1<IO>>(
     activity: &Activity,
     cx: &mut Context<'_>,
 ) -> Poll<Returned<IO>> {
-    let Some(c) = conn.as_mut() else { return Poll::Ready(Returned::Done(Ok(()))) };
+    // An unused upgrade hyper fulfilled holds the stream, which holds the
+    // connection's activity: dropped when hyper is done, or they would keep
+    // each other (and the socket) forever.
+    let done = |r| {
+        drop(activity.take_unused_upgrade());
+        Poll::Ready(Returned::Done(r))
+    };
+    let Some(c) = conn.as_mut() else { return done(Ok(())) };
     if let Poll::Ready(r) = Pin::new(&mut **c).poll(cx) {
-        return Poll::Ready(Returned::Done(r));
+        return done(r);
     }
     if !activity.hand_back_asked() || !activity.can_hand_back() {
         return Poll::Pending;
@@ -233,11 +265,11 @@ pub fn poll_back<IO, C: HyperH1<IO>>(
     activity.set_handing_back(false);
     activity.ask_hand_back(false);
     match r {
-        Poll::Ready(Ok(())) => match conn.take().and_then(|c| c.into_io()) {
+        Poll::Ready(Ok(())) => match conn.take().and_then(|c| c.into_io(activity.take_unused_upgrade())) {
             Some((io, rest)) => Poll::Ready(Returned::Back(io, rest)),
-            None => Poll::Ready(Returned::Done(Ok(()))),
+            None => done(Ok(())),
         },
-        Poll::Ready(Err(e)) => Poll::Ready(Returned::Done(Err(e))),
+        Poll::Ready(Err(e)) => done(Err(e)),
         // Not idle after all: hyper ends the connection after its response,
         // as any shutdown does, and gets the judged head meanwhile.
         Poll::Pending => {

@@ -3,8 +3,10 @@
 //! that a request pipelined behind it is judged before hyper sees it
 //! ([`crate::handover`]). Chunked bodies are followed as hyper's decoder
 //! reads them; what it would refuse ends the following (hyper then closes
-//! the connection), and so does a message whose end cannot be told (an
-//! upgrade, a head hyper refuses).
+//! the connection), and so does a message whose end cannot be told (a head
+//! hyper refuses). An upgrade ends as any request does: what follows it is a
+//! next request when the upgrade is declined, and the tunnel's when it is
+//! not ([`crate::handover`] tells the two apart).
 
 /// The most header fields hyper's server reads in a head.
 const MAX_HEADERS: usize = 100;
@@ -20,6 +22,11 @@ pub enum MessageEnd {
     Reached,
     /// Everything that follows is hyper's (or the tunnel's).
     Unknown,
+    /// A line of the chunked trailer section ended with a bare LF. hyper
+    /// would read on into the trailers (a next request too), where a
+    /// reader that takes LF for a line's end sees the message end: the
+    /// connection is not to go on.
+    Ambiguous,
 }
 
 impl MessageEnd {
@@ -34,9 +41,6 @@ impl MessageEnd {
         let (mut length, mut coded, mut chunked) = (None, false, false);
         for f in req.headers.iter() {
             let name = f.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"upgrade") {
-                return MessageEnd::Unknown;
-            }
             if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 // As hyper reads it: the last field decides, chunked when its last coding is.
                 let last = f.value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
@@ -91,9 +95,13 @@ impl MessageEnd {
                     *self = MessageEnd::Unknown;
                     None
                 }
+                Followed::Ambiguous => {
+                    *self = MessageEnd::Ambiguous;
+                    None
+                }
             },
             MessageEnd::Reached => Some(0),
-            MessageEnd::Unknown => None,
+            MessageEnd::Unknown | MessageEnd::Ambiguous => None,
         }
     }
 }
@@ -143,6 +151,8 @@ enum Followed {
     Ended(usize),
     /// hyper refuses what came: its end cannot be told.
     Lost,
+    /// A trailer line ended with a bare LF ([`MessageEnd::Ambiguous`]).
+    Ambiguous,
 }
 
 impl Chunk {
@@ -161,6 +171,9 @@ impl Chunk {
             }
             let b = bytes[i];
             i += 1;
+            if b == b'\n' && matches!(self.state, State::Trailer | State::EndCr) {
+                return Followed::Ambiguous;
+            }
             match self.step(b) {
                 Some(Some(next)) => self.state = next,
                 Some(None) => return Followed::Ended(i),
@@ -260,9 +273,29 @@ mod tests {
             b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"POST /a HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\nab",
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
         ] {
             assert_eq!(end_of(m, b"GET / HTTP/1.1\r\n\r\n", 3), None, "{}", String::from_utf8_lossy(m));
         }
+    }
+
+    /// A bare LF ending a trailer line (or the empty line after the last
+    /// chunk) is where hyper and a lenient reader part ways.
+    #[test]
+    fn a_bare_lf_in_the_trailer_section_is_ambiguous() {
+        let head = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for tail in [&b"0\r\n\n"[..], b"0\r\nA: b\n\r\n", b"0\r\nA: b\r\n\n", b"3\r\nabc\r\n0\r\n\n"] {
+            let mut end = MessageEnd::of_head(head);
+            assert_eq!(end.follow(&[&head[..], tail, b"GET / HTTP/1.1\r\n\r\n"].concat()), None);
+            assert_eq!(end, MessageEnd::Ambiguous, "{}", String::from_utf8_lossy(tail));
+        }
+    }
+
+    /// An upgrade request ends as any other (what follows is for the handover to tell apart).
+    #[test]
+    fn an_upgrade_request_ends_with_its_head_or_body() {
+        let m = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(end_of(m, b"GET / HTTP/1.1\r\n\r\n", 3), Some(m.len()));
+        let m = b"POST /up HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc";
+        assert_eq!(end_of(m, b"GET / HTTP/1.1\r\n\r\n", 3), Some(m.len()));
     }
 }

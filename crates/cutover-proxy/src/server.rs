@@ -327,6 +327,9 @@ impl Connection {
             }
         };
         let (speaks, prefix) = match first {
+            // HTTP/2 with prior knowledge starts a connection: one that spoke
+            // HTTP/1.1 before it was parked goes on with it.
+            Ok(Some((Speaks::Http2, prefix))) if activity.requests() > 0 => (Speaks::Http1, prefix),
             Ok(Some(x)) => x,
             Ok(None) => return false,
             Err(e) => {
