@@ -534,6 +534,57 @@ async fn a_post_switch_watch_survives_kill_9() {
     child.wait().unwrap();
 }
 
+/// A deploy acknowledged before `kill -9` answers by id after the restart;
+/// one that went live follows its resumed watch, which still rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_survives_kill_9() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let body = serde_json::json!({"target": "green", "endpoints": [green.addr.to_string()], "watch": "60s"});
+    let (status, answer) = support::admin_call(admin, "POST", "/v1/sites/shop/deploy", Some(body), None).await;
+    assert_eq!(status, 202, "{answer}");
+    let path = format!("/v1/deployments/{}", answer["id"].as_str().unwrap());
+    let mut watching = false;
+    for _ in 0..400 {
+        let (_, d) = support::admin_call(admin, "GET", &path, None, None).await;
+        if d["steps"][5]["state"] == "running" {
+            watching = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(watching, "the deploy never reached its watch");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let (status, d) = support::admin_call(admin, "GET", &path, None, None).await;
+    assert_eq!(
+        (status, d["state"].as_str(), d["steps"][5]["state"].as_str()),
+        (200, Some("running"), Some("running")),
+        "{d}"
+    );
+    green.faults.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ended = serde_json::Value::Null;
+    for _ in 0..400 {
+        let _ = support::get(http, "shop", "/").await;
+        let (_, d) = support::admin_call(admin, "GET", &path, None, None).await;
+        if d["state"] != "running" {
+            ended = d;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ended["state"], "rolled_back", "{ended}");
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// A second cutover cannot take the same state file (it is locked) nor the
 /// same listening port (`SO_REUSEPORT` would have shared it silently); a
 /// state directory that does not exist stops the start, naming it; a

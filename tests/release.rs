@@ -577,3 +577,58 @@ async fn a_forced_switch_or_rollback_ends_a_running_deploy() {
     let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
     assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="rolled_back"} 1"#), "{metrics}");
 }
+
+/// Deployments are in the state file: after a restart each answers by id.
+/// One the restart cut short before it went live has `failed`, and says
+/// why; one in its watch follows the resumed watch to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_answer_after_a_restart() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let sites = shop(&[("blue", vec![blue.addr]), ("green", vec![green.addr])], FAST, "");
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    // Cut short while it waits for a target that never gets healthy.
+    let sick = Origin::start("sick").await;
+    sick.faults.health_fail.store(true, Ordering::Relaxed);
+    let body = json!({"target": "green", "endpoints": [sick.addr.to_string()], "healthy_timeout": "60s"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let cut = answer["id"].as_str().unwrap().to_string();
+    let waiting = support::eventually(Duration::from_secs(5), || {
+        let state = std::fs::read_to_string(p.dir.path().join("state.json")).unwrap_or_default();
+        let state: Value = serde_json::from_str(&state).unwrap_or_default();
+        state["sites"]["shop"]["deployments"][0]["steps"][1]["state"] == "running"
+    })
+    .await;
+    assert!(waiting, "the deployment's progress was not saved");
+    let dir = p.stop().await;
+    let p = Proxy::start_with(&sites, support::Options { dir: Some(dir), ..Default::default() }).await;
+    let (status, d) = p.api("GET", &format!("/v1/deployments/{cut}"), None).await;
+    assert_eq!((status, d["state"].as_str()), (200, Some("failed")), "{d}");
+    assert_eq!(d["error"], "cutover restarted during the wait_healthy step; green did not go live", "{d}");
+    let states: Vec<&str> = d["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded", "skipped", "skipped", "skipped", "skipped", "skipped"], "{d}");
+
+    // Cut short in its watch: the watch resumes, and the deployment with it.
+    p.wait_healthy("shop", &["blue"]).await;
+    let body = json!({"target": "green", "endpoints": [green.addr.to_string()], "watch": "2s"});
+    let (status, answer) = p.api("POST", "/v1/sites/shop/deploy", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let watched = answer["id"].as_str().unwrap().to_string();
+    for _ in 0..400 {
+        let d = p.api("GET", &format!("/v1/deployments/{watched}"), None).await.1;
+        if d["steps"][5]["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dir = p.stop().await;
+    let p = Proxy::start_with(&sites, support::Options { dir: Some(dir), ..Default::default() }).await;
+    let (_, d) = p.api("GET", &format!("/v1/deployments/{watched}"), None).await;
+    assert_eq!((d["state"].as_str(), d["steps"][5]["state"].as_str()), (Some("running"), Some("running")), "{d}");
+    assert_eq!(d["steps"][5]["message"], "resumed after a restart of cutover", "{d}");
+    let d = wait_deployment(&p, &watched).await;
+    assert_eq!((d["state"].as_str(), d["steps"][5]["state"].as_str()), (Some("succeeded"), Some("succeeded")), "{d}");
+    let (_, d) = p.api("GET", &format!("/v1/deployments/{cut}"), None).await;
+    assert_eq!(d["state"], "failed", "the older one is still there: {d}");
+}

@@ -14,6 +14,7 @@
 //! `cutover-admin`.
 
 pub mod controller;
+pub mod deployment;
 pub mod endpoint;
 pub mod error;
 pub mod health;

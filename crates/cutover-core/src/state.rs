@@ -71,6 +71,9 @@ pub struct SiteState {
     /// time it has left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchState>,
+    /// The site's newest deployments, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<crate::deployment::Deployment>,
 }
 
 /// A running post-switch watch, as saved with the switch that started it.

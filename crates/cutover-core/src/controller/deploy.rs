@@ -3,7 +3,10 @@
 //! one deploy runs per site: another one waits for its turn (queued, not
 //! refused); meanwhile a switch or rollback there is refused
 //! (`409 deploy_in_progress`) unless forced. Deployments are kept in memory
-//! (the newest 200), not in the state file.
+//! (the newest 200), and the newest of each site in the state file: saved
+//! before the deploy is acknowledged, then as its steps go. A restart ends
+//! each one it cut short, or lets one that went live follow its resumed
+//! watch ([`Deployment::after_restart`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,16 +14,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cutover_config::Require;
-use serde::Serialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::watch::{now_rfc3339, WatchOutcome};
-use super::{not_found, refused, Actor, Controller, RunningDeploy, SwitchRequest};
+use super::{not_found, refused, Actor, Controller, RunningDeploy, SwitchRequest, WatchReceiver};
+use crate::deployment::{Deployment, Step};
 use crate::endpoint::Health;
 use crate::error::ControlError;
+use crate::state::State;
 
 /// Deployments remembered.
 const KEEP: usize = 200;
+/// Deployments of each site kept in the state file.
+const KEEP_SAVED: usize = 20;
+/// Why a deploy ended when an operator took the site over.
+const OVERRIDDEN: &str = "overridden by a forced switch or rollback";
 /// Default wait for the new target to become healthy.
 const DEFAULT_HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -39,40 +48,6 @@ pub struct DeployRequest {
     pub healthy_timeout: Option<Duration>,
 }
 
-/// One step of a deployment.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Step {
-    /// `set_target`, `wait_healthy`, `smoke`, `switch`, `drain`, `watch`.
-    pub name: &'static str,
-    /// `pending`, `running`, `succeeded`, `failed`, `skipped`.
-    pub state: &'static str,
-    /// When it started (RFC 3339).
-    pub started_at: Option<String>,
-    /// When it finished.
-    pub finished_at: Option<String>,
-    /// What happened.
-    pub message: Option<String>,
-}
-
-/// A deployment as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Deployment {
-    /// Its id.
-    pub id: String,
-    /// The site.
-    pub site: String,
-    /// The target deployed to.
-    pub target: String,
-    /// The version deployed.
-    pub version: Option<String>,
-    /// `running`, `succeeded`, `failed` (never went live) or `rolled_back`.
-    pub state: &'static str,
-    /// The steps, in order.
-    pub steps: Vec<Step>,
-    /// Why it failed or was rolled back.
-    pub error: Option<String>,
-}
-
 /// Every deployment this process ran (the newest [`KEEP`]).
 #[derive(Default)]
 pub(crate) struct Deployments {
@@ -80,7 +55,7 @@ pub(crate) struct Deployments {
 }
 
 impl Deployments {
-    fn add(&self, d: Deployment) -> Arc<Mutex<Deployment>> {
+    pub(crate) fn add(&self, d: Deployment) -> Arc<Mutex<Deployment>> {
         let d = Arc::new(Mutex::new(d));
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.push_back(d.clone());
@@ -96,40 +71,60 @@ impl Deployments {
     }
 }
 
-/// Writes the progress of one deployment.
-struct Tracker {
+/// Writes the progress of one deployment; each change is saved soon after
+/// ([`Controller::track`]).
+pub(crate) struct Tracker {
     d: Arc<Mutex<Deployment>>,
+    changed: Arc<Notify>,
 }
 
 impl Tracker {
     fn with<R>(&self, f: impl FnOnce(&mut Deployment) -> R) -> R {
-        f(&mut self.d.lock().unwrap_or_else(|e| e.into_inner()))
+        let r = f(&mut self.d.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_one();
+        r
+    }
+
+    fn id(&self) -> String {
+        self.d.lock().unwrap_or_else(|e| e.into_inner()).id.clone()
     }
 
     fn start(&self, i: usize) {
         self.with(|d| {
-            d.steps[i].state = "running";
+            d.steps[i].state = "running".into();
             d.steps[i].started_at = Some(now_rfc3339());
         });
     }
 
-    fn finish(&self, i: usize, state: &'static str, message: impl Into<String>) {
+    fn finish(&self, i: usize, state: &str, message: impl Into<String>) {
         self.with(|d| {
             let s = &mut d.steps[i];
             if s.started_at.is_none() {
                 s.started_at = Some(now_rfc3339());
             }
-            s.state = state;
+            s.state = state.into();
             s.finished_at = Some(now_rfc3339());
             s.message = Some(message.into());
         });
     }
 
-    fn end(&self, state: &'static str, error: Option<String>) {
+    fn end(&self, state: &str, error: Option<String>) {
         self.with(|d| {
-            d.state = state;
+            d.state = state.into();
             d.error = error;
         });
+    }
+}
+
+/// Ends, in `state` as loaded at a start, each deployment the restart cut
+/// short; one that went live and whose watch resumes runs on.
+pub(crate) fn after_restart(state: &mut State) {
+    let now = now_rfc3339();
+    for s in state.sites.values_mut() {
+        let watched = s.watch.as_ref().map(|w| w.target.clone());
+        for d in &mut s.deployments {
+            d.after_restart(&s.live, watched.as_deref() == Some(d.target.as_str()), &now);
+        }
     }
 }
 
@@ -162,17 +157,26 @@ impl Controller {
         }
         let steps = STEPS
             .iter()
-            .map(|name| Step { name, state: "pending", started_at: None, finished_at: None, message: None })
+            .map(|name| Step {
+                name: name.to_string(),
+                state: "pending".into(),
+                started_at: None,
+                finished_at: None,
+                message: None,
+            })
             .collect();
-        let d = self.deployments.add(Deployment {
+        let record = Deployment {
             id: id.clone(),
             site: site.to_string(),
             target: req.target.clone(),
             version: req.version.clone(),
-            state: "running",
+            state: "running".into(),
             steps,
             error: None,
-        });
+        };
+        // Durable before it is acknowledged: a restart then reports how it ended.
+        self.save_deployment(&record).await?;
+        let tracker = self.track(self.deployments.add(record));
         // In the site's queue before the answer: from now on switches there
         // are refused, and deploys run in the order they were asked for.
         let (overridden, done) = (CancellationToken::new(), CancellationToken::new());
@@ -197,7 +201,6 @@ impl Controller {
                 previous.cancelled().await;
             }
             let Some(c) = me.upgrade() else { return };
-            let tracker = Tracker { d };
             let state = if overridden.is_cancelled() {
                 // An operator took the site over while this one waited.
                 let why = "overridden by a forced switch or rollback before it started".to_string();
@@ -236,7 +239,6 @@ impl Controller {
         t: &Tracker,
         overridden: &CancellationToken,
     ) -> &'static str {
-        const OVERRIDDEN: &str = "overridden by a forced switch or rollback";
         let fail = |i: usize, why: String| {
             t.finish(i, "failed", why.clone());
             for j in i + 1..STEPS.len() {
@@ -294,7 +296,7 @@ impl Controller {
         // given, endpoints reporting another one refuse the switch.
         let switch = SwitchRequest {
             to: req.target.clone(),
-            reason: Some(format!("deployment {}", t.with(|d| d.id.clone()))),
+            reason: Some(format!("deployment {}", t.id())),
             watch: req.watch,
             expect_version: req.version.clone(),
             ..Default::default()
@@ -304,12 +306,6 @@ impl Controller {
             Err(e) => return fail(3, e.to_string()),
         };
         t.finish(3, "succeeded", format!("{from} → {}", req.target));
-        // Live, then taken back by an operator: rolled back, not by the watch.
-        let undone = || async {
-            let inner = self.inner.lock().await;
-            let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
-            (live != req.target).then(|| format!("{OVERRIDDEN}: {live} is live"))
-        };
         // 5. drain
         t.start(4);
         let drained = tokio::select! {
@@ -318,9 +314,9 @@ impl Controller {
         };
         t.finish(4, "succeeded", drained);
         // 6. watch
-        let Some(mut outcome) = outcome.filter(|_| !overridden.is_cancelled()) else {
+        let Some(outcome) = outcome.filter(|_| !overridden.is_cancelled()) else {
             let why = match overridden.is_cancelled() {
-                true => undone().await,
+                true => self.undone(site, &req.target).await,
                 false => None,
             };
             if let Some(why) = why {
@@ -333,6 +329,12 @@ impl Controller {
             return "succeeded";
         };
         t.start(5);
+        self.watch_step(site, &req.target, t, outcome).await
+    }
+
+    /// The watch step of a deploy of `target` on `site` that went live: its
+    /// end, as the watch's `outcome` says.
+    async fn watch_step(&self, site: &str, target: &str, t: &Tracker, mut outcome: WatchReceiver) -> &'static str {
         let result = loop {
             if let Some(o) = outcome.borrow_and_update().clone() {
                 break o;
@@ -357,7 +359,7 @@ impl Controller {
                 t.end("failed", Some(why));
                 "failed"
             }
-            WatchOutcome::Cancelled => match undone().await {
+            WatchOutcome::Cancelled => match self.undone(site, target).await {
                 Some(why) => {
                     t.finish(5, "skipped", format!("the watch was ended: {why}"));
                     t.end("rolled_back", Some(why));
@@ -370,6 +372,71 @@ impl Controller {
                 }
             },
         }
+    }
+
+    /// Why a deploy of `target` that went live counts as taken back: another
+    /// target is live on `site` (an operator's switch or rollback).
+    async fn undone(&self, site: &str, target: &str) -> Option<String> {
+        let inner = self.inner.lock().await;
+        let live = inner.state.sites.get(site).map(|s| s.live.clone()).unwrap_or_default();
+        (live != target).then(|| format!("{OVERRIDDEN}: {live} is live"))
+    }
+
+    /// Follows `tracker`'s deployment, which a restart found in its watch,
+    /// through the resumed watch's `outcome` (ended now when there is none).
+    pub(crate) fn follow_resumed(&self, tracker: Tracker, outcome: Option<WatchReceiver>) {
+        let (site, target) = tracker.with(|d| (d.site.clone(), d.target.clone()));
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let Some(c) = me.upgrade() else { return };
+            let state = match outcome {
+                Some(outcome) => c.watch_step(&site, &target, &tracker, outcome).await,
+                None => {
+                    tracker.finish(5, "skipped", "the watch did not resume after a restart of cutover");
+                    tracker.end("succeeded", None);
+                    "succeeded"
+                }
+            };
+            c.metrics.deployments.with_label_values(&[&site, state]).inc();
+        });
+    }
+
+    /// A tracker of `d` whose changes are saved as they come, the last one
+    /// (the deployment's end) included.
+    pub(crate) fn track(&self, d: Arc<Mutex<Deployment>>) -> Tracker {
+        let changed = Arc::new(Notify::new());
+        let (me, saved, wake) = (self.me.clone(), d.clone(), changed.clone());
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(c) = me.upgrade() else { return };
+                let now = saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Err(e) = c.save_deployment(&now).await {
+                    tracing::warn!(deployment = %now.id, error = %e, "could not save a deployment's progress");
+                }
+                if !now.is_running() {
+                    return;
+                }
+            }
+        });
+        Tracker { d, changed }
+    }
+
+    /// Saves `d` with its site's state (the newest [`KEEP_SAVED`] of the site).
+    async fn save_deployment(&self, d: &Deployment) -> Result<(), ControlError> {
+        let mut inner = self.inner.lock().await;
+        let mut next = inner.state.clone();
+        let Some(s) = next.sites.get_mut(&d.site) else { return Ok(()) };
+        match s.deployments.iter_mut().find(|saved| saved.id == d.id) {
+            Some(saved) if saved == d => return Ok(()),
+            Some(saved) => *saved = d.clone(),
+            None => {
+                s.deployments.push(d.clone());
+                let over = s.deployments.len().saturating_sub(KEEP_SAVED);
+                s.deployments.drain(..over);
+            }
+        }
+        self.commit(&mut inner, next).await
     }
 
     /// Waits until `target` passes the site's health requirement; `Err` lists what is not healthy.

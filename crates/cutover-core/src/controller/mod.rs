@@ -16,7 +16,8 @@ mod reconcile;
 mod snapshot;
 mod watch;
 
-pub use deploy::{DeployRequest, Deployment, Step};
+pub use crate::deployment::{Deployment, Step};
+pub use deploy::DeployRequest;
 pub use watch::{WatchOutcome, WatchView};
 
 use std::collections::{BTreeMap, HashMap};
@@ -194,7 +195,8 @@ impl Controller {
         metrics: Metrics,
     ) -> Result<Arc<Self>, StateError> {
         let loaded = store.load()?;
-        let state = reconcile(&config, loaded.clone());
+        let mut state = reconcile(&config, loaded.clone());
+        deploy::after_restart(&mut state);
         // What reconciling changed (and recorded in the history) is saved, so
         // the next start does not record it again.
         if loaded.is_some_and(|l| l != state) {
@@ -230,7 +232,15 @@ impl Controller {
         {
             let mut inner = controller.inner.try_lock().expect("fresh controller is unlocked");
             controller.publish(&inner);
-            controller.resume_watches(&mut inner);
+            let mut resumed = controller.resume_watches(&mut inner);
+            // The saved deployments answer by id again; one in its resumed watch follows it.
+            for d in inner.state.sites.values().flat_map(|s| s.deployments.iter()) {
+                let running = d.is_running();
+                let (site, d) = (d.site.clone(), controller.deployments.add(d.clone()));
+                if running {
+                    controller.follow_resumed(controller.track(d), resumed.remove(&site));
+                }
+            }
         }
         // Samples every target's counters: the baseline of post-switch watches.
         let (me, stop) = (Arc::downgrade(&controller), controller.shutdown.clone());
@@ -811,10 +821,11 @@ impl Controller {
     /// Resumes, after a start, each site's saved watch for the time it has
     /// left. (The answers before the restart and the old target's baseline
     /// went with the process: it judges the answers from now on.)
-    fn resume_watches(&self, inner: &mut Inner) {
+    fn resume_watches(&self, inner: &mut Inner) -> HashMap<String, WatchReceiver> {
         let saved: Vec<(String, WatchState)> =
             inner.state.sites.iter().filter_map(|(name, s)| Some((name.clone(), s.watch.clone()?))).collect();
         let now = std::time::SystemTime::now();
+        let mut resumed = HashMap::new();
         for (site, saved) in saved {
             let Some(config) = inner.sites.get(&site).cloned() else { continue };
             let Some(target) = self.table.load().site(&site).and_then(|s| s.target(&saved.target)).cloned() else {
@@ -824,8 +835,10 @@ impl Controller {
                 continue;
             };
             tracing::info!(site = %site, target = %saved.target, left = ?left, "post-switch watch resumed");
-            let _ = self.start_watch(inner, &site, target, WatchPlan { saved, cfg, baseline: None, left: Some(left) });
+            let plan = WatchPlan { saved, cfg, baseline: None, left: Some(left) };
+            resumed.insert(site.clone(), self.start_watch(inner, &site, target, plan));
         }
+        resumed
     }
 
     /// Runs the watch `plan` of `target` on `site`.
