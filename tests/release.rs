@@ -627,8 +627,13 @@ async fn deployments_answer_after_a_restart() {
     let (_, d) = p.api("GET", &format!("/v1/deployments/{watched}"), None).await;
     assert_eq!((d["state"].as_str(), d["steps"][5]["state"].as_str()), (Some("running"), Some("running")), "{d}");
     assert_eq!(d["steps"][5]["message"], "resumed after a restart of cutover", "{d}");
+    // Still the site's running deploy: a switch there waits for it, unless forced.
+    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
+    assert_eq!((status, sw["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{sw}");
     let d = wait_deployment(&p, &watched).await;
     assert_eq!((d["state"].as_str(), d["steps"][5]["state"].as_str()), (Some("succeeded"), Some("succeeded")), "{d}");
     let (_, d) = p.api("GET", &format!("/v1/deployments/{cut}"), None).await;
     assert_eq!(d["state"], "failed", "the older one is still there: {d}");
+    let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
+    assert_eq!(status, 200, "{sw}");
 }

@@ -49,17 +49,26 @@ impl Deployment {
     /// Ends, at `now`, what a restart of cutover cut short: a deployment that
     /// had not gone live `failed`; one that had is `rolled_back` when `live`
     /// is another target, and else `succeeded`, unless its watch resumes
-    /// (`watch_resumes`): then it runs on, its watch step with it.
+    /// (`watch_resumes`): then it runs on, its watch step with it. Its target
+    /// live counts as gone live: the switch is saved before its step is.
     pub fn after_restart(&mut self, live: &str, watch_resumes: bool, now: &str) {
         if !self.is_running() {
             return;
         }
-        let went_live = self.steps.iter().any(|s| s.name == "switch" && s.state == "succeeded");
+        let switched = self.steps.iter().any(|s| s.name == "switch" && s.state == "succeeded");
+        let went_live = switched || live == self.target;
         let started = self.steps.iter().any(|s| s.state != "pending");
         let cut = self.steps.iter().find(|s| matches!(s.state.as_str(), "pending" | "running")).map(|s| s.name.clone());
-        let resumes = went_live && live == self.target && watch_resumes;
+        // Only the steps cutover runs, in its order, go on after a restart.
+        let watch_last = self.steps.iter().position(|s| s.name == "watch") == Some(5) && self.steps.len() == 6;
+        let resumes = went_live && live == self.target && watch_resumes && watch_last;
         for s in &mut self.steps {
             match s.state.as_str() {
+                "running" | "pending" if !switched && went_live && s.name == "switch" => {
+                    s.state = "succeeded".into();
+                    s.finished_at = Some(now.to_string());
+                    s.message = Some(format!("{} is live (cutover restarted as it switched)", self.target));
+                }
                 "running" | "pending" if resumes && s.name == "watch" => {
                     s.state = "running".into();
                     s.started_at.get_or_insert_with(|| now.to_string());
@@ -166,6 +175,27 @@ mod tests {
         d.after_restart("blue", true, "now");
         assert_eq!(d.state, "rolled_back");
         assert_eq!(d.error.as_deref(), Some("cutover restarted during the watch step, and blue is live"));
+    }
+
+    /// Killed between the switch's save and its step's: its target is live.
+    #[test]
+    fn one_whose_target_is_live_went_live_though_its_switch_step_was_not_saved() {
+        let mut d = deployment(&["succeeded", "succeeded", "skipped"]);
+        d.after_restart("green", true, "now");
+        assert_eq!(d.state, "running");
+        assert_eq!(states(&d), ["succeeded", "succeeded", "skipped", "succeeded", "skipped", "running"]);
+        let mut d = deployment(&["succeeded", "succeeded", "skipped"]);
+        d.after_restart("green", false, "now");
+        assert_eq!((d.state.as_str(), d.steps[3].state.as_str()), ("succeeded", "succeeded"));
+    }
+
+    /// A record of other steps than cutover's (a hand-edited file) does not run on.
+    #[test]
+    fn a_record_of_other_steps_does_not_resume() {
+        let mut d = deployment(&["succeeded", "succeeded", "skipped", "succeeded"]);
+        d.steps.truncate(5);
+        d.after_restart("green", true, "now");
+        assert_eq!(d.state, "succeeded");
     }
 
     #[test]

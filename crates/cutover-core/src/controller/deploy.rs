@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::watch::{now_rfc3339, WatchOutcome};
-use super::{not_found, refused, Actor, Controller, RunningDeploy, SwitchRequest, WatchReceiver};
+use super::{not_found, refused, Actor, Controller, Inner, RunningDeploy, SwitchRequest, WatchReceiver};
 use crate::deployment::{Deployment, Step};
 use crate::endpoint::Health;
 use crate::error::ControlError;
@@ -73,7 +73,7 @@ impl Deployments {
 
 /// Writes the progress of one deployment; each change is saved soon after
 /// ([`Controller::track`]).
-pub(crate) struct Tracker {
+pub(super) struct Tracker {
     d: Arc<Mutex<Deployment>>,
     changed: Arc<Notify>,
 }
@@ -118,7 +118,7 @@ impl Tracker {
 
 /// Ends, in `state` as loaded at a start, each deployment the restart cut
 /// short; one that went live and whose watch resumes runs on.
-pub(crate) fn after_restart(state: &mut State) {
+pub(super) fn after_restart(state: &mut State) {
     let now = now_rfc3339();
     for s in state.sites.values_mut() {
         let watched = s.watch.as_ref().map(|w| w.target.clone());
@@ -210,19 +210,27 @@ impl Controller {
             } else {
                 c.run_deploy(&site, req, &tracker, &overridden).await
             };
-            {
-                let mut inner = c.inner.lock().await;
-                if let Some(queue) = inner.deploying.get_mut(&site) {
-                    queue.retain(|d| d.id != own_id);
-                    if queue.is_empty() {
-                        inner.deploying.remove(&site);
-                    }
-                }
-            }
-            done.cancel();
-            c.metrics.deployments.with_label_values(&[&site, state]).inc();
+            c.deploy_ended(&site, &own_id, &done, state).await;
         });
         Ok(id)
+    }
+
+    /// A deployment `id` of `site` ended in `state` (or stopped at a shutdown,
+    /// `running`): out of the site's queue, and the next one may start.
+    async fn deploy_ended(&self, site: &str, id: &str, done: &CancellationToken, state: &str) {
+        {
+            let mut inner = self.inner.lock().await;
+            if let Some(queue) = inner.deploying.get_mut(site) {
+                queue.retain(|d| d.id != id);
+                if queue.is_empty() {
+                    inner.deploying.remove(site);
+                }
+            }
+        }
+        done.cancel();
+        if state != "running" {
+            self.metrics.deployments.with_label_values(&[site, state]).inc();
+        }
     }
 
     /// A deployment by id.
@@ -333,7 +341,8 @@ impl Controller {
     }
 
     /// The watch step of a deploy of `target` on `site` that went live: its
-    /// end, as the watch's `outcome` says.
+    /// end, as the watch's `outcome` says. A watch that a shutdown ended
+    /// leaves the deployment `running`: the next start resumes both.
     async fn watch_step(&self, site: &str, target: &str, t: &Tracker, mut outcome: WatchReceiver) -> &'static str {
         let result = loop {
             if let Some(o) = outcome.borrow_and_update().clone() {
@@ -343,6 +352,9 @@ impl Controller {
                 break WatchOutcome::Cancelled;
             }
         };
+        if result == WatchOutcome::Cancelled && self.shutdown.is_cancelled() {
+            return "running";
+        }
         match result {
             WatchOutcome::Passed => {
                 t.finish(5, "succeeded", "no rollback needed");
@@ -384,8 +396,18 @@ impl Controller {
 
     /// Follows `tracker`'s deployment, which a restart found in its watch,
     /// through the resumed watch's `outcome` (ended now when there is none).
-    pub(crate) fn follow_resumed(&self, tracker: Tracker, outcome: Option<WatchReceiver>) {
-        let (site, target) = tracker.with(|d| (d.site.clone(), d.target.clone()));
+    /// Meanwhile it is the site's running deploy, as before the restart: a
+    /// switch there is refused unless forced, and a next deploy waits.
+    pub(super) fn follow_resumed(&self, inner: &mut Inner, tracker: Tracker, outcome: Option<WatchReceiver>) {
+        let (id, site, target) = tracker.with(|d| (d.id.clone(), d.site.clone(), d.target.clone()));
+        let done = CancellationToken::new();
+        let running = RunningDeploy {
+            id: id.clone(),
+            target: target.clone(),
+            overridden: CancellationToken::new(),
+            done: done.clone(),
+        };
+        inner.deploying.entry(site.clone()).or_default().push_front(running);
         let me = self.me.clone();
         tokio::spawn(async move {
             let Some(c) = me.upgrade() else { return };
@@ -397,13 +419,13 @@ impl Controller {
                     "succeeded"
                 }
             };
-            c.metrics.deployments.with_label_values(&[&site, state]).inc();
+            c.deploy_ended(&site, &id, &done, state).await;
         });
     }
 
     /// A tracker of `d` whose changes are saved as they come, the last one
     /// (the deployment's end) included.
-    pub(crate) fn track(&self, d: Arc<Mutex<Deployment>>) -> Tracker {
+    pub(super) fn track(&self, d: Arc<Mutex<Deployment>>) -> Tracker {
         let changed = Arc::new(Notify::new());
         let (me, saved, wake) = (self.me.clone(), d.clone(), changed.clone());
         tokio::spawn(async move {
@@ -432,8 +454,13 @@ impl Controller {
             Some(saved) => *saved = d.clone(),
             None => {
                 s.deployments.push(d.clone());
-                let over = s.deployments.len().saturating_sub(KEEP_SAVED);
-                s.deployments.drain(..over);
+                // The oldest that ended go first; a running one stays.
+                let mut over = s.deployments.len().saturating_sub(KEEP_SAVED);
+                s.deployments.retain(|saved| {
+                    let goes = over > 0 && !saved.is_running();
+                    over -= usize::from(goes);
+                    !goes
+                });
             }
         }
         self.commit(&mut inner, next).await

@@ -234,11 +234,13 @@ impl Controller {
             controller.publish(&inner);
             let mut resumed = controller.resume_watches(&mut inner);
             // The saved deployments answer by id again; one in its resumed watch follows it.
-            for d in inner.state.sites.values().flat_map(|s| s.deployments.iter()) {
+            let saved: Vec<_> = inner.state.sites.values().flat_map(|s| s.deployments.iter().cloned()).collect();
+            for d in saved {
                 let running = d.is_running();
-                let (site, d) = (d.site.clone(), controller.deployments.add(d.clone()));
+                let (site, d) = (d.site.clone(), controller.deployments.add(d));
                 if running {
-                    controller.follow_resumed(controller.track(d), resumed.remove(&site));
+                    let tracker = controller.track(d);
+                    controller.follow_resumed(&mut inner, tracker, resumed.remove(&site));
                 }
             }
         }
@@ -889,23 +891,24 @@ impl Controller {
                     break WatchOutcome::Passed;
                 }
             };
-            let passed = result == WatchOutcome::Passed;
+            // Over: no longer saved (a rollback's switch has cleared it already).
+            let over = matches!(result, WatchOutcome::Passed | WatchOutcome::Failed(_));
             outcome.send_replace(Some(result));
             if let Some(c) = me.upgrade() {
-                c.watch_ended(&site, &stop, passed.then_some(&saved)).await;
+                c.watch_ended(&site, &stop, over.then_some(&saved)).await;
             }
         });
         receiver
     }
 
-    /// A watch of `site` ended; one that `passed` is no longer saved (if a
+    /// A watch of `site` ended; one that is `over` is no longer saved (if a
     /// later switch has not replaced it meanwhile).
-    async fn watch_ended(&self, site: &str, stop: &CancellationToken, passed: Option<&WatchState>) {
+    async fn watch_ended(&self, site: &str, stop: &CancellationToken, over: Option<&WatchState>) {
         let mut inner = self.inner.lock().await;
         if inner.watches.get(site).is_some_and(|w| w.stop == *stop) {
             inner.watches.remove(site);
         }
-        let Some(saved) = passed else { return };
+        let Some(saved) = over else { return };
         if inner.state.sites.get(site).and_then(|s| s.watch.as_ref()) != Some(saved) {
             return;
         }
