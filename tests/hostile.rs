@@ -309,6 +309,21 @@ async fn a_bare_lf_in_a_chunked_trailer_section_closes_the_connection() {
     assert!(!paths(&blue).iter().any(|p| p == "/canary"), "forwarded: {:?}", paths(&blue));
 }
 
+/// 4f. An HTTP/1.0 request may come without `Host`: it reaches a `*` site,
+/// and the upstream, spoken to in HTTP/1.1 (which requires `Host`), is named
+/// by its address.
+#[tokio::test]
+async fn an_http_1_0_request_without_host_names_the_upstream() {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("any", "\"*\"", "blue", &[("blue", vec![blue.addr])])).await;
+    let r = raw(p.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(r.text.starts_with("HTTP/1.0 200"), "{:?}", r.text);
+    let seen = blue.seen();
+    let old = seen.iter().find(|s| s.path == "/old").expect("forwarded");
+    assert_eq!(header(old, "host"), [blue.addr.to_string().as_bytes()]);
+    assert!(header(old, "x-forwarded-host").is_empty());
+}
+
 /// 4c. Bodies and plain `GET`s alternate on one kept-alive connection
 /// without losing a byte, and a `GET` whose head arrives in two parts, the
 /// first with the body before it, is answered once it is whole.

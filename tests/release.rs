@@ -608,6 +608,8 @@ async fn deployments_answer_after_a_restart() {
     assert_eq!(d["error"], "cutover restarted during the wait_healthy step; green did not go live", "{d}");
     let states: Vec<&str> = d["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["succeeded", "skipped", "skipped", "skipped", "skipped", "skipped"], "{d}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="failed"} 1"#), "{metrics}");
 
     // Cut short in its watch: the watch resumes, and the deployment with it.
     p.wait_healthy("shop", &["blue"]).await;
@@ -632,6 +634,8 @@ async fn deployments_answer_after_a_restart() {
     assert_eq!((status, sw["error"]["code"].as_str()), (409, Some("deploy_in_progress")), "{sw}");
     let d = wait_deployment(&p, &watched).await;
     assert_eq!((d["state"].as_str(), d["steps"][5]["state"].as_str()), (Some("succeeded"), Some("succeeded")), "{d}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_deployments_total{site="shop",state="succeeded"} 1"#), "{metrics}");
     let (_, d) = p.api("GET", &format!("/v1/deployments/{cut}"), None).await;
     assert_eq!(d["state"], "failed", "the older one is still there: {d}");
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;

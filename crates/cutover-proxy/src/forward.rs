@@ -742,6 +742,14 @@ fn prepare(
         _ => {
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
+            // HTTP/1.1 requires `Host`; an HTTP/1.0 client may not have sent
+            // one. Then the upstream is named by its address (nginx's default).
+            if host.is_none() {
+                let named = routed.target.endpoints.first().and_then(|e| HeaderValue::from_str(&e.address).ok());
+                if let Some(address) = named {
+                    parts.headers.insert(HOST, address);
+                }
+            }
             if let Some(protocol) = upgrade {
                 parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(UPGRADE, protocol.clone());

@@ -117,13 +117,17 @@ impl Tracker {
 }
 
 /// Ends, in `state` as loaded at a start, each deployment the restart cut
-/// short; one that went live and whose watch resumes runs on.
-pub(super) fn after_restart(state: &mut State) {
+/// short (counted in `cutover_deployments_total` as it ends); one that went
+/// live and whose watch resumes runs on.
+pub(super) fn after_restart(state: &mut State, metrics: &cutover_metrics::Metrics) {
     let now = now_rfc3339();
-    for s in state.sites.values_mut() {
+    for (site, s) in &mut state.sites {
         let watched = s.watch.as_ref().map(|w| w.target.clone());
-        for d in &mut s.deployments {
+        for d in s.deployments.iter_mut().filter(|d| d.is_running()) {
             d.after_restart(&s.live, watched.as_deref() == Some(d.target.as_str()), &now);
+            if !d.is_running() {
+                metrics.deployments.with_label_values(&[site, &d.state]).inc();
+            }
         }
     }
 }

@@ -196,7 +196,7 @@ impl Controller {
     ) -> Result<Arc<Self>, StateError> {
         let loaded = store.load()?;
         let mut state = reconcile(&config, loaded.clone());
-        deploy::after_restart(&mut state);
+        deploy::after_restart(&mut state, &metrics);
         // What reconciling changed (and recorded in the history) is saved, so
         // the next start does not record it again.
         if loaded.is_some_and(|l| l != state) {
