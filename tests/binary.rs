@@ -534,6 +534,27 @@ async fn a_post_switch_watch_survives_kill_9() {
     child.wait().unwrap();
 }
 
+/// Polls `GET path` on the admin API until `done` holds for its answer (a
+/// request to `http` first each time, when given); `None` after about 4 s.
+async fn admin_until(
+    admin: SocketAddr,
+    path: &str,
+    http: Option<SocketAddr>,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    for _ in 0..400 {
+        if let Some(http) = http {
+            let _ = support::get(http, "shop", "/").await;
+        }
+        let (_, answer) = support::admin_call(admin, "GET", path, None, None).await;
+        if done(&answer) {
+            return Some(answer);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
 /// A deploy acknowledged before `kill -9` answers by id after the restart;
 /// one that went live follows its resumed watch, which still rolls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,16 +568,8 @@ async fn a_deploy_survives_kill_9() {
     let (status, answer) = support::admin_call(admin, "POST", "/v1/sites/shop/deploy", Some(body), None).await;
     assert_eq!(status, 202, "{answer}");
     let path = format!("/v1/deployments/{}", answer["id"].as_str().unwrap());
-    let mut watching = false;
-    for _ in 0..400 {
-        let (_, d) = support::admin_call(admin, "GET", &path, None, None).await;
-        if d["steps"][5]["state"] == "running" {
-            watching = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(watching, "the deploy never reached its watch");
+    let watching = admin_until(admin, &path, None, |d| d["steps"][5]["state"] == "running").await;
+    assert!(watching.is_some(), "the deploy never reached its watch");
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -569,16 +582,7 @@ async fn a_deploy_survives_kill_9() {
         "{d}"
     );
     green.faults.fail.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut ended = serde_json::Value::Null;
-    for _ in 0..400 {
-        let _ = support::get(http, "shop", "/").await;
-        let (_, d) = support::admin_call(admin, "GET", &path, None, None).await;
-        if d["state"] != "running" {
-            ended = d;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let ended = admin_until(admin, &path, Some(http), |d| d["state"] != "running").await.unwrap_or_default();
     assert_eq!(ended["state"], "rolled_back", "{ended}");
     assert_eq!(support::get(http, "shop", "/").await.body, "blue");
     child.kill().unwrap();
