@@ -64,7 +64,15 @@ async fn read_only_refuses_writes_at_the_edge() {
     assert_eq!(c.send(req("POST", "/api/search/q", "q")).await.unwrap().status, 200);
     assert_eq!(c.send(req("POST", "/loginx", "")).await.unwrap().status, 503);
     // A path the upstream could resolve elsewhere is never an allowed path.
-    for sneaky in ["/api/search/../../orders", "/api/search/%2e%2e/orders", "/api/search/..%2forders"] {
+    for sneaky in [
+        "/api/search/../../orders",
+        "/api/search/%2e%2e/orders",
+        "/api/search/..%2forders",
+        "/api/search/..;/orders",
+        "/api/search/.;/../orders",
+        "/api/search/..%3b/orders",
+        "/api/search/%252e%252e/orders",
+    ] {
         assert_eq!(c.send(req("POST", sneaky, "x")).await.unwrap().status, 503, "{sneaky}");
     }
     let writes: Vec<_> =

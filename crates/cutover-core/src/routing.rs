@@ -174,7 +174,8 @@ impl SiteRoute {
 
     /// Whether `path` is in `read_only.allow_paths` (exact, or a prefix with a
     /// trailing `*`). A path an upstream could resolve elsewhere (`.`/`..`
-    /// segments, encoded dots or slashes, backslashes) is never allowed.
+    /// segments, `;` parameters, encoded dots, slashes or `%`, backslashes)
+    /// is never allowed.
     pub fn allowed_path(&self, path: &str) -> bool {
         if !is_plain_path(path) {
             return false;
@@ -186,15 +187,15 @@ impl SiteRoute {
     }
 }
 
-/// No dot segments, no encoded dot, slash or backslash, no backslash.
+/// No dot segments, no backslash, no `;` path parameters (servlet containers
+/// strip them before resolving `..`, so `/a/..;/b` is `/b` there), and none
+/// of those encoded, nor an encoded `%` (an upstream that decodes twice).
 fn is_plain_path(path: &str) -> bool {
     let lower_has =
         |needle: &str| path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
-    !path.contains('\\')
+    !path.contains(['\\', ';'])
         && !path.split('/').any(|seg| seg == "." || seg == "..")
-        && !lower_has("%2e")
-        && !lower_has("%2f")
-        && !lower_has("%5c")
+        && !["%2e", "%2f", "%5c", "%3b", "%25"].into_iter().any(lower_has)
 }
 
 impl TargetPool {
@@ -321,7 +322,20 @@ mod tests {
 
     #[test]
     fn paths_an_upstream_could_resolve_elsewhere_are_not_plain() {
-        for bad in ["/api/../orders", "/api/./x", "/api/%2e%2e/orders", "/a%2Fb", "/a\\b", "/..", "/a/%5C"] {
+        for bad in [
+            "/api/../orders",
+            "/api/./x",
+            "/api/%2e%2e/orders",
+            "/a%2Fb",
+            "/a\\b",
+            "/..",
+            "/a/%5C",
+            "/api/..;/orders",
+            "/api/.;/x",
+            "/api/x;jsessionid=1",
+            "/api/..%3B/orders",
+            "/api/%252e%252e/orders",
+        ] {
             assert!(!is_plain_path(bad), "{bad}");
         }
         for good in ["/", "/api/search/q", "/a.b/c..d", "/.well-known/acme"] {
