@@ -221,6 +221,65 @@ async fn te_and_content_length_is_refused_and_closes() {
     assert!(seen[2..].iter().all(|s| s.path == "/echo" && s.body_len == 2), "{:?}", paths(&blue));
 }
 
+/// 4a. Header syntax a lenient reader could take for framing — whitespace
+/// before the colon, a folded or control-character `Transfer-Encoding`, a
+/// non-token or empty field name, a first field line that starts with
+/// whitespace, a request line with a doubled space — gets `400`, closes the
+/// connection and reaches nothing, canary included.
+#[tokio::test]
+async fn odd_header_syntax_is_refused_and_forwards_nothing() {
+    let (p, blue) = one_site("").await;
+    let cases: [&[u8]; 10] = [
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length : 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\x0c\r\n\r\n0\r\n\r\n",
+        // A dotless i (U+0131) in the name: not a token.
+        "POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encod\u{131}ng: chunked\r\n\r\n0\r\n\r\n".as_bytes(),
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nX\x80: 1\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\n: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\n Transfer-Encoding: chunked\r\nHost: shop.test\r\n\r\n0\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+    ];
+    for req in cases {
+        refused_with_canary(p.addr, req, 400).await;
+    }
+    settle().await;
+    assert_eq!(blue.count(), 0, "forwarded: {:?}", paths(&blue));
+}
+
+/// 4a'. Chunk syntax an upstream or a front proxy could read differently — a
+/// signed, `0x`-prefixed or empty size, a bare LF after the size or after the
+/// data, a bare CR in an extension, more data than the size — ends the
+/// request: an error answer or none, the connection closed, and the
+/// pipelined canary neither answered nor forwarded.
+#[tokio::test]
+async fn odd_chunk_syntax_ends_the_connection() {
+    let (p, blue) = one_site("").await;
+    let head = b"POST /echo HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let bodies: [&[u8]; 7] = [
+        b"-0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"\r\nhello\r\n0\r\n\r\n",
+        b"5\nhello\r\n0\r\n\r\n",
+        b"5\r\nhello\n0\r\n\r\n",
+        b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhelloXX\r\n0\r\n\r\n",
+    ];
+    for body in bodies {
+        let shown = String::from_utf8_lossy(body);
+        let r = raw(p.addr, &[&head[..], body, CANARY].concat()).await;
+        assert!(r.closed, "connection left open after {shown:?}: {:?}", r.text);
+        assert!(r.responses() <= 1, "the canary was answered after {shown:?}: {:?}", r.text);
+        assert!(!r.text.starts_with("HTTP/1.1 2"), "{shown:?} was accepted: {:?}", r.text);
+    }
+    settle().await;
+    let seen = blue.seen();
+    assert!(seen.iter().all(|s| s.path == "/echo"), "{:?}", paths(&blue));
+    assert!(seen.iter().all(|s| s.body_len < 5), "a broken body reached the origin whole: {:?}", paths(&blue));
+}
+
 /// 4b. After a request hyper's server took (a body), the next request head
 /// is judged as cutover's own server judges a first one: a request that
 /// could be read two ways, sent after the answer, gets `400` and is never
@@ -1263,6 +1322,42 @@ async fn raw_origin(
         }
     });
     (addr, seen)
+}
+
+/// h2c smuggling: an `Upgrade` that offers `h2c`, alone or among other
+/// protocols, in any case, never reaches an upstream that would switch to
+/// it (its tunnel would carry HTTP/2 requests past every per-request rule);
+/// the request is forwarded without it and answered as plain HTTP/1.1. A
+/// WebSocket upgrade to the same upstream still switches.
+#[tokio::test]
+async fn an_upgrade_offering_h2c_is_never_forwarded() {
+    let (origin, seen) = raw_origin(BodyRead::Never, |head, _| match head.contains("\r\nupgrade:") {
+        true => (b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n".to_vec(), true),
+        false => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".to_vec(), true),
+    })
+    .await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![origin])])).await;
+    let ask = |protocol: &str| {
+        format!(
+            "GET /u HTTP/1.1\r\nHost: shop.test\r\nUpgrade: {protocol}\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+    };
+    for protocol in ["h2c", "H2C", "websocket, h2c", "h2c, websocket", "websocket,h2c/1"] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(ask(protocol).as_bytes()).await.unwrap();
+        let answer = read_one_response(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("plain"), "{protocol}: {answer:?}");
+        // Still HTTP/1.1: the next request on the connection is answered.
+        s.write_all(b"GET /next HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+        assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 200"), "{protocol}");
+    }
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(ask("websocket").as_bytes()).await.unwrap();
+    let answer = read_one_response(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "the control upgrade did not switch: {answer:?}");
+    let seen: Vec<_> = seen.lock().unwrap().iter().filter(|p| *p != "/up").cloned().collect();
+    assert_eq!(seen.len(), 11, "{seen:?}");
 }
 
 /// Reads from `s` into `buf` until it holds `len` bytes; `false` when the

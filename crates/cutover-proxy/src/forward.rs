@@ -782,7 +782,10 @@ impl Drop for PreparedUpgrade<'_> {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (never `h2c`).
+/// The protocol an HTTP/1.1 request asks to upgrade to. Never one that
+/// offers `h2c` at all, even among others: an upstream that picked it would
+/// take HTTP/2 requests through the tunnel, past every rule cutover applies
+/// per request (h2c smuggling).
 fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -795,7 +798,10 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    (asks && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| protocol.clone())
+    let h2c = protocol.to_str().map_or(true, |v| {
+        v.split(',').any(|p| p.trim().split('/').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("h2c")))
+    });
+    (asks && !h2c).then(|| protocol.clone())
 }
 
 /// The host a request is for: the absolute-form/`:authority` host, else `Host`, without port.
