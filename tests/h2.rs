@@ -216,3 +216,498 @@ async fn silent_h2_client_is_cut_after_idle_timeout() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(4), "closed after {took:?}");
 }
+
+// ---- Raw HTTP/2 frames, for clients no library would be (RFC 9113 §4, RFC 7541). ----
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+const CANCEL: u32 = 8;
+const ENHANCE_YOUR_CALM: u32 = 11;
+
+/// One frame: the 9-byte header (length, type, flags, stream id), then the payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    [&len[1..], &[kind, flags], &stream.to_be_bytes(), payload].concat()
+}
+
+/// An HPACK integer with an `n`-bit prefix after the `flags` bits (RFC 7541 §5.1).
+fn hpack_int(flags: u8, n: u32, mut v: usize) -> Vec<u8> {
+    let max = (1usize << n) - 1;
+    if v < max {
+        return vec![flags | v as u8];
+    }
+    let mut out = vec![flags | max as u8];
+    v -= max;
+    while v >= 128 {
+        out.push(0x80 | (v % 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+    out
+}
+
+/// An HPACK field with a new name, not Huffman-coded: without indexing (`flags`
+/// 0x00, 4-bit prefix) or with incremental indexing (0x40, 6-bit prefix).
+fn field(flags: u8, name: &[u8], value: &[u8]) -> Vec<u8> {
+    let n = if flags == 0x40 { 6 } else { 4 };
+    [hpack_int(flags, n, 0), hpack_int(0, 7, name.len()), name.to_vec(), hpack_int(0, 7, value.len()), value.to_vec()]
+        .concat()
+}
+
+/// Header fields as raw bytes: `(name, value)`.
+type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+
+/// A request's header block: the four pseudo-fields, then `extra` fields.
+fn request_block(authority: &str, method: &str, path: &[u8], extra: Fields) -> Vec<u8> {
+    let mut block = [
+        field(0, b":method", method.as_bytes()),
+        field(0, b":scheme", b"http"),
+        field(0, b":path", path),
+        field(0, b":authority", authority.as_bytes()),
+    ]
+    .concat();
+    for (name, value) in extra {
+        block.extend(field(0, name, value));
+    }
+    block
+}
+
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The error code of a GOAWAY or RST_STREAM.
+    fn code(&self) -> u32 {
+        let at = if self.kind == GOAWAY { 4 } else { 0 };
+        u32::from_be_bytes(self.payload[at..at + 4].try_into().unwrap())
+    }
+
+    /// The last stream id a GOAWAY names.
+    fn last_stream(&self) -> u32 {
+        u32::from_be_bytes(self.payload[..4].try_into().unwrap())
+    }
+
+    /// The `:status` of a response HEADERS frame, as h2 encodes it first: a
+    /// static index, or static name 8 with a (Huffman-coded) value.
+    fn status(&self) -> u16 {
+        let b = &self.payload;
+        match b[0] {
+            0x88..=0x8e => [200, 204, 206, 304, 400, 404, 500][(b[0] - 0x88) as usize],
+            0x48 | 0x08 | 0x18 if b[1] & 0x80 == 0 => String::from_utf8_lossy(&b[2..5]).parse().unwrap(),
+            0x48 | 0x08 | 0x18 => huffman_digits(&b[2..2 + (b[1] & 0x7f) as usize]),
+            _ => panic!("unexpected response header block {b:02x?}"),
+        }
+    }
+}
+
+/// Three Huffman-coded digits (RFC 7541 Appendix B: 0-2 take 5 bits, 3-9 take 6).
+fn huffman_digits(bytes: &[u8]) -> u16 {
+    let bit = |i: usize| (bytes[i / 8] >> (7 - i % 8)) as u16 & 1;
+    let (mut at, mut n) = (0, 0);
+    for _ in 0..3 {
+        let five = (0..5).fold(0, |acc, i| acc << 1 | bit(at + i));
+        let digit = match five {
+            0..=2 => five,
+            _ => ((five << 1 | bit(at + 5)) - 0x19) + 3,
+        };
+        at += if five <= 2 { 5 } else { 6 };
+        n = n * 10 + digit;
+    }
+    n
+}
+
+/// The reading half of a raw h2c connection.
+struct Frames {
+    r: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    /// The next frame, or `None` once the connection has ended (EOF or an
+    /// error). Panics when the proxy neither sends nor closes for 10 s.
+    async fn next(&mut self) -> Option<Frame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let b: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes(b[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                    return Some(Frame { kind: b[3], flags: b[4], stream, payload: b[9..].to_vec() });
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            match tokio::time::timeout(Duration::from_secs(10), self.r.read(&mut chunk)).await {
+                Err(_) => panic!("the proxy neither answered nor closed for 10 s"),
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Frames up to and including the first for which `stop` holds; `None`
+    /// when the connection ended first.
+    async fn until(&mut self, stop: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        while let Some(f) = self.next().await {
+            if stop(&f) {
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    /// How each of `streams` ends: its `:status` (0 if none came), DATA bytes,
+    /// and whether it ended with END_STREAM (else RST_STREAM).
+    async fn ends(&mut self, streams: &[u32]) -> std::collections::HashMap<u32, (u16, usize, bool)> {
+        let mut ends = std::collections::HashMap::new();
+        let mut open: Vec<u32> = streams.to_vec();
+        while !open.is_empty() {
+            let f = self.next().await.expect("the connection closed");
+            let Some(at) = open.iter().position(|&id| id == f.stream) else { continue };
+            let end = ends.entry(f.stream).or_insert((0, 0, false));
+            match f.kind {
+                HEADERS => end.0 = f.status(),
+                DATA => end.1 += f.payload.len(),
+                RST_STREAM => {
+                    open.remove(at);
+                    continue;
+                }
+                _ => continue,
+            }
+            if f.flags & END_STREAM != 0 {
+                end.2 = true;
+                open.remove(at);
+            }
+        }
+        ends
+    }
+
+    /// Reads until the connection ends (no frame for which `forbidden` holds on the way).
+    async fn until_closed(&mut self, forbidden: impl Fn(&Frame) -> bool) {
+        while let Some(f) = self.next().await {
+            assert!(!forbidden(&f), "unexpected {f:?}");
+        }
+    }
+}
+
+/// A raw h2c connection past its preface and SETTINGS exchange.
+async fn raw_h2(addr: std::net::SocketAddr) -> (Frames, tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt;
+    let (r, mut w) = tokio::net::TcpStream::connect(addr).await.unwrap().into_split();
+    w.write_all(&[&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &frame(SETTINGS, 0, 0, &[])].concat()).await.unwrap();
+    let mut frames = Frames { r, buf: Vec::new() };
+    frames.until(|f| f.kind == SETTINGS && f.flags & 1 == 0).await.expect("no SETTINGS from the proxy");
+    w.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+    (frames, w)
+}
+
+/// Whether a normal h2 client still gets an answer from the origin.
+async fn serves(sender: &mut H2) -> bool {
+    match sender.send_request(get("shop.test", "/")).await {
+        Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok_and(|b| b.to_bytes() == "blue"),
+        Err(_) => false,
+    }
+}
+
+/// A proxy for site `shop` on one origin, healthy, with a normal h2c client
+/// that has been served once.
+async fn shop() -> (Origin, Proxy, H2) {
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut legit = h2c(p.addr).await;
+    assert!(serves(&mut legit).await);
+    (blue, p, legit)
+}
+
+/// Writes `per_stream(id)` for `n` client streams on a raw connection, in
+/// 64 KiB writes, and returns the GOAWAY the proxy answers with once it has
+/// also closed the connection.
+async fn flood_until_goaway(addr: std::net::SocketAddr, n: u32, per_stream: impl Fn(u32) -> Vec<u8>) -> Frame {
+    use tokio::io::AsyncWriteExt;
+    let (mut frames, mut w) = raw_h2(addr).await;
+    let out: Vec<u8> = (1..2 * n).step_by(2).flat_map(per_stream).collect();
+    let writer = tokio::spawn(async move {
+        for batch in out.chunks(64 * 1024) {
+            if w.write_all(batch).await.is_err() {
+                break;
+            }
+        }
+        w
+    });
+    let goaway = frames.until(|f| f.kind == GOAWAY).await.expect("closed without GOAWAY");
+    frames.until_closed(|_| false).await;
+    drop(writer.await.unwrap());
+    goaway
+}
+
+/// Rapid reset (CVE-2023-44487): a client that opens 5,000 streams and
+/// cancels each at once gets GOAWAY(ENHANCE_YOUR_CALM) within its first 100
+/// streams and a close, few of its requests reach the origin, and another
+/// client's connection is served before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_flood_gets_goaway() {
+    let (blue, p, mut legit) = shop().await;
+    let block = request_block("shop.test", "GET", b"/slow?ms=500", &[]);
+    let sent = 5000;
+    let goaway = flood_until_goaway(p.addr, sent, |id| {
+        [frame(HEADERS, END_STREAM | END_HEADERS, id, &block), frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())].concat()
+    })
+    .await;
+    assert_eq!((goaway.stream, goaway.code()), (0, ENHANCE_YOUR_CALM), "{goaway:?}");
+    assert!(goaway.last_stream() < 200, "GOAWAY only after {goaway:?}");
+    assert!(serves(&mut legit).await, "the other connection was not served after the flood");
+    let reached = blue.seen().iter().filter(|s| s.path == "/slow").count();
+    assert!(reached <= 100, "{reached} of {sent} cancelled requests reached the origin");
+}
+
+/// MadeYouReset (CVE-2025-8671): a client whose every stream makes the proxy
+/// reset it (DATA beyond its `content-length: 0`, a stream error) gets
+/// GOAWAY(ENHANCE_YOUR_CALM) at the local-reset limit, few of its requests
+/// reach the origin, and another client's connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_you_reset_flood_gets_goaway() {
+    let (blue, p, mut legit) = shop().await;
+    let block = request_block("shop.test", "POST", b"/slow?ms=500", &[(b"content-length", b"0")]);
+    let sent = 3000;
+    let goaway = flood_until_goaway(p.addr, sent, |id| {
+        [frame(HEADERS, END_HEADERS, id, &block), frame(DATA, END_STREAM, id, b"x")].concat()
+    })
+    .await;
+    assert_eq!((goaway.stream, goaway.code()), (0, ENHANCE_YOUR_CALM), "{goaway:?}");
+    assert!(serves(&mut legit).await, "the other connection was not served after the flood");
+    let reached = blue.seen().iter().filter(|s| s.path == "/slow").count();
+    assert!(reached <= 100, "{reached} of {sent} reset requests reached the origin");
+}
+
+/// An empty-DATA flood (RUSTSEC-2026-0258 class): 10,000 empty DATA frames on
+/// one open request stream, each costing the proxy work but no flow-control
+/// window, get GOAWAY(ENHANCE_YOUR_CALM) and a close; another client's
+/// connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_flood_gets_goaway() {
+    use tokio::io::AsyncWriteExt;
+    let (_blue, p, mut legit) = shop().await;
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    let head = frame(HEADERS, END_HEADERS, 1, &request_block("shop.test", "POST", b"/echo", &[]));
+    let _ = w.write_all(&[head, frame(DATA, 0, 1, b"").repeat(10_000)].concat()).await;
+    let goaway = frames.until(|f| f.kind == GOAWAY).await.expect("closed without GOAWAY");
+    assert_eq!(goaway.code(), ENHANCE_YOUR_CALM, "{goaway:?}");
+    frames.until_closed(|f| f.kind == HEADERS).await;
+    assert!(serves(&mut legit).await, "the other connection was not served after the flood");
+}
+
+/// A CONTINUATION flood (CVE-2024-27316 class): a header block that never
+/// ends gets GOAWAY(ENHANCE_YOUR_CALM) after a few frames, and the proxy stops
+/// reading: a 64 MiB flood of 1-byte CONTINUATION frames cannot be written
+/// whole. Nothing reaches the origin; another connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuation_flood_gets_goaway() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, p, mut legit) = shop().await;
+    // The block ends in a literal field `x-pad` (new name, no indexing) whose value is to be
+    // 100,000 bytes long, so that every 1-byte CONTINUATION leaves it unfinished.
+    let head =
+        [request_block("shop.test", "GET", b"/flood", &[]), vec![0, 5], b"x-pad".to_vec(), hpack_int(0, 7, 100_000)]
+            .concat();
+    let one = frame(CONTINUATION, 0, 1, b"a");
+    // A short burst first, read whole by the proxy: the GOAWAY comes, then a clean close.
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    let burst = [frame(HEADERS, END_STREAM, 1, &head), one.repeat(20)].concat();
+    w.write_all(&burst).await.unwrap();
+    let goaway = frames.until(|f| f.kind == GOAWAY).await.expect("closed without GOAWAY");
+    assert_eq!(goaway.code(), ENHANCE_YOUR_CALM, "{goaway:?}");
+    frames.until_closed(|f| f.kind == HEADERS).await;
+    // Then a flood: the proxy must stop reading (and close) long before 64 MiB.
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    w.write_all(&frame(HEADERS, END_STREAM, 1, &head)).await.unwrap();
+    let mib = one.repeat(1024 * 1024 / one.len());
+    let writer = tokio::spawn(async move {
+        for sent in 0..64 {
+            if w.write_all(&mib).await.is_err() {
+                return sent;
+            }
+        }
+        64
+    });
+    frames.until_closed(|f| f.kind == HEADERS).await;
+    let sent = tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the flood still flows").unwrap();
+    assert!(sent < 64, "the proxy read a 64 MiB header block");
+    assert!(serves(&mut legit).await, "the other connection was not served after the flood");
+    assert!(blue.seen().iter().all(|s| s.path != "/flood"), "the flooding request reached the origin");
+}
+
+/// An HPACK bomb (the CVE-2016-1544 pattern): a 4,000-byte field put in the
+/// dynamic table, then referenced by one-byte indexes. 20 references (80 KB
+/// decoded, over `max_header_bytes`) get 431 on that stream alone; 10,000
+/// (40 MB) get GOAWAY(ENHANCE_YOUR_CALM). Neither reaches the origin, and
+/// another connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hpack_bomb_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, p, mut legit) = shop().await;
+    let bomb = |refs: usize| {
+        let big = field(0x40, b"x-bomb", &[b'a'; 4000]); // 4,038 bytes of the 4,096-byte table
+        [request_block("shop.test", "GET", b"/bomb", &[]), big, vec![0x80 | 62; refs]].concat()
+    };
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    w.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &bomb(20))).await.unwrap();
+    let answer = frames.until(|f| f.stream == 1).await.expect("closed without an answer");
+    assert_eq!((answer.kind, answer.status()), (HEADERS, 431), "{answer:?}");
+    // The connection (and its HPACK state) is still good for the next request.
+    w.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 3, &request_block("shop.test", "GET", b"/", &[])))
+        .await
+        .unwrap();
+    let answer = frames.until(|f| f.stream == 3 && f.kind != DATA).await.expect("closed without an answer");
+    assert_eq!((answer.kind, answer.status()), (HEADERS, 200), "{answer:?}");
+    w.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 5, &bomb(10_000))).await.unwrap();
+    let goaway = frames.until(|f| f.kind == GOAWAY).await.expect("closed without GOAWAY");
+    assert_eq!(goaway.code(), ENHANCE_YOUR_CALM, "{goaway:?}");
+    frames.until_closed(|f| f.stream == 5).await;
+    assert!(serves(&mut legit).await, "the other connection was not served after the bomb");
+    assert!(blue.seen().iter().all(|s| s.path != "/bomb"), "a bomb reached the origin");
+}
+
+/// B-9: one stream whose upstream dies mid-body (half its `Content-Length`,
+/// then a close) is reset alone (RST_STREAM, never an END_STREAM that would
+/// make the short body look complete to a client that does not count), while
+/// 10 streams in flight on the same h2 connection complete whole, and the
+/// connection takes a new stream afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cut_mid_body_resets_only_its_stream() {
+    use tokio::io::AsyncWriteExt;
+    let blue = Origin::start("blue").await;
+    // An origin for host `cut.test` that sends 10,000 of 20,000 declared bytes, then closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cut_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if support::next_request(&mut s, &mut buf).await.is_some() {
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 20000\r\n\r\n";
+                    let _ = s.write_all(&[&head[..], &[b'x'; 10_000]].concat()).await;
+                    // (Later, so that the head and the half body reach the client first.)
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    let sites = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])])
+        + &format!("  - name: cut\n    hosts: [cut.test]\n    live: a\n    targets:\n      a: {{ endpoints: [\"{cut_addr}\"] }}\n");
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    let req = |id: u32, authority: &str, path: &[u8]| {
+        frame(HEADERS, END_STREAM | END_HEADERS, id, &request_block(authority, "GET", path, &[]))
+    };
+    let slow: Vec<u32> = (1..20).step_by(2).collect();
+    w.write_all(&slow.iter().flat_map(|&id| req(id, "shop.test", b"/slow?ms=500")).collect::<Vec<u8>>()).await.unwrap();
+    assert!(support::eventually(Duration::from_secs(5), || blue.count() == 10).await, "the slow streams never started");
+    w.write_all(&req(21, "cut.test", b"/half")).await.unwrap();
+    let ends = frames.ends(&[&slow[..], &[21]].concat()).await;
+    for id in slow {
+        assert_eq!(ends[&id], (200, "blue slow done".len(), true), "slow stream {id}");
+    }
+    let (_, bytes, clean) = ends[&21];
+    assert!(!clean && bytes < 20_000, "the cut stream ended with END_STREAM after {bytes} bytes");
+    w.write_all(&req(23, "shop.test", b"/")).await.unwrap();
+    assert_eq!(frames.ends(&[23]).await[&23], (200, 4, true), "the connection took no new stream after the reset");
+}
+
+/// C-6 (d), h2 downgrade smuggling: requests an HTTP/1.1 upstream could read
+/// differently (a `content-length` the DATA disagrees with, `transfer-encoding`,
+/// CR, LF or NUL in a value or `:path`, an uppercase name, a second `:path`)
+/// are each refused, by a stream reset, GOAWAY or 400. No smuggled request
+/// reaches the origin and the upstream connections stay in step: canaries
+/// afterwards reach it as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_that_could_desync_an_h1_upstream_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, p, mut legit) = shop().await;
+    const SMUGGLED: &[u8] = b"GET /smuggled HTTP/1.1\r\nhost: shop.test\r\n\r\n";
+    let chunked = [&b"0\r\n\r\n"[..], SMUGGLED].concat();
+    let long = [&b"hello"[..], SMUGGLED].concat();
+    let crlf_path = [&b"/p HTTP/1.1\r\nhost: shop.test\r\n\r\n"[..], SMUGGLED].concat();
+    let cases: Vec<(&[u8], Fields, &[u8])> = vec![
+        (b"/cl-short", &[(b"content-length", b"5")], b"hel"),
+        (b"/cl-long", &[(b"content-length", b"5")], &long),
+        (b"/cl-zero", &[(b"content-length", b"0")], SMUGGLED),
+        (b"/te", &[(b"transfer-encoding", b"chunked")], &chunked),
+        (b"/te-cl", &[(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], &chunked),
+        (b"/crlf", &[(b"x-a", b"b\r\ntransfer-encoding: chunked")], &chunked),
+        (b"/lf", &[(b"x-a", b"b\ntransfer-encoding: chunked")], &chunked),
+        (b"/cr", &[(b"x-a", b"b\rtransfer-encoding: chunked")], &chunked),
+        (b"/nul", &[(b"x-a", b"b\0c")], b""),
+        (b"/upper", &[(b"X-Upper", b"1")], b""),
+        (b"/dup", &[(b":path", b"/smuggled")], b""),
+        (&crlf_path, &[], b""),
+    ];
+    let post = |path: &[u8], extra: Fields, body: &[u8]| {
+        let block = request_block("shop.test", "POST", path, extra);
+        match body {
+            b"" => frame(HEADERS, END_STREAM | END_HEADERS, 1, &block),
+            _ => [frame(HEADERS, END_HEADERS, 1, &block), frame(DATA, END_STREAM, 1, body)].concat(),
+        }
+    };
+    // The control: the same encoding, well-formed, is served.
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    w.write_all(&post(b"/echo", &[(b"content-length", b"5"), (b"x-a", b"b")], b"hello")).await.unwrap();
+    assert_eq!(frames.ends(&[1]).await[&1], (200, 5, true));
+    for (path, extra, body) in cases {
+        let (mut frames, mut w) = raw_h2(p.addr).await;
+        w.write_all(&post(path, extra, body)).await.unwrap();
+        let case = String::from_utf8_lossy(path);
+        let answer = frames.until(|f| f.kind == GOAWAY || (f.stream == 1 && f.kind != DATA)).await;
+        match &answer {
+            None => {}
+            Some(f) if f.kind == GOAWAY || f.kind == RST_STREAM => {}
+            Some(f) => assert_eq!((f.kind, f.status()), (HEADERS, 400), "{case:?} was answered"),
+        }
+    }
+    // The excess DATA only after the request (all its declared body) has reached the origin.
+    for (path, cl, first) in [("/split-cl0", "0", &b""[..]), ("/split-cl5", "5", b"hello")] {
+        let (mut frames, mut w) = raw_h2(p.addr).await;
+        let block = request_block("shop.test", "POST", path.as_bytes(), &[(b"content-length", cl.as_bytes())]);
+        w.write_all(&[frame(HEADERS, END_HEADERS, 1, &block), frame(DATA, 0, 1, first)].concat()).await.unwrap();
+        let arrived = || blue.seen().iter().any(|s| s.path == path && s.body_len == first.len());
+        assert!(support::eventually(Duration::from_secs(5), arrived).await, "{path} never reached the origin");
+        w.write_all(&frame(DATA, END_STREAM, 1, SMUGGLED)).await.unwrap();
+        frames.ends(&[1]).await;
+    }
+    // Canaries on pooled upstream connections: each reaches the origin as sent.
+    let canaries: Vec<_> = (0..5)
+        .map(|i| {
+            let mut s = legit.clone();
+            tokio::spawn(
+                async move { s.send_request(get("shop.test", &format!("/canary{i}"))).await.unwrap().status() },
+            )
+        })
+        .collect();
+    for c in canaries {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert!(serves(&mut legit).await);
+    let seen = blue.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    for s in &seen {
+        assert!(
+            ["/", "/echo", "/cl-short", "/cl-long", "/cl-zero", "/split-cl0", "/split-cl5"].contains(&s.path.as_str())
+                || s.path.starts_with("/canary"),
+            "{paths:?}"
+        );
+        assert!(s.headers.get("transfer-encoding").is_none(), "{s:?}");
+    }
+    assert_eq!(paths.iter().filter(|p| p.starts_with("/canary")).count(), 5, "{paths:?}");
+}
