@@ -690,3 +690,210 @@ async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("serving at most 22 connections") && stderr.contains("ulimit -n"), "{stderr}");
 }
+
+/// A switch sent raw, as the kill may cut it: the status line's code, or
+/// `None` when no answer came before the connection ended.
+async fn switch_or_cut(admin: SocketAddr, to: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({ "to": to }).to_string();
+    let req = format!(
+        "POST /v1/sites/shop/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    // A reset after the answer was sent still leaves its bytes here.
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// Starts cutover on `dir` again and waits until it is up; when another
+/// process took one of its ports meanwhile (they were picked free, then let
+/// go by the kill), on new ones, up to 3 times. Any other failure panics.
+async fn restart(dir: &Path, blue: SocketAddr, green: SocketAddr, ports: &mut (SocketAddr, SocketAddr)) -> Child {
+    for _ in 0..3 {
+        let mut child = serve(dir, &[]);
+        match try_up(ports.1, &mut child).await {
+            Ok(()) => return child,
+            Err(early) if early.contains("cannot bind") => *ports = write_config(dir, blue, green),
+            Err(early) => panic!("{early}"),
+        }
+    }
+    panic!("no free ports in 3 attempts");
+}
+
+/// Waits until `target` of `shop` has been probed healthy (the switch gate after a start).
+async fn wait_target_healthy(admin: SocketAddr, target: &str) {
+    let healthy =
+        admin_until(admin, "/v1/sites/shop", None, |s| s["targets"][target]["endpoints"][0]["healthy"] == true);
+    assert!(healthy.await.is_some(), "{target} never became healthy");
+}
+
+/// E-1: `kill -9` at a pseudo-random 0–20 ms into a switch, 30 times: every
+/// restart succeeds with the old or the new target live (the new one whenever
+/// the 200 came), the state file agrees, no temporary file is left, and
+/// traffic goes to the live target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_of_a_switch_keeps_the_old_or_the_acknowledged_target() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ports = write_config(dir.path(), blue.addr, green.addr);
+    let state_dir = dir.path().join("state");
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let (mut live, mut seed) = ("blue".to_string(), 0x9e37_79b9_7f4a_7c15_u64);
+    // Switches answered; cut before their answer with the old target, with the new one.
+    let (mut acknowledged, mut cut_old, mut cut_new) = (0, 0, 0);
+    for i in 0..30 {
+        let to = if live == "blue" { "green" } else { "blue" };
+        wait_target_healthy(ports.1, to).await;
+        // xorshift64: the same delays on every run.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % 20_001);
+        let switch = tokio::spawn(switch_or_cut(ports.1, to));
+        tokio::time::sleep(delay).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let answer = switch.await.unwrap();
+        assert!(matches!(answer, None | Some(200)), "iteration {i}: the switch answered {answer:?}");
+
+        child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+        let (http, admin) = ports;
+        let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+        let now = site["live"].as_str().unwrap_or_default().to_string();
+        match (answer, now == to) {
+            (Some(_), true) => acknowledged += 1,
+            (Some(_), false) => panic!("iteration {i} ({delay:?}): an acknowledged switch was lost: {site}"),
+            (None, false) if now == live => cut_old += 1,
+            (None, false) => panic!("iteration {i}: live is {now:?}"),
+            (None, true) => cut_new += 1,
+        }
+        let mut names: Vec<String> =
+            std::fs::read_dir(&state_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        match std::fs::read(state_dir.join("cutover-state.json")) {
+            Ok(bytes) => {
+                let saved: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(saved["sites"]["shop"]["live"].as_str(), Some(now.as_str()), "iteration {i}: {saved}");
+                assert_eq!(names, ["cutover-state.json", "cutover-state.json.lock"], "iteration {i}");
+            }
+            // Killed before the first save ever finished: the configuration's target.
+            Err(_) => {
+                assert_eq!((now.as_str(), &names[..]), ("blue", &["cutover-state.json.lock".to_string()][..]))
+            }
+        }
+        assert_eq!(support::get(http, "shop", "/").await.body, now, "iteration {i}");
+        live = now;
+    }
+    eprintln!("{acknowledged} acknowledged before the kill; cut before the answer: {cut_old} old, {cut_new} new");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `shop`'s history, newest first, as (reason, from, to), each entry an accepted switch by the API.
+async fn switch_history(admin: SocketAddr) -> Vec<(String, String, String)> {
+    let (_, history) = support::admin_call(admin, "GET", "/v1/sites/shop/history", None, None).await;
+    let entries = history.as_array().unwrap_or_else(|| panic!("{history}"));
+    let field = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
+    for e in entries {
+        assert_eq!(
+            (field(e, "kind"), field(e, "result"), field(e, "actor")),
+            ("switch".into(), "ok".into(), "api".into())
+        );
+    }
+    entries.iter().map(|e| (field(e, "reason"), field(e, "from"), field(e, "to"))).collect()
+}
+
+/// The (reason, from, to) of the first `n` switches of E-4 (blue → green → blue ...), newest first.
+fn e4_switches(n: usize) -> Vec<(String, String, String)> {
+    let target = |i: usize| if i.is_multiple_of(2) { "blue" } else { "green" }.to_string();
+    (0..n).rev().map(|i| (format!("e4-{i}"), target(i), target(i + 1))).collect()
+}
+
+/// E-4: five switches acknowledged back to back then `kill -9` at once, and a
+/// switch then SIGTERM: each restart has the last acknowledged target live and
+/// every switch in the history, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_returns_to_the_last_acknowledged_switch() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ports = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let admin = ports.1;
+    wait_target_healthy(admin, "green").await;
+    let switch = |admin: SocketAddr, i: usize, to: &'static str| async move {
+        let body = serde_json::json!({ "to": to, "reason": format!("e4-{i}") });
+        let (status, site) = support::admin_call(admin, "POST", "/v1/sites/shop/switch", Some(body), None).await;
+        assert_eq!((status, site["live"].as_str()), (200, Some(to)), "switch {i}: {site}");
+    };
+    let order = ["green", "blue", "green", "blue", "green"];
+    for (i, to) in order.into_iter().enumerate() {
+        switch(admin, i, to).await;
+    }
+    child.kill().unwrap(); // SIGKILL, right after the fifth 200
+    child.wait().unwrap();
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let (http, admin) = ports;
+    let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("green"), Some("blue")), "{site}");
+    assert_eq!(switch_history(admin).await, e4_switches(5));
+    assert_eq!(support::get(http, "shop", "/").await.body, "green");
+
+    // A switch, then SIGTERM: the clean exit keeps it too.
+    wait_target_healthy(admin, "blue").await;
+    switch(admin, 5, "blue").await;
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let (http, admin) = ports;
+    let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("blue"), Some("green")), "{site}");
+    assert_eq!(switch_history(admin).await, e4_switches(6));
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// E-7: `kill -9` while blue drains a slow request after a switch to green:
+/// after the restart green is live, blue is a standby with nothing in flight,
+/// and new requests go to green only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_drain_restarts_with_nothing_draining() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ports = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let (http, admin) = ports;
+    wait_target_healthy(admin, "green").await;
+    let slow = tokio::spawn(async move { support::Client::connect(http).await.get("shop", "/slow?ms=3000").await });
+    assert!(
+        support::eventually(Duration::from_secs(5), || blue.count() == 1).await,
+        "the slow request never reached blue"
+    );
+    let (status, site) =
+        support::admin_call(admin, "POST", "/v1/sites/shop/switch", Some(serde_json::json!({"to": "green"})), None)
+            .await;
+    assert_eq!(status, 200, "{site}");
+    let blue_now = &site["targets"]["blue"];
+    assert_eq!((blue_now["state"].as_str(), blue_now["inflight"].as_u64()), (Some("draining"), Some(1)), "{site}");
+    child.kill().unwrap(); // SIGKILL, mid-drain
+    child.wait().unwrap();
+    assert!(slow.await.unwrap().is_err(), "the slow request completed through a killed proxy");
+
+    let mut child = restart(dir.path(), blue.addr, green.addr, &mut ports).await;
+    let (http, admin) = ports;
+    let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("green"), Some("blue")), "{site}");
+    let blue_now = &site["targets"]["blue"];
+    assert_eq!((blue_now["state"].as_str(), blue_now["inflight"].as_u64()), (Some("standby"), Some(0)), "{site}");
+    assert_eq!(blue_now["endpoints"][0]["inflight"], 0, "{site}");
+    for _ in 0..10 {
+        assert_eq!(support::get(http, "shop", "/").await.body, "green");
+    }
+    assert_eq!(blue.count(), 1, "blue got new traffic after the restart");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
