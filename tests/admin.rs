@@ -343,3 +343,188 @@ async fn a_switch_whose_save_failed_is_not_live_after_a_restart() {
     let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
     assert!(history.as_array().unwrap().iter().all(|h| !(h["kind"] == "switch" && h["result"] == "ok")), "{history}");
 }
+
+/// D-5: 50 concurrent switches alternating targets, with 6 rollbacks mixed in,
+/// are applied one at a time. Each switch is 200 with its own target live in
+/// its answer (one to the target already live changes nothing and records
+/// nothing); a rollback is 200, or 409 `nothing_to_roll_back` (recorded) while
+/// nothing was switched yet. The history is one unbroken chain holding each
+/// accepted change once; the API, the state file and the newest entry agree on
+/// the live target; requests meanwhile all get 200 from blue or green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_switches_and_rollbacks_are_applied_one_at_a_time() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (p, _b, _g) = shop(None).await;
+    // Nothing to roll back to yet: refused, and recorded.
+    let (status, body) = p.api("POST", "/v1/sites/shop/rollback", None).await;
+    assert_eq!((status, &body["error"]["code"]), (409, &json!("nothing_to_roll_back")), "{body}");
+    let mut rollbacks_refused = 1;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (addr, stop) = (p.addr, stop.clone());
+        async move {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let a = support::Client::connect(addr).await.get("shop.test", "/").await;
+                answers.push(a.map(|a| (a.status, a.body)).map_err(|e| e.to_string()));
+            }
+            answers
+        }
+    });
+    // (request, its target for a switch, status, answer)
+    let calls: Vec<_> = (0..56_usize)
+        .map(|i| {
+            let admin = p.admin;
+            tokio::spawn(async move {
+                let (to, path, body) = match i % 9 {
+                    4 => (None, "/v1/sites/shop/rollback", None),
+                    _ => {
+                        let to = if i.is_multiple_of(2) { "green" } else { "blue" };
+                        (Some(to), "/v1/sites/shop/switch", Some(json!({"to": to, "reason": format!("d5-{i}")})))
+                    }
+                };
+                let (status, answer) = admin_call(admin, "POST", path, body, None).await;
+                (i, to, status, answer)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut rollbacks_ok = 0;
+    for (i, to, status, answer) in &answers {
+        match to {
+            Some(to) => assert_eq!((*status, answer["live"].as_str()), (200, Some(*to)), "switch {i}: {answer}"),
+            None if *status == 200 => rollbacks_ok += 1,
+            None => {
+                assert_eq!((*status, &answer["error"]["code"]), (409, &json!("nothing_to_roll_back")), "{answer}");
+                rollbacks_refused += 1;
+            }
+        }
+    }
+    assert_eq!(answers.iter().filter(|a| a.1.is_some()).count(), 50);
+
+    let (_, history) = p.api("GET", "/v1/sites/shop/history", None).await;
+    let mut oldest_first = history.as_array().unwrap().clone();
+    oldest_first.reverse();
+    let (refused, changes): (Vec<&Value>, Vec<&Value>) = oldest_first.iter().partition(|e| e["result"] == "refused");
+    assert_eq!(refused.len(), rollbacks_refused, "{history}");
+    assert!(refused.iter().all(|e| e["kind"] == "rollback"), "{history}");
+    // Refusals happen only while nothing has been switched yet.
+    assert!(oldest_first[..refused.len()].iter().all(|e| e["result"] == "refused"), "{history}");
+    let mut live = "blue";
+    let mut reasons = std::collections::HashSet::new();
+    for e in &changes {
+        assert_eq!((e["result"].as_str(), e["from"].as_str()), (Some("ok"), Some(live)), "chain broken at {e}");
+        live = e["to"].as_str().unwrap();
+        assert_ne!(e["from"], e["to"], "{e}");
+        if e["kind"] == "switch" {
+            // Each reason names a switch that answered 200 to this target, once.
+            let reason = e["reason"].as_str().unwrap();
+            assert!(reasons.insert(reason.to_string()), "{reason} recorded twice: {history}");
+            let i: usize = reason.strip_prefix("d5-").unwrap().parse().unwrap();
+            assert_eq!(answers[i].1, Some(live), "{e}");
+        } else {
+            assert_eq!((e["kind"].as_str(), &e["reason"]), (Some("rollback"), &Value::Null), "{e}");
+        }
+    }
+    assert_eq!(changes.iter().filter(|e| e["kind"] == "rollback").count(), rollbacks_ok, "{history}");
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!(site["live"].as_str(), Some(live), "{site}");
+    let saved: Value = serde_json::from_slice(&std::fs::read(p.dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(saved["sites"]["shop"]["live"].as_str(), Some(live));
+    assert_eq!(saved["sites"]["shop"]["history"], json!(oldest_first), "the state file's history differs");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    let ok = format!(r#"cutover_switches_total{{result="ok",site="shop"}} {}"#, changes.len());
+    assert!(metrics.contains(&ok), "no {ok} in:\n{metrics}");
+
+    let traffic = traffic.await.unwrap();
+    assert!(!traffic.is_empty());
+    for a in &traffic {
+        assert!(matches!(a, Ok((200, body)) if body == "blue" || body == "green"), "{a:?}");
+    }
+}
+
+/// One admin call with `authorization` as the raw header value, if any: the whole answer.
+async fn call_with(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    authorization: Option<&str>,
+) -> support::Answer {
+    let mut req = http::Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
+    support::Client::connect(admin).await.send(req).await.unwrap()
+}
+
+/// D-1/D-2: every `/v1` endpoint of SPEC §4 refuses a call without the token,
+/// with a wrong one, with the token in the query string or under another
+/// scheme than `Bearer`: `401 unauthorized` with `WWW-Authenticate: Bearer`,
+/// and the site, its history and the state file are unchanged. The same calls
+/// with the token are not refused.
+#[tokio::test]
+async fn every_v1_endpoint_refuses_bad_credentials_and_changes_nothing() {
+    let (p, _b, g) = shop(Some("s3cret")).await;
+    let deploy = format!(r#"{{"target":"green","endpoints":["{}"],"version":"v2"}}"#, g.addr);
+    let endpoints = [
+        ("GET", "/v1/sites", ""),
+        ("GET", "/v1/sites/shop", ""),
+        ("GET", "/v1/sites/shop/history", ""),
+        ("GET", "/v1/deployments/d-1", ""),
+        ("PUT", "/v1/sites/shop/targets/canary", r#"{"endpoints":["127.0.0.1:9"],"version":"v9"}"#),
+        ("POST", "/v1/sites/shop/switch", r#"{"to":"green","force":true}"#),
+        ("POST", "/v1/sites/shop/rollback", r#"{"force":true}"#),
+        ("PUT", "/v1/sites/shop/mode", r#"{"read_only":true}"#),
+        ("POST", "/v1/sites/shop/pause", r#"{"timeout":"30s"}"#),
+        ("POST", "/v1/sites/shop/resume", ""),
+        ("PUT", "/v1/sites/shop/weights", r#"{"blue":90,"green":10}"#),
+        ("DELETE", "/v1/sites/shop/weights", ""),
+        ("POST", "/v1/sites/shop/deploy", &deploy),
+        ("POST", "/v1/reload", ""),
+    ];
+    // (query, Authorization) of each credential that must be refused.
+    let refused = [
+        ("", None),
+        ("", Some("Bearer wrong")),
+        ("", Some("Bearer s3cre")),
+        ("", Some("Bearer s3cret2")),
+        ("", Some("Bearer")),
+        ("", Some("Bearers3cret")),
+        ("", Some("s3cret")),
+        ("", Some("Token s3cret")),
+        ("", Some("Basic s3cret")),
+        ("", Some("Basic YWRtaW46czNjcmV0")), // admin:s3cret
+        ("?token=s3cret", None),
+        ("?access_token=s3cret", Some("Bearer wrong")),
+    ];
+    let state = p.dir.path().join("state.json");
+    let snapshot = || async {
+        let site = p.api("GET", "/v1/sites/shop", None).await.1;
+        let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+        (site, history, std::fs::read(&state).ok())
+    };
+    let before = snapshot().await;
+    for (method, path, body) in endpoints {
+        for (query, authorization) in refused {
+            let a = call_with(p.admin, method, &format!("{path}{query}"), body, authorization).await;
+            let what = format!("{method} {path}{query} with {authorization:?}");
+            assert_eq!(a.status, 401, "{what}: {}", a.body);
+            assert_eq!(a.headers.get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]), "{what}");
+            let error: Value = serde_json::from_str(&a.body).unwrap_or_default();
+            assert_eq!(error["error"]["code"], "unauthorized", "{what}: {}", a.body);
+        }
+    }
+    assert!(before == snapshot().await, "a refused call changed the site, its history or the state file");
+    // The token makes the same calls pass the check (whatever they answer then).
+    for (method, path, body) in endpoints {
+        let a = call_with(p.admin, method, path, body, Some("Bearer s3cret")).await;
+        assert_ne!(a.status, 401, "{method} {path} with the token: {}", a.body);
+    }
+    assert!(before != snapshot().await, "the calls with the token changed nothing either");
+}
