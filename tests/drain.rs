@@ -1,6 +1,8 @@
 //! Drain of every kind of traffic (SPEC §3 Drain): WebSockets, streaming
 //! responses and uploads started on the old target survive a switch; what is
-//! still open at the drain deadline is closed, staggered, and counted.
+//! still open at the drain deadline is closed, staggered, and counted; a
+//! switch back or a rollback cancels a drain. The proxy's own shutdown drains
+//! too (SPEC §1 Signals): h1 answers close their connection, h2 gets GOAWAY.
 
 mod support;
 
@@ -392,4 +394,363 @@ async fn the_old_targets_pooled_connections_close_at_the_switch() {
     }
     assert_eq!(blue.data_connections(), before + 1, "five sequential requests on blue share one upstream connection");
     assert_eq!(green.open_data_connections(), 0, "green's pool was retired when blue came back");
+}
+
+/// The sum of `cutover_drain_forced_closes_total` over `site`'s series (0 when it has none).
+async fn forced_closes(p: &Proxy, site: &str) -> u64 {
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("cutover_drain_forced_closes_total{") && l.contains(&format!("site=\"{site}\"")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Waits (5 s at most) until `target` of `site` has nothing in flight; its view then.
+async fn drained(p: &Proxy, site: &str, target: &str) -> serde_json::Value {
+    for _ in 0..250 {
+        let (_, s) = p.api("GET", &format!("/v1/sites/{site}"), None).await;
+        if s["targets"][target]["inflight"] == 0 {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{target} of {site} still has work in flight after 5 s");
+}
+
+/// Starts `n` streaming GETs (`/stream?chunks=10&ms=150`, ~1.5 s) and waits until `origin` has them all.
+async fn start_streams(p: &Proxy, origin: &Origin, n: usize) -> Vec<tokio::task::JoinHandle<support::Answer>> {
+    let addr = p.addr;
+    let streams = (0..n)
+        .map(|_| tokio::spawn(async move { support::get(addr, "shop.test", "/stream?chunks=10&ms=150").await }))
+        .collect();
+    assert!(
+        support::eventually(Duration::from_secs(5), || origin.count() == n).await,
+        "the streams never reached {}",
+        origin.name
+    );
+    streams
+}
+
+/// Every stream came whole, byte-exact, from blue.
+async fn streams_came_whole_from_blue(streams: Vec<tokio::task::JoinHandle<support::Answer>>) {
+    let expected: String = (0..10).map(|i| format!("blue chunk {i}\n")).collect();
+    for s in streams {
+        let a = tokio::time::timeout(Duration::from_secs(10), s).await.expect("a stream never ended").unwrap();
+        assert_eq!((a.status, a.headers["x-origin"].to_str().unwrap()), (200, "blue"));
+        assert_eq!(a.body, expected, "a stream started on blue was cut or altered");
+    }
+}
+
+/// A-9 (b): blue→green→blue→green within a few milliseconds while HTTP
+/// streams run on blue. The first switch's short drain (300 ms) is cancelled
+/// by the switch back, and does not come back to cut the streams during the
+/// second drain: all of them finish whole from blue. After each
+/// acknowledgement the next request on a kept-alive connection goes to the
+/// new live target; blue then empties with nothing forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flip_flop_while_streams_drain_cuts_nothing() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "30s")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let before = forced_closes(&p, "shop").await;
+    let streams = start_streams(&p, &blue, 4).await;
+
+    let mut client = support::Client::connect(p.addr).await;
+    for (to, drain) in [("green", "300ms"), ("blue", "30s"), ("green", "30s")] {
+        let body = serde_json::json!({ "to": to, "drain_timeout": drain });
+        let (status, site) = p.api("POST", "/v1/sites/shop/switch", Some(body)).await;
+        assert_eq!((status, &site["live"]), (200, &serde_json::json!(to)), "{site}");
+        assert_eq!(client.get("shop.test", "/").await.unwrap().body, to, "right after the switch to {to}");
+    }
+    let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(site["targets"]["blue"]["state"], "draining", "{site}");
+    assert_eq!(site["targets"]["blue"]["inflight"], 4, "{site}");
+
+    streams_came_whole_from_blue(streams).await;
+    let site = drained(&p, "shop", "blue").await;
+    assert_eq!(site["targets"]["blue"]["state"], "standby", "{site}");
+    assert_eq!(forced_closes(&p, "shop").await, before, "a drain forced a close");
+    assert_eq!(blue.seen().iter().filter(|s| s.path == "/stream").count(), 4);
+    assert_eq!(green.seen().iter().filter(|s| s.path == "/stream").count(), 0);
+}
+
+/// A-9 (c): a rollback while blue drains (300 ms) with HTTP streams on it
+/// cancels the drain: the streams, longer than the drain, finish whole from
+/// blue; new requests go to green before the rollback and to blue after it;
+/// nothing is forced and nothing is left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_during_a_drain_keeps_the_streams() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "300ms")).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let before = forced_closes(&p, "shop").await;
+    let streams = start_streams(&p, &blue, 4).await;
+
+    let mut client = support::Client::connect(p.addr).await;
+    p.switch("shop", "green").await;
+    assert_eq!(client.get("shop.test", "/").await.unwrap().body, "green");
+    let (_, site) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(site["targets"]["blue"]["state"], "draining", "{site}");
+    let (status, site) = p.api("POST", "/v1/sites/shop/rollback", Some(serde_json::json!({ "force": false }))).await;
+    assert_eq!((status, &site["live"], &site["previous"]), (200, &"blue".into(), &"green".into()), "{site}");
+    assert_eq!(client.get("shop.test", "/").await.unwrap().body, "blue");
+
+    streams_came_whole_from_blue(streams).await;
+    let site = drained(&p, "shop", "blue").await;
+    assert_eq!(site["targets"]["blue"]["state"], "live", "{site}");
+    assert_eq!(site["targets"]["green"]["inflight"], 0, "{site}");
+    assert_eq!(forced_closes(&p, "shop").await, before, "a drain forced a close");
+    let (_, history) = p.api("GET", "/v1/sites/shop/history", None).await;
+    assert_eq!((&history[0]["kind"], &history[0]["result"]), (&"rollback".into(), &"ok".into()), "{history}");
+}
+
+/// Reads one HTTP/1.1 response (a `Content-Length` or chunked body) from `s`
+/// (3 s at most): its head, lowercased, and its body.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length: Option<usize> =
+                    head.lines().find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok());
+                let body = &got[end..];
+                match length {
+                    Some(n) if body.len() == n => return (head, body.to_vec()),
+                    None if body.ends_with(b"0\r\n\r\n") => return (head, body.to_vec()),
+                    _ => {}
+                }
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before a whole response: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), read).await.expect("no whole response within 3 s")
+}
+
+/// Everything `s` sends until it closes (`within` at most); `None` if it stays open.
+async fn until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok().map(|()| out)
+}
+
+/// A-11 on HTTP/1.1. At shutdown the listener closes at once, while work is
+/// still in flight. A slow request running on a kept-alive connection, on
+/// cutover's own server (a `GET`) and on hyper's (a chunked `POST`),
+/// completes; its answer says `connection: close` and the connection then
+/// closes. Idle kept-alive connections (after either kind of request) are
+/// closed at once, not at the shutdown deadline (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_h1_requests_with_connection_close() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "30s")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let addr = p.addr;
+    let chunked = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    // Four kept-alive connections, each after a first answer that keeps it open.
+    let mut conns = Vec::new();
+    for first in [get("/"), chunked("/echo"), get("/"), chunked("/echo")] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(first.as_bytes()).await.unwrap();
+        let (head, _) = read_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200") && !head.contains("connection: close"), "{head}");
+        conns.push(s);
+    }
+    let (mut idle_own, mut idle_hyper) = (conns.pop().unwrap(), conns.pop().unwrap());
+    // Quiet long enough to be parked (after 20 ms): an idle connection is then a bare socket.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy: Vec<_> = [get("/slow?ms=800"), chunked("/slow?ms=800")]
+        .into_iter()
+        .zip(conns)
+        .map(|(req, mut s)| {
+            tokio::spawn(async move {
+                s.write_all(req.as_bytes()).await.unwrap();
+                until_closed(&mut s, Duration::from_secs(4)).await
+            })
+        })
+        .collect();
+    let slow_seen = || blue.seen().iter().filter(|s| s.path == "/slow").count() == 2;
+    assert!(support::eventually(Duration::from_secs(3), slow_seen).await, "the slow requests never reached blue");
+
+    let stopping = tokio::spawn(p.stop());
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the listener still accepts connections after the shutdown began");
+    assert!(busy.iter().all(|b| !b.is_finished()), "the listener closed only after the requests in flight");
+    for (what, s) in [("own", &mut idle_own), ("hyper", &mut idle_hyper)] {
+        let left = until_closed(s, Duration::from_secs(2)).await;
+        assert_eq!(left.as_deref(), Some(&b""[..]), "idle connection after {what}'s request not closed at once");
+    }
+    for (what, b) in ["GET (own server)", "chunked POST (hyper)"].into_iter().zip(busy) {
+        let got = b.await.unwrap().unwrap_or_else(|| panic!("{what}: the connection stayed open after its answer"));
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{what}: {text}");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{what}: no `connection: close`: {text}");
+        assert!(text.ends_with("blue slow done"), "{what}: {text}");
+        assert_eq!(text.matches("http/1.1 ").count(), 1, "{what}: {text}");
+    }
+    tokio::time::timeout(Duration::from_secs(4), stopping).await.expect("the proxy never finished stopping").unwrap();
+}
+
+/// One HTTP/2 frame.
+struct H2Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// An h2c connection written and read frame by frame, to see exactly which
+/// GOAWAY frames the proxy sends and what becomes of a stream opened after them.
+struct RawH2 {
+    s: tokio::net::TcpStream,
+    inbox: Vec<u8>,
+}
+
+impl RawH2 {
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    const END_STREAM: u8 = 1;
+    const ACK: u8 = 1;
+
+    async fn connect(addr: SocketAddr) -> RawH2 {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut h2 = RawH2 { s, inbox: Vec::new() };
+        h2.send(Self::SETTINGS, 0, 0, &[]).await.unwrap();
+        h2
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = Vec::new();
+        if kind == Self::SETTINGS && flags == 0 && stream == 0 && payload.is_empty() {
+            frame.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        }
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.s.write_all(&frame).await
+    }
+
+    /// A `GET http://shop.test{path}` on `stream` (HPACK without the dynamic table or Huffman).
+    async fn get(&mut self, stream: u32, path: &str) -> std::io::Result<()> {
+        // :method GET, :scheme http (static table), then :path and :authority as literals.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x01, 9]);
+        block.extend_from_slice(b"shop.test");
+        self.send(Self::HEADERS, Self::END_STREAM | 0x4, stream, &block).await
+    }
+
+    /// The next frame; `None` once the connection ends.
+    async fn next(&mut self) -> Option<H2Frame> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if self.inbox.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.inbox[0], self.inbox[1], self.inbox[2]]) as usize;
+                if self.inbox.len() >= 9 + len {
+                    let frame: Vec<u8> = self.inbox.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes(frame[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                    return Some(H2Frame { kind: frame[3], flags: frame[4], stream, payload: frame[9..].to_vec() });
+                }
+            }
+            match self.s.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+}
+
+/// A-11 on HTTP/2: at shutdown an h2c client with three slow streams in
+/// flight gets the two-step GOAWAY: first with the last stream id 2^31-1
+/// and a PING; a stream it opens before answering that PING is still served;
+/// once the PING is answered, a final GOAWAY names that stream as the last.
+/// Every stream up to it completes with its whole answer, a stream opened
+/// after the final GOAWAY never reaches the origin nor gets an answer, and
+/// the connection then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_h2_clients_a_two_step_goaway() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&http_sites(blue.addr, green.addr, "30s")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let mut h2 = RawH2::connect(p.addr).await;
+    for id in [1, 3, 5] {
+        h2.get(id, "/slow?ms=800").await.unwrap();
+    }
+    assert!(support::eventually(Duration::from_secs(3), || blue.count() == 3).await, "the streams never reached blue");
+
+    let stopping = tokio::spawn(p.stop());
+    let mut goaways = Vec::new();
+    // Per stream: whether its answer began with `:status 200` (static index 8), its body, whether it ended.
+    let mut answers: std::collections::BTreeMap<u32, (bool, Vec<u8>, bool)> = Default::default();
+    let frames = async {
+        while let Some(f) = h2.next().await {
+            match f.kind {
+                RawH2::SETTINGS | RawH2::PING if f.flags & RawH2::ACK == 0 => {
+                    h2.send(f.kind, RawH2::ACK, 0, if f.kind == RawH2::PING { &f.payload } else { &[] }).await.unwrap()
+                }
+                RawH2::GOAWAY => {
+                    let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+                    goaways.push(last);
+                    // Before the PING that follows the first is answered; after the final one.
+                    let _ = match goaways.len() {
+                        1 => h2.get(7, "/slow?ms=300").await,
+                        _ => h2.get(9, "/late").await,
+                    };
+                }
+                RawH2::HEADERS => {
+                    let a = answers.entry(f.stream).or_default();
+                    a.0 |= f.payload.first() == Some(&0x88);
+                    a.2 |= f.flags & RawH2::END_STREAM != 0;
+                }
+                RawH2::DATA => {
+                    let a = answers.entry(f.stream).or_default();
+                    a.1.extend_from_slice(&f.payload);
+                    a.2 |= f.flags & RawH2::END_STREAM != 0;
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), frames).await.expect("the h2 connection was never closed");
+    assert_eq!(goaways, [0x7fff_ffff, 7], "not a two-step GOAWAY naming stream 7 last");
+    let whole = (true, b"blue slow done".to_vec(), true);
+    for id in [1, 3, 5, 7] {
+        assert_eq!(answers.get(&id), Some(&whole), "stream {id}: {:?}", answers.get(&id));
+    }
+    assert!(!answers.contains_key(&9), "a stream opened after the final GOAWAY was answered");
+    let paths: Vec<String> = blue.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths.iter().filter(|p| *p == "/slow").count(), 4, "{paths:?}");
+    assert!(!paths.contains(&"/late".to_string()), "a stream opened after the final GOAWAY was served");
+    tokio::time::timeout(Duration::from_secs(4), stopping).await.expect("the proxy never finished stopping").unwrap();
 }
