@@ -1,6 +1,7 @@
 //! TLS at the edge (SPEC §2 tls, §3 Protocols): SNI, ALPN h2, hot
 //! certificate reload, bad certificates refused, redirect to HTTPS, and
-//! TLS to upstreams with a private CA. Certificates are made at test time.
+//! TLS to upstreams with a private CA, stalled handshakes cut, TLS 1.2 and
+//! 1.3, no ALPN. Certificates are made at test time.
 
 mod support;
 
@@ -48,16 +49,25 @@ impl Ca {
     }
 
     fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.config(rustls::DEFAULT_VERSIONS, alpn))
+    }
+
+    /// A client configuration trusting this CA, offering only `versions`.
+    fn config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.der().clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        Arc::new(config)
     }
 }
 
@@ -337,3 +347,126 @@ async fn tls_origin(cert: &Path, key: &Path) -> SocketAddr {
 }
 
 use rustls::pki_types::pem::PemObject;
+
+/// A proxy with one HTTPS certificate (`a.test`) and `limits` (YAML flow map).
+async fn start_https(ca: &Ca, origin: SocketAddr, limits: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "a", &["a.test"]);
+    let extra = format!("{}\nlimits: {limits}", tls_yaml(&["a"]));
+    let opts = Options { https: true, extra, dir: Some(dir), ..Default::default() };
+    Proxy::start_with(&site(origin, ""), opts).await
+}
+
+/// A GET of `/` for `a.test` over HTTP/1.1 on `tls`: its status and version.
+async fn get_over(tls: TlsStream<TcpStream>) -> (u16, http::Version) {
+    let mut sender = http1(tls).await;
+    let req = Request::get("/").header("host", "a.test").body(Empty::<Bytes>::new()).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    (resp.status().as_u16(), resp.version())
+}
+
+/// Writes `opening` to a new connection to `addr`, then `drip` one byte every
+/// 50 ms, until the proxy closes it (5 s at most): how long after the
+/// connection began that was, or `None`.
+async fn stall(addr: SocketAddr, opening: Vec<u8>, drip: Vec<u8>) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&opening).await.unwrap();
+    let mut drip = drip.into_iter();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Some(b) = drip.next() {
+            if s.write_all(&[b]).await.is_err() {
+                return Some(start.elapsed());
+            }
+        }
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            // Still open (the server's first flight, after a whole hello).
+            Err(_) | Ok(Ok(1..)) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// C-5/C-15: TLS connections that stall before their handshake ends are cut
+/// at `header_read_timeout` (500 ms), not before 400 ms and well within 3 s:
+/// one silent, one that sent part of a record header, one that drips its
+/// ClientHello a byte every 50 ms, one that sent a whole ClientHello and
+/// then nothing. Meanwhile a real handshake and request succeed, and once
+/// all are closed the listener counts no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_cut_at_header_read_timeout() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let p = start_https(&ca, origin.addr, "{ header_read_timeout: 500ms }").await;
+    let https = p.https.unwrap();
+    // A real ClientHello, as a rustls client writes it.
+    let mut client = rustls::ClientConnection::new(
+        ca.config(rustls::DEFAULT_VERSIONS, &[b"http/1.1"]),
+        ServerName::try_from("a.test").unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    assert_eq!(hello[0], 0x16, "not a handshake record");
+    let stalled = [
+        ("silent", Vec::new(), Vec::new()),
+        ("part of a record header", vec![0x16, 0x03, 0x01], Vec::new()),
+        // The record and handshake headers at once, then the hello itself, slowly.
+        ("a dripped ClientHello", hello[..9].to_vec(), hello[9..].to_vec()),
+        ("a whole ClientHello, then nothing", hello.clone(), Vec::new()),
+    ]
+    .map(|(what, opening, drip)| (what, tokio::spawn(stall(https, opening, drip))));
+
+    assert_eq!(get_over(handshake(&ca, https, "a.test", &[b"http/1.1"]).await).await.0, 200);
+    for (what, cut) in stalled {
+        let cut = cut.await.unwrap().unwrap_or_else(|| panic!("{what}: still open after 5 s"));
+        let ms = cut.as_millis();
+        assert!((400..3000).contains(&ms), "{what}: cut after {ms} ms, not at header_read_timeout (500 ms)");
+    }
+    let gone = async {
+        loop {
+            let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+            if metrics.contains(r#"cutover_client_connections{listener="https"} 0"#) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), gone).await.expect("HTTPS connections still counted");
+}
+
+/// C-15: a client offering TLS 1.2 only gets TLS 1.2, one offering 1.3 only
+/// gets 1.3, and both are served. (TLS 1.0 and 1.1 cannot be offered by a
+/// rustls client, and the proxy's rustls has neither.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_and_1_3_clients_are_served() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let p = start_https(&ca, origin.addr, "{}").await;
+    for (version, wanted) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let connector = tokio_rustls::TlsConnector::from(ca.config(&[version], &[b"http/1.1"]));
+        let tcp = TcpStream::connect(p.https.unwrap()).await.unwrap();
+        let tls = connector.connect(ServerName::try_from("a.test").unwrap(), tcp).await.expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(wanted));
+        assert_eq!(get_over(tls).await.0, 200, "{wanted:?}");
+    }
+}
+
+/// C-15: a client that offers no ALPN protocol is served HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_alpn_gets_http_1_1() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let p = start_https(&ca, origin.addr, "{}").await;
+    let tls = handshake(&ca, p.https.unwrap(), "a.test", &[]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    assert_eq!(get_over(tls).await, (200, http::Version::HTTP_11));
+    assert_eq!(origin.seen()[0].headers["x-forwarded-proto"], "https");
+}
