@@ -711,6 +711,27 @@ async fn absolute_form_authority_wins_over_host() {
     assert_eq!(header(seen, "x-forwarded-host"), [b"shop.test:8080"]);
 }
 
+/// 6b. An origin-form target that starts with `//` is a path, never an
+/// authority: it is routed by `Host` and reaches the origin unchanged, as
+/// do percent-encoded bytes (`%00`, `%ff`) in the path and query, which
+/// cutover does not decode.
+#[tokio::test]
+async fn a_double_slash_path_is_a_path() {
+    let (p, blue) = one_site("").await;
+    for target in ["//evil.test/x", "//shop.test/y", "/a%00b/%ff%fe?q=%00%0d%0a"] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n");
+        let r = raw(p.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), 200, "{target}: {:?}", r.text);
+    }
+    // Unknown as a host, `//evil.test/x` is still only a path of shop.test.
+    let r = raw(p.addr, b"GET //shop.test/z HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(r.status(), 404, "{:?}", r.text);
+    settle().await;
+    let seen = blue.seen();
+    assert_eq!(paths(&blue), ["//evil.test/x", "//shop.test/y", "/a%00b/%ff%fe"], "{seen:?}");
+    assert!(seen.iter().all(|s| header(s, "host") == [b"shop.test"]), "{seen:?}");
+}
+
 /// 7. `Host` must be exactly one valid `uri-host [":" port]` on HTTP/1.1:
 /// missing, repeated (same or different values), with invalid characters,
 /// empty, with bytes >= 0x80, with userinfo or a non-numeric port → 400, and
