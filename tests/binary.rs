@@ -5,7 +5,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use support::Origin;
@@ -40,19 +40,74 @@ sites:
     (format!("127.0.0.1:{http}").parse().unwrap(), format!("127.0.0.1:{admin}").parse().unwrap())
 }
 
-fn serve(dir: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.join("cutover.yaml"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn serve(dir: &Path, extra: &[&str]) -> Cutover {
+    Cutover::spawn(Command::new(BIN).arg("serve").arg("--config").arg(dir.join("cutover.yaml")).args(extra))
 }
 
-async fn wait_up(admin: SocketAddr, child: &mut Child) {
+/// A running `cutover serve` whose stderr goes to a file. Dropping it kills
+/// it, and fails the test (unless it is failing already) if the process ever
+/// printed `panicked at` (reliability plan F-1).
+struct Cutover {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Cutover {
+    fn spawn(cmd: &mut Command) -> Cutover {
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let file = std::fs::OpenOptions::new().append(true).open(stderr.path()).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        Cutover { child, stderr }
+    }
+
+    /// Everything it wrote to stderr so far.
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.stderr.path()).unwrap()).into_owned()
+    }
+
+    /// Waits for it to exit: its exit status and its stderr.
+    fn wait_output(mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        (status, self.stderr())
+    }
+}
+
+impl std::ops::Deref for Cutover {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Cutover {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Cutover {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            assert_no_panic("cutover serve", &self.stderr());
+        }
+    }
+}
+
+/// Fails when a process's stderr shows a panic.
+fn assert_no_panic(what: &str, stderr: &str) {
+    assert!(!stderr.contains("panicked at"), "{what} panicked:\n{stderr}");
+}
+
+/// Runs a short-lived `cutover` command to its end and checks it did not panic.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert_no_panic(&format!("{cmd:?}"), &String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+async fn wait_up(admin: SocketAddr, child: &mut Cutover) {
     if let Err(early) = try_up(admin, child).await {
         panic!("{early}");
     }
@@ -60,14 +115,10 @@ async fn wait_up(admin: SocketAddr, child: &mut Child) {
 
 /// Waits until cutover's admin API accepts connections; `Err` with its
 /// stderr when it exited first.
-async fn try_up(admin: SocketAddr, child: &mut Child) -> Result<(), String> {
+async fn try_up(admin: SocketAddr, child: &mut Cutover) -> Result<(), String> {
     for _ in 0..200 {
         if let Ok(Some(status)) = child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-            }
-            return Err(format!("cutover exited early with {status}:\n{stderr}"));
+            return Err(format!("cutover exited early with {status}:\n{}", child.stderr()));
         }
         if tokio::net::TcpStream::connect(admin).await.is_ok() {
             return Ok(());
@@ -81,7 +132,9 @@ async fn ctl(admin: SocketAddr, args: &[&str]) -> Output {
     let admin = format!("http://{admin}");
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.arg("ctl").arg("--admin").arg(admin).args(args);
-    cmd.output().await.unwrap()
+    let out = cmd.output().await.unwrap();
+    assert_no_panic(&format!("cutover ctl {args:?}"), &String::from_utf8_lossy(&out.stderr));
+    out
 }
 
 /// A switch acknowledged before `kill -9` is still in force after a restart.
@@ -134,9 +187,8 @@ async fn corrupt_state_stops_the_start_until_reset() {
     let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
     let state = dir.path().join("state/cutover-state.json");
     std::fs::write(&state, "{ this is not json").unwrap();
-    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = serve(dir.path(), &[]).wait_output();
+    assert!(!status.success());
     assert!(stderr.contains("cutover-state.json"), "{stderr}");
     assert!(stderr.contains("--reset-state"), "{stderr}");
     assert!(std::net::TcpListener::bind(http).is_ok(), "the listener was bound despite the error");
@@ -155,7 +207,7 @@ async fn corrupt_state_stops_the_start_until_reset() {
 #[tokio::test]
 async fn check_and_serve_reject_bad_config() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(BIN).args(["check", "--config", &format!("{root}/config/cutover.yaml")]).output().unwrap();
+    let out = run(Command::new(BIN).args(["check", "--config", &format!("{root}/config/cutover.yaml")]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let dir = tempfile::tempdir().unwrap();
@@ -175,7 +227,7 @@ sites:
     );
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, bad).unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&file).output().unwrap();
+    let out = run(Command::new(BIN).args(["check", "--config"]).arg(&file));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -189,12 +241,12 @@ sites:
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&file).output().unwrap();
+    let out = run(Command::new(BIN).args(["serve", "--config"]).arg(&file));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sites[0].live"));
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
 
-    let out = Command::new(BIN).args(["check", "--config", "/nonexistent/cutover.yaml"]).output().unwrap();
+    let out = run(Command::new(BIN).args(["check", "--config", "/nonexistent/cutover.yaml"]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cutover.yaml"));
 }
@@ -260,6 +312,7 @@ async fn ctl_exit_codes_and_output() {
     let out =
         tokio::process::Command::new(BIN).args(["ctl", "status"]).env("CUTOVER_ADMIN_URL", "").output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_no_panic("cutover ctl status", &stderr);
     assert!(stderr.contains("http://127.0.0.1:9901") || out.status.success(), "{stderr}");
     // `--admin` (and `--token`) may also follow the subcommand.
     let out = tokio::process::Command::new(BIN)
@@ -267,13 +320,13 @@ async fn ctl_exit_codes_and_output() {
         .output()
         .await
         .unwrap();
+    assert_no_panic("cutover ctl status shop", &String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     // JSON logs: one access line per request.
     let _ = support::get(_http, "shop", "/").await;
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let logs = String::from_utf8_lossy(&out.stderr);
+    let logs = child.wait_output().1;
     let access = logs
         .lines()
         .find(|l| l.contains("request_id") && l.contains(r#""path":"/""#))
@@ -291,15 +344,15 @@ async fn ctl_exit_codes_and_output() {
 /// `--version` and `--help` work on every command.
 #[test]
 fn version_and_help() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = run(Command::new(BIN).arg("--version"));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("cutover "));
     for cmd in [&["serve"][..], &["check"], &["demo"], &["ctl"], &["ctl", "switch"], &["ctl", "set-target"]] {
-        let out = Command::new(BIN).args(cmd).arg("--help").output().unwrap();
+        let out = run(Command::new(BIN).args(cmd).arg("--help"));
         assert!(out.status.success(), "{cmd:?} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
     for cmd in ["serve", "check", "demo", "ctl"] {
-        let out = Command::new(BIN).args([cmd, "--version"]).output().unwrap();
+        let out = run(Command::new(BIN).args([cmd, "--version"]));
         assert!(out.status.success(), "{cmd} --version");
         assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")), "{cmd} --version");
     }
@@ -404,10 +457,11 @@ async fn ctl_deploy_shows_steps_and_exit_codes() {
 async fn demo_serves_blue_prints_ctl_commands_and_switches() {
     use tokio::io::AsyncBufReadExt;
     let (port, admin_port) = (free_port(), free_port());
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = tokio::process::Command::new(BIN)
         .args(["demo", "--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -438,6 +492,7 @@ async fn demo_serves_blue_prints_ctl_commands_and_switches() {
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status}");
+    assert_no_panic("cutover demo", &String::from_utf8_lossy(&std::fs::read(log.path()).unwrap()));
 }
 
 /// A pause acknowledged before `kill -9` holds requests after the restart,
@@ -605,9 +660,8 @@ async fn a_second_instance_is_refused_and_state_faults_are_named() {
     assert!(!stale.exists(), "a stale temporary state file was left");
 
     // Same file (and same ports): refused because of the lock.
-    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = serve(dir.path(), &[]).wait_output();
+    assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("state.path") && stderr.contains("in use by another cutover"), "{stderr}");
 
     // Another state file, same proxy port: refused at the bind.
@@ -617,18 +671,16 @@ async fn a_second_instance_is_refused_and_state_faults_are_named() {
     let http_line = yaml.lines().find(|l| l.starts_with("listen:")).unwrap().to_string();
     let yaml = yaml.replace(&http_line, &format!("listen: {{ http: \"{http}\" }}"));
     std::fs::write(other.path().join("cutover.yaml"), &yaml).unwrap();
-    let out = serve(other.path(), &[]).wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "a second cutover shared {http}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = serve(other.path(), &[]).wait_output();
+    assert_eq!(status.code(), Some(1), "a second cutover shared {http}");
     assert!(stderr.contains("cutover.yaml: listen.http: cannot bind"), "{stderr}");
     assert_eq!(support::get(http, "shop", "/").await.body, "blue");
     child.kill().unwrap();
     child.wait().unwrap();
 
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
-    let out = serve(dir.path(), &[]).wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = serve(dir.path(), &[]).wait_output();
+    assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("does not exist") && stderr.contains("state"), "{stderr}");
 }
 
@@ -646,13 +698,11 @@ async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
     let mut attempts = 0;
     let (http, admin, mut child) = loop {
         let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit -n 300 && exec {BIN} serve --config {}", dir.path().join("cutover.yaml").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            Cutover::spawn(Command::new("sh").arg("-c").arg(format!(
+                "ulimit -n 300 && exec {BIN} serve --config {}",
+                dir.path().join("cutover.yaml").display()
+            )));
         match try_up(admin, &mut child).await {
             Ok(()) => break (http, admin, child),
             Err(early) if early.contains("cannot bind") && attempts < 3 => attempts += 1,
@@ -686,8 +736,7 @@ async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
     }
     assert!(served, "no request served once the idle connections closed");
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = child.wait_output().1;
     assert!(stderr.contains("serving at most 22 connections") && stderr.contains("ulimit -n"), "{stderr}");
 }
 
@@ -711,7 +760,7 @@ async fn switch_or_cut(admin: SocketAddr, to: &str) -> Option<u16> {
 /// Starts cutover on `dir` again and waits until it is up; when another
 /// process took one of its ports meanwhile (they were picked free, then let
 /// go by the kill), on new ones, up to 3 times. Any other failure panics.
-async fn restart(dir: &Path, blue: SocketAddr, green: SocketAddr, ports: &mut (SocketAddr, SocketAddr)) -> Child {
+async fn restart(dir: &Path, blue: SocketAddr, green: SocketAddr, ports: &mut (SocketAddr, SocketAddr)) -> Cutover {
     for _ in 0..3 {
         let mut child = serve(dir, &[]);
         match try_up(ports.1, &mut child).await {
