@@ -202,6 +202,72 @@ async fn corrupt_state_stops_the_start_until_reset() {
     child.wait().unwrap();
 }
 
+/// E-3: a state file that is empty, random bytes, JSON of an unsupported
+/// `version`, or JSON of another shape than the state's stops the start:
+/// the process exits non-zero on its own (well within 10 s) with a line
+/// naming the file, the fault and `--reset-state`, binds nothing, and leaves
+/// the file byte for byte as it was, with nothing written beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_state_file_stops_the_start_and_is_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = support::dead_addr().await;
+    let (http, admin) = write_config(dir.path(), dead, dead);
+    let state = dir.path().join("state/cutover-state.json");
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let random: Vec<u8> = (0..4096)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    // (the file's bytes, what the message says of the fault)
+    let cases: [(&[u8], &str); 16] = [
+        (b"", "EOF while parsing"),
+        (b" \n\t\n", "EOF while parsing"),
+        (&random, "is not valid"),
+        (br#"{"version":2,"sites":{}}"#, "unsupported version 2"),
+        (br#"{"version":0,"sites":{"shop":{"live":"green","previous":null}}}"#, "unsupported version 0"),
+        (br#"{"version":"1","sites":{}}"#, "invalid type"),
+        (br#"{"version":4294967296,"sites":{}}"#, "expected u32"),
+        (b"null", "invalid type: null"),
+        (br#""blue""#, "invalid type: string"),
+        (br#"[1,{"shop":{"live":"green","previous":null}}]"#, "the file is an array, not an object"),
+        (br#"{"version":1,"sites":{"shop":["green",null]}}"#, "sites.shop is an array, not an object"),
+        (br#"{"version":1}"#, "missing field `sites`"),
+        (br#"{"version":1,"sites":[]}"#, "invalid type: sequence"),
+        (br#"{"version":1,"sites":{"shop":"green"}}"#, "invalid type: string"),
+        (br#"{"version":1,"sites":{},"generation":7}"#, "unknown field `generation`"),
+        (br#"{"version":1,"sites":{}} {}"#, "trailing characters"),
+    ];
+    for (bytes, fault) in cases {
+        let what = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+        std::fs::write(&state, bytes).unwrap();
+        let mut child = serve(dir.path(), &[]);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(child.try_wait().unwrap().is_some(), "{what:?}: cutover still running after 10 s:\n{}", child.stderr());
+        let (status, stderr) = child.wait_output();
+        assert!(!status.success() && status.code().is_some(), "{what:?}: {status}\n{stderr}");
+        let line = stderr.lines().find(|l| l.contains("state/cutover-state.json"));
+        let line = line.unwrap_or_else(|| panic!("{what:?}: no line names the file:\n{stderr}"));
+        assert!(line.contains(fault) && line.contains("--reset-state"), "{what:?}: {line}");
+        assert_eq!(std::fs::read(&state).unwrap(), bytes, "{what:?}: the bad file was changed");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        names.retain(|n| n != "cutover-state.json.lock");
+        assert_eq!(names, ["cutover-state.json"], "{what:?}");
+        for addr in [http, admin] {
+            assert!(std::net::TcpListener::bind(addr).is_ok(), "{what:?}: {addr} was bound despite the error");
+        }
+    }
+}
+
 /// `check` exits 0 on the documented example and 1 with every error (field
 /// path and value) on a bad file; `serve` refuses the same file before binding.
 #[tokio::test]

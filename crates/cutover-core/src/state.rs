@@ -253,6 +253,14 @@ impl StateStore for FileStore {
         };
         let corrupt = |message: String| StateError::Corrupt { path: self.path.clone(), message };
         let state: State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        // serde also reads a struct from an array of its fields (`[1, {"shop": ["green", null]}]`):
+        // a file of another shape than the one cutover writes is not a state file.
+        let read: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let written = serde_json::to_value(&state).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(at) = array_for_object(&read, &written, String::new()) {
+            let at = if at.is_empty() { "the file".to_string() } else { at };
+            return Err(corrupt(format!("{at} is an array, not an object")));
+        }
         if state.version != STATE_VERSION {
             return Err(corrupt(format!("unsupported version {} (expected {STATE_VERSION})", state.version)));
         }
@@ -283,6 +291,23 @@ impl StateStore for FileStore {
             let _ = fs::remove_file(&tmp);
         }
         result.map_err(|e| self.io(e))
+    }
+}
+
+/// Where `read` has an array in place of an object `written` has (the
+/// path, `""` for the top), when anywhere.
+fn array_for_object(read: &serde_json::Value, written: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    match (read, written) {
+        (Value::Array(_), Value::Object(_)) => Some(at),
+        (Value::Object(r), Value::Object(w)) => {
+            let field = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+            w.iter().find_map(|(k, wv)| array_for_object(r.get(k)?, wv, field(k)))
+        }
+        (Value::Array(r), Value::Array(w)) => {
+            r.iter().zip(w).enumerate().find_map(|(i, (rv, wv))| array_for_object(rv, wv, format!("{at}[{i}]")))
+        }
+        _ => None,
     }
 }
 
@@ -323,6 +348,21 @@ mod tests {
             fs::write(&path, format!(r#"{{"version":1,"sites":{{"shop":{site}}}}}"#)).unwrap();
             let err = FileStore::new(&path).load().unwrap_err().to_string();
             assert!(err.contains(&format!("site \"shop\": {fault}")) && err.contains("--reset-state"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_struct_written_as_an_array_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        for (file, at) in [
+            (r#"[1,{}]"#, "the file"),
+            (r#"{"version":1,"sites":{"shop":["blue",null]}}"#, "sites.shop"),
+            (r#"{"version":1,"sites":{"shop":{"live":"blue","previous":null,"mode":[true]}}}"#, "sites.shop.mode"),
+        ] {
+            fs::write(&path, file).unwrap();
+            let err = FileStore::new(&path).load().unwrap_err().to_string();
+            assert!(err.contains(&format!("{at} is an array, not an object")), "{file}: {err}");
         }
     }
 
