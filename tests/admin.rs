@@ -528,3 +528,113 @@ async fn every_v1_endpoint_refuses_bad_credentials_and_changes_nothing() {
     }
     assert!(before != snapshot().await, "the calls with the token changed nothing either");
 }
+
+/// Moves `path` aside to `path.aside`, for as long as a fault takes its place.
+fn move_aside(path: &std::path::Path) -> std::path::PathBuf {
+    let aside = std::path::PathBuf::from(format!("{}.aside", path.display()));
+    std::fs::rename(path, &aside).unwrap();
+    aside
+}
+
+/// E-5: while the state cannot be saved, changes fail before their file is
+/// in place, whatever the user (root ignores permissions): first the state
+/// directory's place is taken by a file (the temporary file cannot be
+/// created), then the state file's by a directory (the rename fails). Each
+/// switch, rollback and mode change then answers 500 `state_write_failed`
+/// naming the file and the fault, and changes nothing: live, modes, history,
+/// the file in place, traffic (writes pass, still on the old target); no
+/// temporary file is left. Once the fault is gone the next switch succeeds,
+/// and a restart has it live with only the accepted switches in its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_failing_before_the_rename_changes_nothing_and_the_next_one_succeeds() {
+    let (p, blue, green) = shop(None).await;
+    let dir = p.dir.path().to_path_buf();
+    let state = dir.join("state.json");
+    let no_temporary_file = |dir: &std::path::Path| {
+        let names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert!(!names.iter().any(|n| n.contains(".tmp-")), "a temporary file was left: {names:?}");
+    };
+    // Three rounds of refused changes while `fault` holds; traffic meanwhile goes to `live`.
+    let refused = |to: &'static str, live: &'static str, fault: &'static str| {
+        let p = &p;
+        async move {
+            let before =
+                (p.api("GET", "/v1/sites/shop", None).await.1, p.api("GET", "/v1/sites/shop/history", None).await.1);
+            for round in 0..3 {
+                let calls = [
+                    ("POST", "/v1/sites/shop/switch", Some(json!({"to": to, "reason": format!("e5-refused-{round}")}))),
+                    ("POST", "/v1/sites/shop/switch", Some(json!({"to": to, "force": true}))),
+                    ("POST", "/v1/sites/shop/rollback", Some(json!({"force": true}))),
+                    ("PUT", "/v1/sites/shop/mode", Some(json!({"read_only": true}))),
+                ];
+                for (method, path, body) in calls {
+                    if path.ends_with("rollback") && before.0["previous"].is_null() {
+                        continue;
+                    }
+                    let (status, answer) = p.api(method, path, body).await;
+                    assert_eq!(
+                        (status, answer["error"]["code"].as_str()),
+                        (500, Some("state_write_failed")),
+                        "{path}: {answer}"
+                    );
+                    let message = answer["error"]["message"].as_str().unwrap_or_default();
+                    assert!(message.contains("state.json") && message.contains(fault), "{path}: {message}");
+                }
+                let mut c = support::Client::connect(p.addr).await;
+                assert_eq!(c.get("shop.test", "/").await.unwrap().body, live);
+                let post = http::Request::post("/orders").header("host", "shop.test").body(Default::default());
+                let a = c.send(post.unwrap()).await.unwrap();
+                assert_eq!((a.status, a.body.as_str()), (200, live), "a write during the fault");
+            }
+            let after =
+                (p.api("GET", "/v1/sites/shop", None).await.1, p.api("GET", "/v1/sites/shop/history", None).await.1);
+            assert_eq!(after, before, "a failed save changed the site or its history");
+        }
+    };
+
+    // The directory's place is taken by a file: no temporary file can be created.
+    let aside = move_aside(&dir);
+    std::fs::write(&dir, "not a directory").unwrap();
+    refused("green", "blue", "Not a directory").await;
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
+    no_temporary_file(&dir);
+    assert!(!state.exists(), "a state file appeared");
+    let ok = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "green", "reason": "e5-ok-1"}))).await;
+    assert_eq!((ok.0, ok.1["live"].as_str()), (200, Some("green")), "{}", ok.1);
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "green");
+
+    // The state file's place is taken by a directory: the rename fails.
+    let saved = std::fs::read(&state).unwrap();
+    let aside = move_aside(&state);
+    std::fs::create_dir(&state).unwrap();
+    refused("blue", "green", "Is a directory").await;
+    std::fs::remove_dir(&state).unwrap();
+    std::fs::rename(&aside, &state).unwrap();
+    no_temporary_file(&dir);
+    assert_eq!(std::fs::read(&state).unwrap(), saved, "the state file in place changed");
+    let ok = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue", "reason": "e5-ok-2"}))).await;
+    assert_eq!((ok.0, ok.1["live"].as_str()), (200, Some("blue")), "{}", ok.1);
+    let served = (green.count(), blue.count());
+
+    let dir = p.stop().await;
+    let p = Proxy::start_with(
+        &site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]),
+        Options { dir: Some(dir), ..Default::default() },
+    )
+    .await;
+    let site = p.api("GET", "/v1/sites/shop", None).await.1;
+    assert_eq!((site["live"].as_str(), site["previous"].as_str()), (Some("blue"), Some("green")), "{site}");
+    assert_eq!(site["mode"]["read_only"], false, "{site}");
+    let history = p.api("GET", "/v1/sites/shop/history", None).await.1;
+    let entries: Vec<(&str, &str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["result"].as_str().unwrap(), e["reason"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(entries, [("switch", "ok", "e5-ok-2"), ("switch", "ok", "e5-ok-1")], "{history}");
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
+    assert_eq!((green.count(), blue.count()), (served.0, served.1 + 1), "traffic after the restart");
+}
