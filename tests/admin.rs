@@ -638,3 +638,122 @@ async fn a_save_failing_before_the_rename_changes_nothing_and_the_next_one_succe
     assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "blue");
     assert_eq!((green.count(), blue.count()), (served.0, served.1 + 1), "traffic after the restart");
 }
+
+/// D-3: the admin API answers on its own listener only. `/v1/...` calls
+/// (with the token, even), `/metrics` and `/healthz` sent to the data-plane
+/// port are traffic like any other: the live target answers them, sees each
+/// as sent, and nothing is executed; on a Host no site has they are 404 and
+/// go nowhere. Admin answers, preflights and refusals included, carry no
+/// `Access-Control-*` field. A GET (or another wrong method) on a change is
+/// 405 with `Allow` and changes nothing.
+#[tokio::test]
+async fn admin_calls_to_the_data_plane_are_plain_traffic_and_the_admin_api_allows_no_cors() {
+    let (p, blue, green) = shop(Some("s3cret")).await;
+    let before = (
+        admin_call(p.admin, "GET", "/v1/sites/shop", None, Some("s3cret")).await,
+        std::fs::read(p.dir.path().join("state.json")).ok(),
+    );
+    let calls = [
+        ("POST", "/v1/sites/shop/switch", r#"{"to":"green","force":true}"#),
+        ("POST", "/v1/sites/shop/rollback", r#"{"force":true}"#),
+        ("PUT", "/v1/sites/shop/mode", r#"{"maintenance":true}"#),
+        ("POST", "/v1/sites/shop/pause", r#"{"timeout":"30s"}"#),
+        ("PUT", "/v1/sites/shop/weights", r#"{"blue":0,"green":100}"#),
+        ("PUT", "/v1/sites/shop/targets/green", r#"{"endpoints":["127.0.0.1:9"]}"#),
+        ("POST", "/v1/reload", ""),
+        ("GET", "/v1/sites", ""),
+        ("GET", "/metrics", ""),
+        ("GET", "/healthz", ""),
+    ];
+    for host in ["shop.test", "127.0.0.1"] {
+        for (method, path, body) in calls {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", host)
+                .header("authorization", "Bearer s3cret")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let a = support::Client::connect(p.addr).await.send(req).await.unwrap();
+            let expected = if host == "shop.test" { (200, "blue") } else { (404, a.body.as_str()) };
+            assert_eq!((a.status, a.body.as_str()), expected, "{method} {path} to the data plane as {host}");
+        }
+    }
+    let seen: Vec<(String, String, usize)> =
+        blue.seen().iter().map(|s| (s.method.to_string(), s.path.clone(), s.body_len)).collect();
+    let sent: Vec<(String, String, usize)> =
+        calls.iter().map(|(m, p, b)| (m.to_string(), p.to_string(), b.len())).collect();
+    assert_eq!(seen, sent, "the live target did not see the calls as sent");
+    assert!(blue.seen().iter().all(|s| s.headers["authorization"] == "Bearer s3cret"));
+    assert_eq!(green.count(), 0);
+    let after = (
+        admin_call(p.admin, "GET", "/v1/sites/shop", None, Some("s3cret")).await,
+        std::fs::read(p.dir.path().join("state.json")).ok(),
+    );
+    assert_eq!(after, before, "a call to the data plane changed the site");
+    assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, json!([]));
+
+    // No CORS on any admin answer: preflights, refusals, errors and successes.
+    let token = "Authorization: Bearer s3cret\r\n";
+    let admin_answers = [
+        ("OPTIONS", "/v1/sites/shop/switch", "Origin: http://evil.example\r\nAccess-Control-Request-Method: POST\r\n"),
+        (
+            "OPTIONS",
+            "/v1/sites/shop/switch",
+            "Origin: http://localhost:9901\r\nAccess-Control-Request-Method: POST\r\n",
+        ),
+        ("OPTIONS", "/v1/sites", "Origin: http://evil.example\r\nAccess-Control-Request-Headers: authorization\r\n"),
+        ("POST", "/v1/sites/shop/switch", "Origin: http://evil.example\r\nContent-Length: 2\r\n\r\n{}"),
+        ("GET", "/v1/sites", "Origin: http://evil.example\r\n"),
+        ("GET", "/v1/sites", token),
+        ("GET", "/v1/sites/nope", token),
+        ("GET", "/nothing-here", "Origin: http://evil.example\r\n"),
+        ("GET", "/metrics", "Origin: http://evil.example\r\n"),
+        ("GET", "/healthz", "Origin: null\r\n"),
+    ];
+    for (method, path, fields) in admin_answers {
+        let (fields, body) = fields.split_once("\r\n\r\n").unwrap_or((fields, ""));
+        let fields =
+            if fields.is_empty() || fields.ends_with("\r\n") { fields.to_string() } else { format!("{fields}\r\n") };
+        let raw = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{fields}\r\n{body}");
+        let answer = support::raw_exchange(p.admin, raw.as_bytes()).await;
+        let head = answer.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 "), "{method} {path}: {answer}");
+        assert!(!head.contains("access-control-"), "{method} {path} {fields:?}: {answer}");
+        if method == "OPTIONS" {
+            assert!(!head.starts_with("http/1.1 2"), "a preflight was accepted: {answer}");
+        }
+    }
+
+    // A GET, HEAD or other wrong method on a change: 405 with Allow.
+    let changes = [
+        ("/v1/sites/shop/switch", "POST"),
+        ("/v1/sites/shop/rollback", "POST"),
+        ("/v1/sites/shop/pause", "POST"),
+        ("/v1/sites/shop/resume", "POST"),
+        ("/v1/sites/shop/deploy", "POST"),
+        ("/v1/reload", "POST"),
+        ("/v1/sites/shop/mode", "PUT"),
+        ("/v1/sites/shop/weights", "PUT, DELETE"),
+        ("/v1/sites/shop/targets/green", "PUT"),
+    ];
+    for (path, allow) in changes {
+        for method in ["GET", "HEAD", "PATCH"] {
+            let raw = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{token}\r\n");
+            let answer = support::raw_exchange(p.admin, raw.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 405"), "{method} {path}: {answer}");
+            let allowed = answer.lines().find_map(|l| l.strip_prefix("allow: ").or_else(|| l.strip_prefix("Allow: ")));
+            assert_eq!(allowed, Some(allow), "{method} {path}: {answer}");
+            if method == "GET" {
+                let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+                assert_eq!(body["error"]["code"], "method_not_allowed", "{answer}");
+            }
+        }
+    }
+    let after = (
+        admin_call(p.admin, "GET", "/v1/sites/shop", None, Some("s3cret")).await,
+        std::fs::read(p.dir.path().join("state.json")).ok(),
+    );
+    assert_eq!(after, before, "a refused admin call changed the site");
+    assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, json!([]));
+}
