@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::{json, Value};
 use support::{admin_call, admin_raw, dead_addr, site, Options, Origin, Proxy};
 
@@ -756,4 +758,202 @@ async fn admin_calls_to_the_data_plane_are_plain_traffic_and_the_admin_api_allow
     );
     assert_eq!(after, before, "a refused admin call changed the site");
     assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, json!([]));
+}
+
+/// The series of a Prometheus text exposition: each sample's name and labels, without its value.
+fn series(exposition: &str) -> std::collections::BTreeSet<String> {
+    let samples = exposition.lines().filter(|l| !l.is_empty() && !l.starts_with('#'));
+    samples.map(|l| l.rsplit_once(' ').map_or(l, |(series, _value)| series).to_string()).collect()
+}
+
+/// A series' metric name and its labels, as (name, value) pairs.
+fn parse_series(series: &str) -> (&str, Vec<(String, String)>) {
+    let Some((name, rest)) = series.split_once('{') else { return (series, Vec::new()) };
+    let (mut labels, mut chars) = (Vec::new(), rest.strip_suffix('}').unwrap_or(rest).chars());
+    loop {
+        let label: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if label.is_empty() {
+            return (name, labels);
+        }
+        assert_eq!(chars.next(), Some('"'), "{series}");
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next()),
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.push((label.trim_start_matches(',').to_string(), value));
+        if chars.clone().next() == Some(',') {
+            chars.next();
+        }
+    }
+}
+
+/// xorshift64: the same "random" inputs on every run.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+        of[(self.next() % of.len() as u64) as usize]
+    }
+}
+
+/// D-8: metric labels take bounded values only. Two batches of 300 requests
+/// with random Host (most unknown: 404), path, query, method (extension
+/// tokens too), X-Forwarded-For, request id, preview target (unknown ones:
+/// 503) and canary cookie, answered with random statuses by the origin, plus
+/// random admin paths, leave every series' labels within what the
+/// configuration and SPEC §6 name (sites, targets, endpoints, status classes,
+/// kinds, ...), no input appears anywhere in `/metrics`, the second batch adds
+/// no series at all, and `cutover_requests_total` grew by exactly the
+/// requests a target of a site answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_do_not_grow_with_what_clients_send() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let shop = site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])])
+        + "    preview: { header: x-cutover-target, hosts: { green.shop.test: green } }\n"
+        + "    canary: { cookie: cutover-bucket }\n";
+    let sites = shop + &site("other", "other.test", "green", &[("green", vec![green.addr])]);
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.wait_healthy("other", &["green"]).await;
+    let (status, body) = p.api("PUT", "/v1/sites/shop/weights", Some(json!({"blue": 50, "green": 50}))).await;
+    assert_eq!(status, 200, "{body}");
+    let scrape = || async { support::get(p.admin, "127.0.0.1", "/metrics").await.body };
+    let requests_total = |exposition: &str| -> u64 {
+        let samples = exposition.lines().filter(|l| l.starts_with("cutover_requests_total{"));
+        samples.map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap()).sum()
+    };
+    let baseline = scrape().await;
+    let before = series(&baseline);
+
+    // Every label value the configuration and SPEC §6 allow.
+    let endpoints = [blue.addr.to_string(), green.addr.to_string()];
+    let mut allowed: HashMap<&str, Vec<String>> = HashMap::new();
+    for (label, values) in [
+        ("site", &["shop", "other"][..]),
+        ("target", &["blue", "green"]),
+        ("code", &["1xx", "2xx", "3xx", "4xx", "5xx"]),
+        ("kind", &["connect", "timeout", "reset", "upgrade", "stream"]),
+        ("listener", &["http", "https"]),
+        ("result", &["ok", "refused", "error"]),
+        ("reason", &["manual", "automatic"]),
+        ("mode", &["read_only", "maintenance", "paused"]),
+        ("state", &["succeeded", "failed", "rolled_back"]),
+        ("endpoint", &[endpoints[0].as_str(), endpoints[1].as_str()]),
+    ] {
+        allowed.insert(label, values.iter().map(|v| v.to_string()).collect());
+    }
+    let buckets: Vec<String> = before
+        .iter()
+        .flat_map(|s| parse_series(s).1)
+        .filter(|(label, _)| label == "le")
+        .map(|(_, value)| value)
+        .collect();
+    assert!(!buckets.is_empty(), "no histogram buckets in:\n{baseline}");
+    allowed.insert("le", buckets);
+    let names: HashSet<&str> = before.iter().map(|s| parse_series(s).0).collect();
+    let bounded = |all: &std::collections::BTreeSet<String>| {
+        for s in all {
+            let (name, labels) = parse_series(s);
+            assert!(names.contains(name), "a new metric {s}");
+            for (label, value) in labels {
+                let ok = allowed.get(label.as_str()).is_some_and(|values| values.contains(&value));
+                assert!(ok, "unbounded label {label}={value:?} in {s}");
+            }
+        }
+    };
+    bounded(&before);
+
+    let mut rng = Xorshift(0x853c_49e6_748f_ea9b);
+    let mut answered_by_a_site = 0;
+    let mut batches = Vec::new();
+    for _batch in 0..2 {
+        for _ in 0..300 {
+            let port = rng.next() % 65_535 + 1;
+            let unknown = format!("zq{:x}.unknown.test", rng.next());
+            let host = match rng.next() % 6 {
+                0 | 1 => unknown,
+                2 => "shop.test".to_string(),
+                3 => format!("ShOp.TeSt:{port}"),
+                4 => "green.shop.test".to_string(),
+                _ => "other.test".to_string(),
+            };
+            let status = 200 + rng.next() % 400;
+            let path = match rng.next() % 3 {
+                0 => format!("/status/{status}"),
+                1 => format!("/zq{:x}/{:x}?zq={:x}&b=%00%ff", rng.next(), rng.next(), rng.next()),
+                _ => format!("/zq{:x}/%2e%2e/x;zq={:x}#", rng.next(), rng.next()),
+            };
+            let odd = format!("ZQ{:X}", rng.next() % 100_000);
+            let method = rng.pick(&[
+                "GET",
+                "HEAD",
+                "POST",
+                "PUT",
+                "DELETE",
+                "PATCH",
+                "OPTIONS",
+                "PURGE",
+                &odd,
+                "ZQ!#$%&'*+-.^_`|~",
+            ]);
+            let mut req = http::Request::builder()
+                .method(http::Method::from_bytes(method.as_bytes()).unwrap())
+                .uri(&path)
+                .header("host", &host)
+                .header("x-forwarded-for", format!("203.0.113.{}, zq{:x}", rng.next() % 256, rng.next()))
+                .header("x-request-id", format!("zq{:x}", rng.next()))
+                .header("cookie", format!("cutover-bucket=zq{:x}", rng.next()));
+            let preview = rng.next().is_multiple_of(4) && host.to_ascii_lowercase().starts_with("shop.test");
+            if preview {
+                req = req.header("x-cutover-target", format!("zq{:x}", rng.next()));
+            }
+            let req = req.body(http_body_util::Full::default()).unwrap();
+            let a = support::Client::connect(p.addr).await.send(req).await;
+            let a = a.unwrap_or_else(|e| panic!("{method} {path} to {host}: {e}"));
+            let expected = if host.starts_with("zq") {
+                404
+            } else if preview {
+                503
+            } else if path.starts_with("/status/") {
+                status as u16
+            } else {
+                200
+            };
+            assert_eq!(a.status, expected, "{method} {path} to {host}: {}", a.body);
+            // Neither an unknown host nor an unknown preview target names a target to count it under.
+            if !host.starts_with("zq") && !preview {
+                answered_by_a_site += 1;
+            }
+        }
+        for _ in 0..20 {
+            let path = match rng.next() % 3 {
+                0 => format!("/zq{:x}", rng.next()),
+                1 => format!("/v1/sites/zq{:x}", rng.next()),
+                _ => format!("/v1/zq{:x}/switch?zq={:x}", rng.next(), rng.next()),
+            };
+            let (status, body) = p.api(rng.pick(&["GET", "POST", "PUT", "ZQ"]), &path, None).await;
+            assert!(status == 404 || status == 405, "{path}: {status} {body}");
+        }
+        batches.push(scrape().await);
+    }
+    for exposition in &batches {
+        assert!(!exposition.contains("zq") && !exposition.contains("203.0.113"), "an input in /metrics:\n{exposition}");
+        bounded(&series(exposition));
+    }
+    let (first, second) = (series(&batches[0]), series(&batches[1]));
+    let new: Vec<&String> = first.difference(&before).collect();
+    eprintln!("series new after the first batch: {new:?}");
+    assert_eq!(second.difference(&first).collect::<Vec<_>>(), Vec::<&String>::new(), "the second batch added series");
+    assert_eq!(requests_total(&batches[1]) - requests_total(&baseline), answered_by_a_site);
 }
