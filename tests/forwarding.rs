@@ -462,3 +462,272 @@ async fn http10_without_host_uses_the_default_site() {
     assert!(raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"), "{raw}");
     assert!(raw.ends_with("blue"), "{raw}");
 }
+
+/// Fills the accept queue of `listener` (listen backlog 0, never accepted)
+/// with connections until the kernel drops further SYNs: a connect to it then
+/// hangs. Returns the connections, which must stay open.
+async fn fill_backlog(listener: &tokio::net::TcpListener) -> Vec<tokio::net::TcpStream> {
+    let addr = listener.local_addr().unwrap();
+    let mut filled = Vec::new();
+    // Two connects in a row that get no answer: the queue is full.
+    let mut unanswered = 0;
+    while unanswered < 2 {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(s) => filled.push(s.unwrap()),
+            Err(_) => unanswered += 1,
+        }
+        assert!(filled.len() < 32, "the kernel keeps answering SYNs to a full accept queue");
+    }
+    filled
+}
+
+/// A listener (backlog 0) that answers health probes (`200` to any request)
+/// until `stop` is cancelled; the task then gives the listener back, never to
+/// accept again.
+fn probes_until(
+    stop: tokio_util::sync::CancellationToken,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<tokio::net::TcpListener>) {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let mut s = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = stop.cancelled() => return listener,
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while support::next_request(&mut s, &mut buf).await.is_some() {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The count of `cutover_upstream_errors_total` of kind `kind` for site `shop`, target `blue`.
+fn upstream_errors(metrics: &str, kind: &str) -> u64 {
+    let series = format!(r#"cutover_upstream_errors_total{{kind="{kind}",site="shop",target="blue"}} "#);
+    metrics.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.parse().unwrap())
+}
+
+/// An endpoint that never accepts (its accept queue full, so SYNs go
+/// unanswered) costs a request `limits.upstream_connect_timeout`, not more:
+/// alone in its target it gets `502` naming no address, counted as a
+/// timeout; healthy beside another one, the request that meets it is retried
+/// on the other and served, and the endpoint leaves rotation (B-3 b).
+#[tokio::test]
+async fn an_endpoint_that_never_accepts_times_out_at_the_connect_timeout() {
+    let opts = || Options { extra: "limits: { upstream_connect_timeout: 300ms }".into(), ..Default::default() };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (stuck, task) = probes_until(stop.clone());
+    stop.cancel();
+    let listener = task.await.unwrap();
+    let _queued = fill_backlog(&listener).await;
+    let p = Proxy::start_with(&site("shop", "shop.test", "blue", &[("blue", vec![stuck])]), opts()).await;
+    let start = std::time::Instant::now();
+    let a = support::get(p.addr, "shop.test", "/").await;
+    let took = start.elapsed();
+    assert_eq!(a.status, 502, "{a:?}");
+    // The default connect timeout is 3 s; the limit set here is 300 ms.
+    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(!a.body.contains("127.0.0.1") && !a.body.contains(&stuck.port().to_string()), "{:?}", a.body);
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert_eq!((upstream_errors(&metrics, "timeout"), upstream_errors(&metrics, "connect")), (1, 0), "{metrics}");
+    drop(p);
+
+    // Healthy (probes answered, then checked only every 30 s) until it stops accepting.
+    let b = Origin::start("b").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (stuck, task) = probes_until(stop.clone());
+    let sites =
+        site("shop", "shop.test", "blue", &[("blue", vec![stuck, b.addr])]).replace("interval: 50ms", "interval: 30s");
+    let p = Proxy::start_with(&sites, opts()).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    stop.cancel();
+    let listener = task.await.unwrap();
+    let _queued = fill_backlog(&listener).await;
+    let mut c = Client::connect(p.addr).await;
+    let mut metrics = String::new();
+    // Requests go round the two endpoints: one of the first two meets the stuck one.
+    for _ in 0..4 {
+        let start = std::time::Instant::now();
+        let r = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "b"));
+        assert!(start.elapsed() < Duration::from_secs(2), "served after {:?}", start.elapsed());
+        metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    }
+    // Tried once, then out of rotation.
+    assert_eq!(upstream_errors(&metrics, "timeout"), 1, "{metrics}");
+    let (_, s) = p.api("GET", "/v1/sites/shop", None).await;
+    assert_eq!(s["targets"]["blue"]["endpoints"][0]["healthy"], false, "{s}");
+}
+
+/// A request body that stalls (64 KiB of a 1 MiB `Content-Length`, then
+/// nothing) releases what it holds upstream: with 20 such uploads forwarded
+/// and held open at the origin, each gets `408`, the origin sees each upload
+/// end and no connection that carried one stays open; requests beside them
+/// are served all along (C-2).
+#[tokio::test]
+async fn stalled_uploads_release_their_upstream_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Origin::start("blue").await;
+    let sites =
+        site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]).replace("interval: 50ms", "interval: 30s");
+    let opts = Options { extra: "limits: { upstream_response_timeout: 1s }".into(), ..Default::default() };
+    let p = Proxy::start_with(&sites, opts).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let baseline = blue.open_connections();
+    let addr = p.addr;
+    let uploads: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let head = "POST /echo HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 1048576\r\n\r\n";
+                s.write_all(head.as_bytes()).await.unwrap();
+                s.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+                let mut out = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+                String::from_utf8_lossy(&out).to_string()
+            })
+        })
+        .collect();
+    // Legitimate requests meanwhile, on a kept-alive connection.
+    let legit = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            statuses.push(c.get("shop.test", "/").await.map(|a| a.status).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        statuses
+    });
+    // The 20 uploads reached the origin, and hold their connections there.
+    assert!(
+        support::eventually(Duration::from_secs(5), || blue.open_connections() >= baseline + 20).await,
+        "the stalled uploads were not forwarded: {} open",
+        blue.open_connections()
+    );
+    for u in uploads {
+        let answer = u.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+    let statuses = legit.await.unwrap();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    // Each upload ended at the origin (its body cut short), and no connection that carried one is left.
+    let ended = || blue.seen().iter().filter(|s| s.path == "/echo").count() == 20;
+    assert!(support::eventually(Duration::from_secs(5), ended).await, "{} uploads ended upstream", blue.count());
+    assert!(
+        support::eventually(Duration::from_secs(5), || blue.open_connections_for("/echo") == 0).await,
+        "{} upstream connections of stalled uploads still open",
+        blue.open_connections_for("/echo")
+    );
+    assert_eq!(support::get(p.addr, "shop.test", "/").await.status, 200);
+}
+
+/// An upstream reading an upload slowly holds the client back (backpressure,
+/// not buffering): while the origin reads nothing past its first 64 KiB the
+/// client cannot write the whole 32 MiB body; once the origin reads, the
+/// upload arrives byte-exact (B-4).
+#[tokio::test]
+async fn a_slow_reading_upstream_holds_the_upload_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TOTAL: usize = 32 * 1024 * 1024;
+    let pattern: Arc<Vec<u8>> = Arc::new((0..TOTAL).map(|i| (i % 251) as u8).collect());
+    let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let go = Arc::new(tokio::sync::Notify::new());
+    // The origin: `/up` answered; `/upload` read with its head, the rest only after `go`, checked byte by byte.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (a, g, pat) = (arrived.clone(), go.clone(), pattern.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (arrived, go, pattern) = (a.clone(), g.clone(), pat.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                if buf.starts_with(b"GET /up ") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+                    return;
+                }
+                // The head came with at most 64 KiB of the body: nothing more until `go`.
+                let mut intact = buf[end..] == pattern[..buf.len() - end];
+                let mut got = buf.len() - end;
+                arrived.store(true, Ordering::SeqCst);
+                go.notified().await;
+                while got < TOTAL {
+                    let want = (TOTAL - got).min(chunk.len());
+                    let n = match s.read(&mut chunk[..want]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    intact &= chunk[..n] == pattern[got..got + n];
+                    got += n;
+                }
+                let answer = format!("{got} {}", if intact { "intact" } else { "altered" });
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", answer.len());
+                let _ = s.write_all(format!("{head}{answer}").as_bytes()).await;
+            });
+        }
+    });
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![origin])])).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let written = Arc::new(AtomicUsize::new(0));
+    let (w, addr, pat) = (written.clone(), p.addr, pattern.clone());
+    let client = tokio::spawn(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(64 * 1024).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\nContent-Length: {TOTAL}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        for piece in pat.chunks(64 * 1024) {
+            s.write_all(piece).await.unwrap();
+            w.fetch_add(piece.len(), Ordering::SeqCst);
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    });
+    assert!(support::eventually(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)).await, "nothing arrived");
+    // Wait until the client's writes stall (no progress for 500 ms) or it wrote everything.
+    let mut last = written.load(Ordering::SeqCst);
+    let mut still = 0;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = written.load(Ordering::SeqCst);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 10 || now == TOTAL {
+            break;
+        }
+    }
+    assert!(
+        last + 8 * 1024 * 1024 <= TOTAL,
+        "the client wrote {last} of {TOTAL} bytes while the origin had read at most 64 KiB: the upload was buffered"
+    );
+    go.notify_one();
+    let answer = client.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.ends_with(&format!("{TOTAL} intact")), "{answer:?}");
+}

@@ -167,6 +167,27 @@ impl Origin {
         conns.len()
     }
 
+    /// How many connections are open now (health probes' included).
+    pub fn open_connections(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+
+    /// How many connections that carried a request for `path` are open now.
+    pub fn open_connections_for(&self, path: &str) -> usize {
+        let open = self.open.lock().unwrap();
+        let mut conns: Vec<usize> = self
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path && open.contains(&s.conn))
+            .map(|s| s.conn)
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns.len()
+    }
+
     /// How many connections carried requests (health probes excluded).
     pub fn data_connections(&self) -> usize {
         let mut conns: Vec<usize> = self.seen.lock().unwrap().iter().map(|s| s.conn).collect();
