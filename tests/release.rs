@@ -5,9 +5,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use support::{Client, Origin, Proxy};
 
@@ -640,4 +645,143 @@ async fn deployments_answer_after_a_restart() {
     assert_eq!(d["state"], "failed", "the older one is still there: {d}");
     let (status, sw) = p.api("POST", "/v1/sites/shop/switch", Some(json!({"to": "blue"}))).await;
     assert_eq!(status, 200, "{sw}");
+}
+
+/// An origin named `name`: `/up` answers `200`, or, while `hang` is set, is
+/// read and never answered (counted in the returned counter); anything else
+/// gets the name.
+async fn hanging_health(name: &'static str, hang: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hung = Arc::new(AtomicUsize::new(0));
+    let count = hung.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (hang, count) = (hang.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((_, path)) = support::next_request(&mut s, &mut buf).await {
+                    if path == "/up" && hang.load(Ordering::SeqCst) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        // Until the prober gives up and closes.
+                        let _ = s.read(&mut [0u8; 1]).await;
+                        return;
+                    }
+                    let body = if path == "/up" { "ok" } else { name };
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hung)
+}
+
+/// A health probe that gets no answer within `health.timeout` is a failed
+/// probe: an endpoint whose health path hangs (while it serves requests)
+/// falls after `unhealthy_threshold` such probes, traffic goes to the other
+/// endpoint, and a client looping all along sees no error; it comes back
+/// once its probes are answered again (B-5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_times_out_is_a_failure() {
+    let hang = Arc::new(AtomicBool::new(false));
+    let (a, hung) = hanging_health("a", hang.clone()).await;
+    let b = Origin::start("b").await;
+    let health = "interval: 50ms, timeout: 200ms, healthy_threshold: 1, unhealthy_threshold: 2";
+    let p = Proxy::start(&shop(&[("blue", vec![a, b.addr])], health, "")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (log, done, addr) = (answers.clone(), stop.clone(), p.addr);
+    let client = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        while !done.load(Ordering::SeqCst) {
+            let r = c.get("shop.test", "/").await.map(|r| (r.status, r.body)).map_err(|e| e.to_string());
+            log.lock().unwrap().push(r);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let served_by = |who: &str| answers.lock().unwrap().iter().any(|r| matches!(r, Ok((_, n)) if n == who));
+    assert!(support::eventually(Duration::from_secs(5), || served_by("a") && served_by("b")).await);
+    hang.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while endpoint_health(&p, "blue", 0).await != json!(false) {
+        assert!(start.elapsed() < Duration::from_secs(5), "an endpoint whose probes time out stayed healthy");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hung.load(Ordering::SeqCst) >= 2, "fell after {} unanswered probe(s)", hung.load(Ordering::SeqCst));
+    // The request in flight when it fell may still have gone to it; none after.
+    let fell = answers.lock().unwrap().len() + 1;
+    assert!(support::eventually(Duration::from_secs(5), || answers.lock().unwrap().len() >= fell + 30).await);
+    hang.store(false, Ordering::SeqCst);
+    p.wait_healthy("shop", &["blue"]).await;
+    let back = answers.lock().unwrap().len();
+    assert!(
+        support::eventually(Duration::from_secs(5), || answers.lock().unwrap()[back..]
+            .iter()
+            .any(|r| matches!(r, Ok((_, n)) if n == "a")))
+        .await,
+        "never back in rotation"
+    );
+    stop.store(true, Ordering::SeqCst);
+    client.await.unwrap();
+    let answers = answers.lock().unwrap();
+    let failed: Vec<_> = answers.iter().filter(|r| !matches!(r, Ok((200, _)))).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), answers.len());
+    let after: Vec<_> = answers[fell..fell + 30].iter().filter(|r| !matches!(r, Ok((_, n)) if n == "b")).collect();
+    assert!(after.is_empty(), "requests went to the unhealthy endpoint: {after:?}");
+}
+
+/// An endpoint killed with work in flight (slow GETs and a long streaming
+/// answer) fails only that work: the stream it carried is visibly cut (no
+/// terminal chunk; never ended as if complete), no more requests fail than
+/// were in flight on it, the others complete on the other endpoint, and
+/// every request afterwards is served there (B-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_with_work_in_flight_fails_only_that_work() {
+    use http_body_util::BodyExt;
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let p = Proxy::start(&shop(&[("blue", vec![a.addr, b.addr])], FAST, "")).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    // A stream of 20 s; whichever endpoint carries it is killed.
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/stream?chunks=1000&ms=20").header("host", "shop.test").body(Full::<Bytes>::default());
+    let resp = sender.send_request(req.unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let (victim, victim_index, survivor) = if first.starts_with(b"a ") { (&a, 0, "b") } else { (&b, 1, "a") };
+    let addr = p.addr;
+    // One at a time, each at its origin before the next: the endpoints take turns (least outstanding).
+    let mut slow = Vec::new();
+    for i in 0..8 {
+        slow.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            tokio::time::timeout(Duration::from_secs(10), c.get("shop.test", "/slow?ms=3000")).await
+        }));
+        assert!(support::eventually(Duration::from_secs(5), || a.count() + b.count() == i + 2).await, "not in flight");
+    }
+    let in_flight = victim.seen().iter().filter(|s| s.path == "/slow").count();
+    assert!(in_flight >= 1, "no slow request on the victim");
+    victim.kill();
+    assert_eq!(support::cut_or_completed(&mut body, Duration::from_secs(5)).await, Some("cut"));
+    let mut failed = 0;
+    for h in slow {
+        match h.await.unwrap().expect("a request in flight hung") {
+            Ok(r) if r.status == 200 => assert_eq!(r.body, format!("{survivor} slow done")),
+            _ => failed += 1,
+        }
+    }
+    assert!(failed <= in_flight, "{failed} requests failed, {in_flight} were in flight on the killed endpoint");
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..20 {
+        let r = c.get("shop.test", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, survivor));
+    }
+    assert_eq!(endpoint_health(&p, "blue", victim_index).await, json!(false));
 }
