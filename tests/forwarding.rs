@@ -731,3 +731,39 @@ async fn a_slow_reading_upstream_holds_the_upload_back() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(answer.ends_with(&format!("{TOTAL} intact")), "{answer:?}");
 }
+
+/// Requests that arrive together are spread by what each endpoint has been
+/// given, counted when it is chosen, not once its connection is made: an
+/// endpoint whose connections hang (its accept queue full) does not draw a
+/// burst of them all while it has none counted. Each request that met it is
+/// retried on the other and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_not_drawn_to_an_endpoint_still_connecting() {
+    let b = Origin::start("b").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (stuck, task) = probes_until(stop.clone());
+    let sites =
+        site("shop", "shop.test", "blue", &[("blue", vec![stuck, b.addr])]).replace("interval: 50ms", "interval: 30s");
+    let opts = Options { extra: "limits: { upstream_connect_timeout: 500ms }".into(), ..Default::default() };
+    let p = Proxy::start_with(&sites, opts).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    stop.cancel();
+    let listener = task.await.unwrap();
+    let _queued = fill_backlog(&listener).await;
+    // 20 ms apart: each connection to the other endpoint is made (and its
+    // request counted) before the next request is routed.
+    let mut burst = Vec::new();
+    for _ in 0..8 {
+        burst.push(tokio::spawn(support::get(p.addr, "shop.test", "/slow?ms=1000")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in burst {
+        let r = r.await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "b slow done"));
+    }
+    // Counted when chosen, the stuck endpoint takes about half of the burst;
+    // counted only once connected, it would have taken nearly all of it.
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    let met = upstream_errors(&metrics, "timeout");
+    assert!((1..=5).contains(&met), "{met} of 8 requests met the endpoint that hangs");
+}

@@ -378,6 +378,9 @@ impl Proxy {
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
+            // Counted from the choice on, connecting included: a burst that
+            // comes while this connection is made must not all choose it too.
+            guard.set_endpoint(endpoint.clone());
             let (mut conn, reused) = match Upstream::get(endpoint, h2, fresh || renew, routed.connect_timeout).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -394,7 +397,6 @@ impl Proxy {
                 renew = true;
                 continue;
             }
-            guard.set_endpoint(endpoint.clone());
             let progress = req.body().progress();
             let sent = tokio::select! {
                 r = conn.try_send(req) => Ok(r),
@@ -459,6 +461,8 @@ impl Proxy {
         for _ in 0..MAX_ATTEMPTS {
             let idx = target.pick(&failed).ok_or(ForwardError::NoEndpoint)?;
             let endpoint = &target.endpoints[idx];
+            // Counted from the choice on (see `send`).
+            guard.set_endpoint(endpoint.clone());
             let pooled = if renew { None } else { endpoint.pool.checkout_h1(idempotent) };
             let (conn, reused) = match pooled {
                 Some(c) => (c, true),
@@ -475,7 +479,6 @@ impl Proxy {
                     }
                 }
             };
-            guard.set_endpoint(endpoint.clone());
             let exchange = std::pin::pin!(h1::exchange(conn, request, *method == Method::HEAD, endpoint.clone()));
             match upstream::answer_within(exchange, routed.response_timeout, &target.drain).await {
                 Ok(Ok(answer)) => return Ok(answer),
