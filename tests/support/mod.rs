@@ -651,3 +651,56 @@ pub async fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
     }
     done()
 }
+
+/// One switch of a [`switch_storm`]: when it was sent and acknowledged (since
+/// the storm's `t0`), and the target it named.
+#[derive(Debug, Clone, Copy)]
+pub struct Switch {
+    pub sent: Duration,
+    pub acked: Duration,
+    pub to: &'static str,
+}
+
+/// Switches `site` back and forth between `targets` (the first named first)
+/// until `run_for` after `t0`, waiting `pause(i)` after the i-th switch.
+pub async fn switch_storm(
+    p: &Proxy,
+    site: &str,
+    targets: [&'static str; 2],
+    t0: std::time::Instant,
+    run_for: Duration,
+    pause: impl Fn(usize) -> Duration,
+) -> Vec<Switch> {
+    let mut log = Vec::new();
+    while t0.elapsed() < run_for {
+        let (sent, to) = (t0.elapsed(), targets[log.len() % 2]);
+        p.switch(site, to).await;
+        log.push(Switch { sent, acked: t0.elapsed(), to });
+        tokio::time::sleep(pause(log.len() - 1)).await;
+    }
+    log
+}
+
+/// Checks answers `(started, ended, served by)` against a switch log: each
+/// request started more than `margin` after a switch was acknowledged went to
+/// that switch's target, unless the next switch was sent before its answer
+/// came back (then either target is right). Returns how many were checked and
+/// a description of each misrouted one.
+pub fn routed_after_acks(
+    switches: &[Switch],
+    answers: &[(Duration, Duration, String)],
+    margin: Duration,
+) -> (usize, Vec<String>) {
+    let (mut checked, mut wrong) = (0, Vec::new());
+    for (start, end, by) in answers {
+        let Some(last) = switches.iter().rposition(|s| s.acked + margin < *start) else { continue };
+        if switches.get(last + 1).is_some_and(|next| next.sent <= *end) {
+            continue;
+        }
+        checked += 1;
+        if by != switches[last].to {
+            wrong.push(format!("request at {start:?} served by {by} after {:?}", switches[last]));
+        }
+    }
+    (checked, wrong)
+}
