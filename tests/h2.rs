@@ -61,6 +61,55 @@ async fn h2c_streams_across_a_switch() {
     assert_eq!(seen[0].headers["host"], "shop.test");
 }
 
+/// one h2c connection keeps 16 streams in flight while blue and green
+/// are switched every 100 ms for 2 s: no stream fails, the connection is
+/// never closed (its future has not ended, so no GOAWAY ended it) and takes
+/// new streams after, and every stream started more than 5 ms after an
+/// acknowledged switch went to the target it named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_h2c_connection_across_a_switch_storm() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let p = Proxy::start(&site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]))
+        .await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let t0 = std::time::Instant::now();
+    let run_for = Duration::from_secs(2);
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            let mut s = sender.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while t0.elapsed() < run_for + Duration::from_millis(200) {
+                    let start = t0.elapsed();
+                    let resp = s.send_request(get("shop.test", "/")).await.expect("h2 stream failed in the storm");
+                    assert_eq!(resp.status(), 200);
+                    let body = resp.into_body().collect().await.expect("h2 body failed in the storm").to_bytes();
+                    answers.push((start, t0.elapsed(), String::from_utf8_lossy(&body).into_owned()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let switches =
+        support::switch_storm(&p, "shop", ["green", "blue"], t0, run_for, |_| Duration::from_millis(100)).await;
+    let mut answers = Vec::new();
+    for s in streams {
+        answers.extend(s.await.unwrap());
+    }
+    assert!(!conn.is_finished() && !sender.is_closed(), "a switch ended the h2 connection");
+    assert!(switches.len() >= 10, "only {} switches happened", switches.len());
+    assert_eq!(blue.count() + green.count(), answers.len());
+    let (checked, wrong) = support::routed_after_acks(&switches, &answers, Duration::from_millis(5));
+    assert!(wrong.is_empty(), "{} of {checked} checked streams misrouted: {wrong:#?}", wrong.len());
+    assert!(checked > answers.len() / 3, "too few streams checked: {checked} of {}", answers.len());
+    // Still the same connection, still taking streams.
+    let resp = sender.clone().send_request(get("shop.test", "/")).await.expect("the connection took no new stream");
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), switches.last().unwrap().to);
+}
+
 /// An h2 request with more than 100 header fields gets 431 from cutover, as
 /// over HTTP/1.1, and is not forwarded.
 #[tokio::test]
@@ -710,4 +759,98 @@ async fn h2_requests_that_could_desync_an_h1_upstream_are_refused() {
         assert!(s.headers.get("transfer-encoding").is_none(), "{s:?}");
     }
     assert_eq!(paths.iter().filter(|p| p.starts_with("/canary")).count(), 5, "{paths:?}");
+}
+
+/// C-4 in bytes: an h2 request with only 4 extra fields, of 20 KiB each (80 KiB
+/// in all, over the default `max_header_bytes` of 64 KiB, in HEADERS and
+/// CONTINUATION frames), gets 431 on its stream alone and never reaches the
+/// origin, while 2 such fields (40 KiB) are served; the same connection then
+/// serves a normal request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_header_lists_over_max_header_bytes_get_431() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, p, mut legit) = shop().await;
+    let big = vec![b'a'; 20 * 1024];
+    let names: [&[u8]; 4] = [b"x-big0", b"x-big1", b"x-big2", b"x-big3"];
+    // A header block in frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE).
+    let request = |id: u32, path: &[u8], fields: usize| {
+        let extra: Vec<(&[u8], &[u8])> = names[..fields].iter().map(|n| (*n, &big[..])).collect();
+        let block = request_block("shop.test", "GET", path, &extra);
+        let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+        let last = chunks.len() - 1;
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let (kind, flags) = if i == 0 { (HEADERS, END_STREAM) } else { (CONTINUATION, 0) };
+            out.extend(frame(kind, if i == last { flags | END_HEADERS } else { flags }, id, chunk));
+        }
+        out
+    };
+    let (mut frames, mut w) = raw_h2(p.addr).await;
+    w.write_all(&request(1, b"/big40", 2)).await.unwrap();
+    assert_eq!(frames.ends(&[1]).await[&1].0, 200, "a 40 KiB header list was refused");
+    w.write_all(&request(3, b"/big80", 4)).await.unwrap();
+    let answer = frames.until(|f| f.stream == 3 || f.kind == GOAWAY).await.expect("closed without an answer");
+    assert_eq!((answer.kind, answer.status()), (HEADERS, 431), "{answer:?}");
+    w.write_all(&request(5, b"/after", 0)).await.unwrap();
+    assert_eq!(frames.ends(&[5]).await[&5], (200, 4, true), "the connection took no new stream after the 431");
+    assert!(serves(&mut legit).await);
+    let paths: Vec<String> = blue.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/", "/big40", "/after", "/"], "the 80 KiB header list reached the origin");
+}
+
+/// C-9 over HTTP/2: `CONNECT` (`:method` and `:authority` only) to a listening
+/// address or to the site's host gets 405 or a stream reset, and an extended
+/// CONNECT (`:protocol websocket`, RFC 8441, which cutover does not enable:
+/// its SETTINGS carry no ENABLE_CONNECT_PROTOCOL) is refused too. Nothing
+/// connects to the named address, nothing reaches the origin, and the
+/// connection still serves a normal request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connect_and_extended_connect_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, p, mut legit) = shop().await;
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let t = target.local_addr().unwrap().to_string();
+    // The proxy's SETTINGS, read by hand: no SETTINGS_ENABLE_CONNECT_PROTOCOL (0x8) = 1.
+    let (r, mut w) = tokio::net::TcpStream::connect(p.addr).await.unwrap().into_split();
+    w.write_all(&[&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &frame(SETTINGS, 0, 0, &[])].concat()).await.unwrap();
+    let mut frames = Frames { r, buf: Vec::new() };
+    let settings = frames.until(|f| f.kind == SETTINGS && f.flags & 1 == 0).await.expect("no SETTINGS");
+    assert!(!settings.payload.chunks(6).any(|s| s == [0, 8, 0, 0, 0, 1]), "extended CONNECT is enabled: {settings:?}");
+    w.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+
+    let connect =
+        |authority: &str| [field(0, b":method", b"CONNECT"), field(0, b":authority", authority.as_bytes())].concat();
+    let extended = [
+        field(0, b":method", b"CONNECT"),
+        field(0, b":protocol", b"websocket"),
+        field(0, b":scheme", b"http"),
+        field(0, b":path", b"/chat"),
+        field(0, b":authority", b"shop.test"),
+        field(0, b"sec-websocket-version", b"13"),
+    ]
+    .concat();
+    drop((frames, w));
+    let after = frame(HEADERS, END_STREAM | END_HEADERS, 3, &request_block("shop.test", "GET", b"/after", &[]));
+    for (case, block) in [
+        ("CONNECT to an address", connect(&t)),
+        ("CONNECT to the site", connect("shop.test:80")),
+        ("extended CONNECT", extended),
+    ] {
+        // A connection each: the answers' HPACK state stays simple to read.
+        let (mut frames, mut w) = raw_h2(p.addr).await;
+        w.write_all(&frame(HEADERS, END_HEADERS, 1, &block)).await.unwrap();
+        let answer = frames.until(|f| f.stream == 1 || f.kind == GOAWAY).await.expect("closed without an answer");
+        match answer.kind {
+            RST_STREAM => {}
+            HEADERS => assert_eq!(answer.status(), 405, "{case}: {answer:?}"),
+            _ => panic!("{case}: {answer:?}"),
+        }
+        w.write_all(&after).await.unwrap();
+        assert_eq!(frames.ends(&[3]).await[&3], (200, 4, true), "no new stream after the refused {case}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(200), target.accept()).await;
+    assert!(accepted.is_err(), "CONNECT opened a tunnel");
+    assert!(serves(&mut legit).await);
+    let paths: Vec<String> = blue.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/", "/after", "/after", "/after", "/"], "a CONNECT was forwarded");
 }
