@@ -249,6 +249,60 @@ async fn shutdown_closes_parked_connections() {
     stopping.await.unwrap();
 }
 
+/// C-1 at scale: 200 slowloris connections, each sending one byte of a
+/// request head every 100 ms (so never idle past the 20 ms park delay for
+/// long, and never inactive for `header_read_timeout`), while a legit client
+/// makes sequential requests on fresh connections. Every slowloris connection
+/// is closed between ~`header_read_timeout` (1 s) and 5 s after its connect
+/// (total time, not inactivity), none of their requests reaches the origin,
+/// and every legit request gets 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_crowd_is_cut_while_legit_requests_are_served() {
+    let blue = Origin::start("blue").await;
+    let p = one_site("limits: { header_read_timeout: 1s }", blue.addr).await;
+    p.wait_healthy("shop", &["blue"]).await;
+    let addr = p.addr;
+    let slow: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /slowloris HTTP/1.1\r\nHost: shop.test\r\nX-Drip: ").await.unwrap();
+                let mut buf = [0u8; 1024];
+                // Drip until the proxy closes (EOF, or an error on either side); give up at 10 s.
+                while start.elapsed() < Duration::from_secs(10) {
+                    match timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+                        Ok(Ok(_)) => {} // an error answer (408) before the close
+                        Err(_) if s.write_all(b"a").await.is_err() => return Some(start.elapsed()),
+                        Err(_) => {}
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    let (mut served, mut failed) = (0, Vec::new());
+    while slow.iter().any(|t| !t.is_finished()) {
+        let answer = timeout(Duration::from_secs(5), async {
+            let mut c = support::Client::connect(addr).await;
+            c.get("shop.test", "/legit").await
+        })
+        .await;
+        match answer {
+            Ok(Ok(a)) if a.status == 200 && a.body == "blue" => served += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} legit requests failed: {failed:?}", failed.len(), served + failed.len());
+    assert!(served >= 10, "only {served} legit requests were made");
+    for (i, t) in slow.into_iter().enumerate() {
+        let cut = t.await.unwrap().unwrap_or_else(|| panic!("slowloris connection {i} was still open after 10 s"));
+        assert!(cut >= Duration::from_millis(900) && cut < Duration::from_secs(5), "connection {i} cut after {cut:?}");
+    }
+    assert!(blue.seen().iter().all(|s| s.path == "/legit"), "a slowloris request reached the origin");
+}
+
 /// An origin answering every request on a connection with `len` bytes
 /// (byte i is `i % 251`), with `Content-Length`.
 async fn big_origin(len: usize) -> SocketAddr {
