@@ -1012,3 +1012,182 @@ async fn kill_9_during_a_drain_restarts_with_nothing_draining() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// One hostile request of [`access_log_escapes_what_clients_send`]: the
+/// target is `before` + `/lgN` + `after`, so its access line is found by
+/// its path.
+struct LogCase {
+    method: &'static [u8],
+    before: &'static [u8],
+    after: &'static [u8],
+    /// Extra header lines, each ending in `\r\n`.
+    headers: &'static [u8],
+    /// `Some(status)`: answered by cutover, exactly one access line with it;
+    /// `None`: refused by the HTTP parser (400), at most one line.
+    status: Option<u16>,
+    /// The logged path after `/lgN` (non-ASCII percent-encoded).
+    logged: &'static str,
+    /// The logged request id: `Some` as sent, `None` a 32-hex one of cutover's.
+    id: Option<&'static str>,
+}
+
+const fn lc(before: &'static [u8], after: &'static [u8], headers: &'static [u8]) -> LogCase {
+    LogCase { method: b"GET", before, after, headers, status: None, logged: "", id: None }
+}
+
+impl LogCase {
+    const fn ok(self, status: u16, logged: &'static str) -> LogCase {
+        LogCase { status: Some(status), logged, ..self }
+    }
+}
+
+fn log_cases() -> Vec<LogCase> {
+    vec![
+        lc(b"", b"/a%0d%0aFORGED?q=%0d%0a%1b[31m", b"").ok(200, "/a%0d%0aFORGED"),
+        lc(b"", br#"/x"y\z?q=\'"#, b"").ok(200, r#"/x"y\z"#),
+        lc(b"", b"/caf\xc3\xa9", b"").ok(200, "/caf%C3%A9"),
+        // 8-bit CSI (a terminal escape), NEL, line separator, bidi override.
+        lc(b"", b"/a\xc2\x9b31mRED", b"").ok(200, "/a%C2%9B31mRED"),
+        lc(b"", b"/a\xc2\x85FORGED", b"").ok(200, "/a%C2%85FORGED"),
+        lc(b"", b"/a\xe2\x80\xa8FORGED\xe2\x80\xae", b"").ok(200, "/a%E2%80%A8FORGED%E2%80%AE"),
+        lc(b"", b"/a{}%00%ff%fe", b"").ok(200, "/a{}%00%ff%fe"),
+        lc(b"http://shop", b"/abs%0a", b"").ok(200, "/abs%0a"),
+        lc(b"", b"/\x1b[31mred", b""),
+        lc(b"", b"/ok\rFORGED", b""),
+        lc(b"", b"/\xff", b""),
+        lc(b"", b"/ok", b"User-Agent: \x1b[31mred\r\n"),
+        lc(b"", b"/ok", b"User-Agent: caf\xc3\xa9\xff\x9b31m\r\n").ok(200, "/ok"),
+        lc(b"", b"/ok", b"X-Evil: \x1b]0;pwned\x07\r\n"),
+        LogCase { id: Some(r#""q\""#), ..lc(b"", b"/ok", b"X-Request-Id: \"q\\\"\r\n").ok(200, "/ok") },
+        lc(b"", b"/ok", b"X-Request-Id: caf\xc3\xa9\r\n").ok(200, "/ok"),
+        lc(b"", b"/ok", b"X-Request-Id: \x7f\r\n"),
+        lc(b"", b"/ok", b"X-Request-Id: a\r\n FORGED\r\n"),
+        LogCase { id: Some("a"), ..lc(b"", b"/ok", b"X-Request-Id: a\nFORGED: 1\r\n").ok(200, "/ok") },
+        lc(b"", b"/ok", b"Host: x\"\\\r\n").ok(400, "/ok"),
+        lc(b"", b"/ok", b"Host: caf\xc3\xa9\r\n").ok(400, "/ok"),
+        lc(b"", b"/ok", b"Host: shop\x1b[31m\r\n"),
+        LogCase { method: b"GET%0a", ..lc(b"", b"/m", b"").ok(200, "/m") },
+    ]
+}
+
+/// Sends the [`log_cases`] to a `cutover serve` with `--log-format FORMAT`
+/// (`human` or `json`); for each: the answer's status, and its access
+/// lines' parsed fields (method, path, status, request id); then every line
+/// cutover logged.
+async fn hostile_requests_logged(format: &str) -> (Vec<(u16, Vec<[String; 4]>)>, Vec<String>) {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &["--log-format", format]);
+    wait_up(admin, &mut child).await;
+    let cases = log_cases();
+    let mut statuses = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let mut raw = case.method.to_vec();
+        raw.push(b' ');
+        raw.extend_from_slice(case.before);
+        raw.extend_from_slice(format!("/lg{i}").as_bytes());
+        raw.extend_from_slice(case.after);
+        raw.extend_from_slice(b" HTTP/1.1\r\n");
+        if !case.headers.starts_with(b"Host:") {
+            raw.extend_from_slice(b"Host: shop\r\n");
+        }
+        raw.extend_from_slice(case.headers);
+        raw.extend_from_slice(b"Connection: close\r\n\r\n");
+        let answer = support::raw_exchange(http, &raw).await;
+        let status = answer.get(9..12).and_then(|s| s.parse::<u16>().ok());
+        statuses.push(status.unwrap_or_else(|| panic!("case {i}: no answer: {answer:?}")));
+    }
+    // The answers are in; their lines follow when each exchange is done.
+    let logged = |i: usize| match format {
+        "json" => format!(r#""path":"/lg{i}"#),
+        _ => format!(" path=/lg{i}"),
+    };
+    let wanted: Vec<String> =
+        cases.iter().enumerate().filter(|(_, c)| c.status.is_some()).map(|(i, _)| logged(i)).collect();
+    let all_in = support::eventually(Duration::from_secs(10), || {
+        let text = child.stderr();
+        wanted.iter().all(|w| text.contains(w.as_str()))
+    })
+    .await;
+    assert!(all_in, "access lines missing:\n{}", child.stderr());
+    signal(&child, "-TERM");
+    let (status, text) = child.wait_output();
+    assert!(status.success(), "{status}\n{text}");
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let fields = |line: &str| -> Option<[String; 4]> {
+        if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            v.get("request_id")?;
+            let s = |k: &str| v[k].as_str().map_or_else(|| v[k].to_string(), str::to_owned);
+            return Some([s("method"), s("path"), s("status"), s("request_id")]);
+        }
+        line.contains(" access: ").then_some(())?;
+        let f = |k: &str| {
+            let at = line.find(&format!(" {k}=")).unwrap_or_else(|| panic!("no {k} in {line:?}")) + k.len() + 2;
+            line[at..].split(' ').next().unwrap().to_owned()
+        };
+        // The human format quotes (and escapes) a text field: the id.
+        let id = f("request_id");
+        let id = serde_json::from_str::<String>(&id).unwrap_or_else(|_| panic!("request_id {id} in {line:?}"));
+        Some([f("method"), f("path"), f("status"), id])
+    };
+    let access: Vec<[String; 4]> = lines.iter().filter_map(|l| fields(l)).collect();
+    let mut per_case = Vec::new();
+    let mut matched = 0;
+    for (i, status) in statuses.into_iter().enumerate() {
+        let prefix = format!("/lg{i}");
+        let mine: Vec<[String; 4]> = access
+            .iter()
+            .filter(|f| f[1].strip_prefix(&prefix).is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit())))
+            .cloned()
+            .collect();
+        matched += mine.len();
+        per_case.push((status, mine));
+    }
+    assert_eq!(matched, access.len(), "access lines that belong to no request:\n{text}");
+    (per_case, lines)
+}
+
+/// Requests carrying CR, LF, `%0d%0a`, ESC and 8-bit CSI, NEL, line
+/// separators, bidi overrides, quotes, backslashes and UTF-8 / obs-text in
+/// their path, query, method, Host, User-Agent, X-Request-Id or another
+/// header leave, in both log formats, exactly one access line each (none
+/// when the HTTP parser refused them with 400) with the path as sent (bytes
+/// outside visible ASCII percent-encoded) and the request id kept or made;
+/// every log line is printable ASCII (no terminal escape, no colour codes
+/// in a file), JSON lines all parse, and human lines all start with a
+/// timestamp, so no client forges a line (SPEC §6 "Logs", plan C-7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_escapes_what_clients_send() {
+    let cases = log_cases();
+    for format in ["json", "human"] {
+        let (per_case, lines) = hostile_requests_logged(format).await;
+        let all = lines.join("\n");
+        for (n, line) in lines.iter().enumerate() {
+            assert!(line.bytes().all(|b| (0x20..0x7f).contains(&b)), "{format} line {n} is not printable: {line:?}");
+            match format {
+                "json" => assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line:?}"),
+                _ => assert!(line.starts_with("20") && line.as_bytes()[10] == b'T', "forged line {n}: {line:?}\n{all}"),
+            }
+        }
+        for (i, ((status, mine), case)) in per_case.iter().zip(&cases).enumerate() {
+            let Some(want) = case.status else {
+                assert_eq!(*status, 400, "{format} case {i}");
+                assert!(mine.len() <= 1 && mine.iter().all(|f| f[2] == "400"), "{format} case {i}: {mine:?}");
+                continue;
+            };
+            assert_eq!(*status, want, "{format} case {i}");
+            assert_eq!(mine.len(), 1, "{format} case {i}: access lines {mine:?}\n{all}");
+            let [method, path, logged_status, id] = &mine[0];
+            let want_method = std::str::from_utf8(case.method).unwrap();
+            assert_eq!((method.as_str(), logged_status.as_str()), (want_method, want.to_string().as_str()), "case {i}");
+            assert_eq!(path, &format!("/lg{i}{}", case.logged), "{format} case {i}");
+            match case.id {
+                Some(sent) => assert_eq!(id, sent, "{format} case {i}"),
+                None if want == 400 => assert!(id == "-" || id.len() == 32, "{format} case {i}: {id}"),
+                None => assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "case {i}: {id}"),
+            }
+        }
+    }
+}

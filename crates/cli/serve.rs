@@ -23,7 +23,10 @@ use crate::LogFormat;
 /// Installs the global `tracing` subscriber (`RUST_LOG` overrides the `info` default).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journald gets no escape
+    // sequences (tracing-subscriber colours by default, whatever stderr is).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         // No `target` key of tracing's own: the access line's `target` field is the site's target.

@@ -153,12 +153,35 @@ impl Drop for RequestGuard {
             site,
             target,
             method = %self.method,
-            path = %self.uri.path(),
+            path = %LoggedPath(self.uri.path()),
             status = self.status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             // (Fields are only evaluated when the access log is on.)
             request_id = self.request_id.as_ref().map_or("-", |id| id.as_str()),
         );
+    }
+}
+
+/// A request path as the access log writes it: bytes outside visible ASCII
+/// (which hyper lets through in a path as raw UTF-8) percent-encoded, so that
+/// neither format carries a C1 control (8-bit CSI `\u{9b}` is a terminal
+/// escape), a line or paragraph separator or a bidi override from a client
+/// into the log. Visible ASCII is written as it came.
+struct LoggedPath<'a>(&'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for chunk in self.0.as_bytes().split_inclusive(|b| !b.is_ascii_graphic()) {
+            let (last, text) = chunk.split_last().expect("split_inclusive yields no empty chunk");
+            match last.is_ascii_graphic() {
+                true => f.write_str(std::str::from_utf8(chunk).expect("ASCII"))?,
+                false => {
+                    f.write_str(std::str::from_utf8(text).expect("ASCII"))?;
+                    write!(f, "%{last:02X}")?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
