@@ -957,3 +957,63 @@ async fn metric_series_do_not_grow_with_what_clients_send() {
     assert_eq!(second.difference(&first).collect::<Vec<_>>(), Vec::<&String>::new(), "the second batch added series");
     assert_eq!(requests_total(&batches[1]) - requests_total(&baseline), answered_by_a_site);
 }
+
+/// `POST /v1/sites/shop/switch` with `body` sent as `content_type`: status and parsed answer.
+async fn switch_raw(p: &Proxy, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let req = http::Request::post("/v1/sites/shop/switch")
+        .header("host", "127.0.0.1")
+        .header("content-type", content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(body)))
+        .unwrap();
+    let a = support::Client::connect(p.admin).await.send(req).await.unwrap();
+    (a.status, serde_json::from_str(&a.body).unwrap_or(Value::String(a.body)))
+}
+
+/// A switch body that is empty, blank, a JSON number, string, `null` or
+/// `true`, truncated, led by a BOM, or followed by trailing garbage or a
+/// second object is `400 invalid_json` with a message saying what is wrong
+/// (serde's line and column for syntax errors) and changes nothing: site,
+/// history, state file bytes. The `Content-Type` is not checked: valid JSON
+/// sent as `text/plain` switches (plan D-4).
+#[tokio::test]
+async fn malformed_switch_bodies_are_400_and_leave_the_state_file_alone() {
+    let (p, _b, _g) = shop(None).await;
+    let state = p.dir.path().join("state.json");
+    // Something saved, so the file exists and its bytes can be compared.
+    let (status, body) = p.api("PUT", "/v1/sites/shop/mode", Some(json!({"read_only": false}))).await;
+    assert_eq!(status, 200, "{body}");
+    let (site, history, file) = (
+        p.api("GET", "/v1/sites/shop", None).await.1,
+        p.api("GET", "/v1/sites/shop/history", None).await.1,
+        std::fs::read(&state).expect("state file written"),
+    );
+    let object = "expected a JSON object";
+    let cases: [(&[u8], &str); 11] = [
+        (b"", object),
+        (b" \r\n\t", object),
+        (b"42", object),
+        (br#""green""#, object),
+        (b"null", object),
+        (b"true", object),
+        (br#"{"to":"gre"#, "EOF while parsing a string at line 1 column 10"),
+        (b"{\"to\":\n\"green\",", "EOF while parsing a value at line 2 column 8"),
+        (b"\xef\xbb\xbf{\"to\":\"green\"}", object),
+        (br#"{"to":"green"} x"#, "trailing characters at line 1 column 16"),
+        (br#"{"to":"green"}{"to":"blue"}"#, "trailing characters at line 1 column 15"),
+    ];
+    for (body, says) in cases {
+        let shown = String::from_utf8_lossy(body);
+        let (status, answer) = switch_raw(&p, "application/json", body).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("invalid_json")), "{shown:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("request body: ") && message.contains(says), "{shown:?}: {answer}");
+        assert!(answer["error"]["details"].is_object(), "{answer}");
+    }
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1, site);
+    assert_eq!(p.api("GET", "/v1/sites/shop/history", None).await.1, history);
+    assert_eq!(std::fs::read(&state).unwrap(), file, "a refused body changed the state file");
+
+    let (status, answer) = switch_raw(&p, "text/plain", br#"{"to":"green"}"#).await;
+    assert_eq!((status, answer["live"].as_str()), (200, Some("green")), "{answer}");
+    assert_ne!(std::fs::read(&state).unwrap(), file, "an accepted switch is saved");
+}
