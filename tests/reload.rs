@@ -184,3 +184,67 @@ async fn a_start_records_a_reconciled_live_target_once() {
     }
     assert_eq!(recorded[0], recorded[1], "the second start recorded the change again");
 }
+
+/// Each way of breaking the file (a YAML syntax error, an unknown key, a
+/// live target that is not defined, a host two sites claim, a bad endpoint)
+/// is refused with `400 invalid_config` naming the file, the field path and
+/// the value; it changes neither routing, `GET /v1/sites` nor the state file,
+/// and is counted as `result="error"`; the file put right reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_broken_file_is_refused_and_counted() {
+    let (blue, green, other) = (Origin::start("blue").await, Origin::start("green").await, Origin::start("o").await);
+    let sites = format!(
+        "{}{}",
+        site("shop", "shop.test", "blue", &[("blue", vec![blue.addr]), ("green", vec![green.addr])]),
+        site("keep", "keep.test", "blue", &[("blue", vec![other.addr])])
+    );
+    let p = Proxy::start(&sites).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    p.switch("shop", "green").await;
+    let file = p.dir.path().join("cutover.yaml");
+    let state = p.dir.path().join("state.json");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let (before, saved) = (p.api("GET", "/v1/sites", None).await.1, std::fs::read(&state).unwrap());
+    let green_line = format!("      green: {{ endpoints: [\"{}\"], version: green-v1 }}", green.addr);
+    assert!(good.contains(&green_line));
+    // (broken file, field path, text its error names: in its message or value)
+    let cases = [
+        (good.replace("sites:\n", "sites:\n  - name: [unclosed\n"), "", "line 8 column 9"),
+        (
+            good.replace("shutdown_timeout: 5s", "shutdown_timeout: 5s\nshutdown_timout: 9s"),
+            "shutdown_timout",
+            "unknown",
+        ),
+        (good.replacen("live: blue", "live: purple", 1), "sites[0].live", "purple"),
+        (good.replace("hosts: [keep.test]", "hosts: [SHOP.test]"), "sites[1].hosts[0]", "shop.test"),
+        (
+            good.replace(&green_line, "      green: { endpoints: [\"nowhere\"] }"),
+            "sites[0].targets.green.endpoints[0]",
+            "nowhere",
+        ),
+    ];
+    for (n, (broken, path, names)) in cases.iter().enumerate() {
+        std::fs::write(&file, broken).unwrap();
+        let (status, body) = p.api("POST", "/v1/reload", None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_config")), "case {n}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap_or_default().contains("cutover.yaml"), "case {n}: {body}");
+        let errors = body["error"]["details"]["errors"].as_array().unwrap();
+        let named = |e: &serde_json::Value| {
+            e["path"] == *path && [&e["message"], &e["value"]].iter().any(|t| t.as_str().unwrap_or("").contains(names))
+        };
+        assert!(errors.iter().any(named), "case {n}: no error at {path:?} naming {names:?}: {body}");
+        assert_eq!(p.api("GET", "/v1/sites", None).await.1, before, "case {n} changed the sites");
+        assert_eq!(std::fs::read(&state).unwrap(), saved, "case {n} changed the state file");
+        assert_eq!(support::get(p.addr, "shop.test", "/").await.body, "green", "case {n}");
+        assert_eq!(support::get(p.addr, "keep.test", "/").await.body, "o", "case {n}");
+        let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+        let counted = format!("cutover_config_reloads_total{{result=\"error\"}} {}", n + 1);
+        assert!(metrics.contains(&counted), "case {n}: want {counted}\n{metrics}");
+    }
+    std::fs::write(&file, &good).unwrap();
+    let (status, body) = p.api("POST", "/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_config_reloads_total{result="ok"} 1"#), "{metrics}");
+    assert_eq!(p.api("GET", "/v1/sites/shop", None).await.1["live"], "green");
+}
