@@ -171,14 +171,13 @@ struct LoggedPath<'a>(&'a str);
 
 impl std::fmt::Display for LoggedPath<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for chunk in self.0.as_bytes().split_inclusive(|b| !b.is_ascii_graphic()) {
-            let (last, text) = chunk.split_last().expect("split_inclusive yields no empty chunk");
-            match last.is_ascii_graphic() {
-                true => f.write_str(std::str::from_utf8(chunk).expect("ASCII"))?,
-                false => {
-                    f.write_str(std::str::from_utf8(text).expect("ASCII"))?;
-                    write!(f, "%{last:02X}")?;
-                }
+        if self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            return f.write_str(self.0);
+        }
+        for b in self.0.bytes() {
+            match b.is_ascii_graphic() {
+                true => std::fmt::Write::write_char(f, char::from(b))?,
+                false => write!(f, "%{b:02X}")?,
             }
         }
         Ok(())
@@ -466,6 +465,23 @@ impl Drop for ProxyBody {
                     endpoint.pool.checkin(s);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoggedPath;
+
+    #[test]
+    fn a_logged_path_has_only_visible_ascii() {
+        for (path, logged) in [
+            ("/a/b%0d%0a?\"\\", "/a/b%0d%0a?\"\\"),
+            ("/café", "/caf%C3%A9"),
+            ("/a\u{9b}31m", "/a%C2%9B31m"),
+            ("/x\u{202e}y", "/x%E2%80%AEy"),
+        ] {
+            assert_eq!(LoggedPath(path).to_string(), logged);
         }
     }
 }
