@@ -373,6 +373,7 @@ impl Proxy {
     }
 
     pub async fn start_with(sites_yaml: &str, opts: Options) -> Proxy {
+        watch_for_proxy_panics();
         let dir = opts.dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let admin_cfg = match &opts.token {
             Some(t) => {
@@ -477,7 +478,40 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.cancel();
         self.controller.shutdown();
+        // A panic in a connection or control task ends only that task (tokio
+        // catches it), so it would go unnoticed: every proxy's end checks.
+        let panics = PROXY_PANICS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !panics.is_empty() && !std::thread::panicking() {
+            panic!("the proxy panicked in this test process: {panics:?}");
+        }
     }
+}
+
+/// Panics raised outside the tests' own code (in cutover or a dependency),
+/// as "file:line: message".
+static PROXY_PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Installs, once per test process, a panic hook that records in
+/// [`PROXY_PANICS`] every panic whose location is not under `tests/` (a
+/// test's own failed assertion is), then reports it as before.
+fn watch_for_proxy_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(at) = info.location().filter(|l| !l.file().starts_with("tests/")) {
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let entry = format!("{}:{}: {message}", at.file(), at.line());
+                PROXY_PANICS.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+            }
+            report(info);
+        }));
+    });
 }
 
 /// YAML for one site with the given targets (`name → endpoints`), health on `/up` every 50 ms.
