@@ -767,3 +767,19 @@ async fn a_burst_is_not_drawn_to_an_endpoint_still_connecting() {
     let met = upstream_errors(&metrics, "timeout");
     assert!((1..=5).contains(&met), "{met} of 8 requests met the endpoint that hangs");
 }
+
+/// An upstream that does not answer in time costs the client a `504` and the
+/// upstream the connection: the one that carried the request is closed, not
+/// kept for the next request (its answer may still come), so a hung upstream
+/// does not gather connections (B-3 a).
+#[tokio::test]
+async fn a_timed_out_exchange_closes_its_upstream_connection() {
+    let (p, blue) = one_site("limits: { upstream_response_timeout: 300ms }").await;
+    let mut c = Client::connect(p.addr).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("shop.test", "/slow?ms=5000").await.unwrap().status, 504);
+    }
+    let released = support::eventually(Duration::from_secs(3), || blue.open_connections_for("/slow") == 0).await;
+    assert!(released, "{} connections that timed out are still open", blue.open_connections_for("/slow"));
+    assert_eq!(c.get("shop.test", "/").await.unwrap().status, 200);
+}
