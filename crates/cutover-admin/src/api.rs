@@ -235,7 +235,7 @@ impl Admin {
     fn authorized<B>(&self, req: &Request<B>) -> bool {
         let Some(token) = &self.token else { return true };
         let given = req.headers().get(AUTHORIZATION).and_then(|v| bearer(v.as_bytes())).unwrap_or_default();
-        given.ct_eq(token.as_bytes()).into()
+        same_secret(given, token.as_bytes())
     }
 
     /// Refuses what a web page could make a browser send (SPEC is silent;
@@ -472,6 +472,17 @@ fn not_allowed(method: &Method, allow: &'static str) -> Answer {
     r
 }
 
+/// Whether `given` is `secret`, in a time that depends on the secret's length
+/// only: `subtle`'s slice comparison returns at once when the lengths differ,
+/// which would tell a caller the token's length.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut same = given.len().ct_eq(&secret.len());
+    for (i, byte) in secret.iter().enumerate() {
+        same &= given.get(i).copied().unwrap_or(0).ct_eq(byte);
+    }
+    same.into()
+}
+
 /// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case, RFC 9110 §11.1).
 fn bearer(value: &[u8]) -> Option<&[u8]> {
     let space = value.iter().position(|&b| b == b' ')?;
@@ -494,4 +505,18 @@ fn is_loopback_host(host: &str) -> bool {
             .map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
     };
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn only_the_secret_itself_is_the_secret() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        for given in [&b""[..], b"s3cre", b"s3cret!", b"s3cres", b"s3cret\0", b"S3cret"] {
+            assert!(!same_secret(given, b"s3cret"), "{given:?}");
+        }
+        assert!(!same_secret(b"", b"\0"));
+    }
 }
