@@ -854,3 +854,30 @@ async fn h2_connect_and_extended_connect_are_refused() {
     let paths: Vec<String> = blue.seen().iter().map(|s| s.path.clone()).collect();
     assert_eq!(paths, ["/", "/after", "/after", "/after", "/"], "a CONNECT was forwarded");
 }
+
+/// An HTTP/2 request whose `Host` field disagrees with its `:authority`
+/// (which names the site) gets `400` and reaches no origin: a front proxy
+/// routing by one and an origin by the other would disagree on its site.
+/// An agreeing one, in any case, is served.
+#[tokio::test]
+async fn an_h2_host_that_disagrees_with_the_authority_is_refused() {
+    let (blue, evil) = (Origin::start("blue").await, Origin::start("evil").await);
+    let sites = [
+        site("shop", "shop.test", "blue", &[("blue", vec![blue.addr])]),
+        site("evil", "evil.test", "blue", &[("blue", vec![evil.addr])]),
+    ]
+    .concat();
+    let p = Proxy::start(&sites).await;
+    let mut sender = h2c(p.addr).await;
+    let with_host = |host: &str| {
+        let mut r = get("shop.test", "/");
+        r.headers_mut().insert("host", host.parse().unwrap());
+        r
+    };
+    for (host, status) in [("evil.test", 400), ("shop.test.evil.test", 400), ("shop.test", 200), ("SHOP.Test", 200)] {
+        let resp = sender.send_request(with_host(host)).await.expect("h2 stream failed");
+        assert_eq!(resp.status().as_u16(), status, "Host: {host}");
+    }
+    assert_eq!(evil.count(), 0, "a request reached the site its Host named: {:?}", evil.seen());
+    assert_eq!(blue.count(), 2);
+}
