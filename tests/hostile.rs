@@ -711,6 +711,51 @@ async fn absolute_form_authority_wins_over_host() {
     assert_eq!(header(seen, "x-forwarded-host"), [b"shop.test:8080"]);
 }
 
+/// 6a. Framing read one way only: a `GET` or `HEAD` with a `Content-Length`
+/// body has that body forwarded with it, and heads whose lines end in a bare
+/// LF (which RFC 9112 §2.2 lets a recipient accept) are read as their CRLF
+/// forms. Either way the pipelined canary behind is its own request, never
+/// part of the one before.
+#[tokio::test]
+async fn bodies_on_gets_and_bare_lf_heads_keep_the_framing() {
+    let (p, blue) = one_site("").await;
+    let cases: [&[u8]; 3] = [
+        b"GET /get-body HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello",
+        b"HEAD /head-body HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /bare-lf HTTP/1.1\nHost: shop.test\n\n",
+    ];
+    for req in cases {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(&[req, CANARY].concat()).await.unwrap();
+        let mut inbox = Vec::new();
+        let head = req.starts_with(b"HEAD");
+        if head {
+            // A HEAD answer has no body whatever its Content-Length says.
+            let _ = timeout(Duration::from_secs(3), read_head(&mut s, &mut inbox)).await;
+            let end = inbox.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+            assert!(inbox.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&inbox));
+            inbox.drain(..end);
+        } else {
+            assert_eq!(next_response(&mut s, &mut inbox).await.0, 200, "{:?}", String::from_utf8_lossy(req));
+        }
+        let (status, body) = next_response(&mut s, &mut inbox).await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"blue"[..]),
+            "the canary after {:?}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    settle().await;
+    let seen = blue.seen();
+    let got: Vec<(&str, usize)> = seen.iter().map(|s| (s.path.as_str(), s.body_len)).collect();
+    assert_eq!(
+        got,
+        [("/get-body", 5), ("/canary", 0), ("/head-body", 5), ("/canary", 0), ("/bare-lf", 0), ("/canary", 0)],
+        "what the origin saw"
+    );
+}
+
 /// 6b. An origin-form target that starts with `//` is a path, never an
 /// authority: it is routed by `Host` and reaches the origin unchanged, as
 /// do percent-encoded bytes (`%00`, `%ff`) in the path and query, which
