@@ -712,17 +712,20 @@ async fn absolute_form_authority_wins_over_host() {
 }
 
 /// 6a. Framing read one way only: a `GET` or `HEAD` with a `Content-Length`
-/// body has that body forwarded with it, and heads whose lines end in a bare
-/// LF (which RFC 9112 §2.2 lets a recipient accept) are read as their CRLF
-/// forms. Either way the pipelined canary behind is its own request, never
+/// body has that body forwarded with it; heads whose lines end in a bare LF
+/// (which RFC 9112 §2.2 lets a recipient accept) are read as their CRLF
+/// forms; `Content-Length: 05` is 5, and tabs around `chunked` are
+/// whitespace. Either way the pipelined canary behind is its own request, never
 /// part of the one before.
 #[tokio::test]
 async fn bodies_on_gets_and_bare_lf_heads_keep_the_framing() {
     let (p, blue) = one_site("").await;
-    let cases: [&[u8]; 3] = [
+    let cases: [&[u8]; 5] = [
         b"GET /get-body HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello",
         b"HEAD /head-body HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello",
         b"GET /bare-lf HTTP/1.1\nHost: shop.test\n\n",
+        b"POST /cl-05 HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 05\r\n\r\nhello",
+        b"POST /te-tab HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding:\tchunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ];
     for req in cases {
         let mut s = TcpStream::connect(p.addr).await.unwrap();
@@ -751,7 +754,18 @@ async fn bodies_on_gets_and_bare_lf_heads_keep_the_framing() {
     let got: Vec<(&str, usize)> = seen.iter().map(|s| (s.path.as_str(), s.body_len)).collect();
     assert_eq!(
         got,
-        [("/get-body", 5), ("/canary", 0), ("/head-body", 5), ("/canary", 0), ("/bare-lf", 0), ("/canary", 0)],
+        [
+            ("/get-body", 5),
+            ("/canary", 0),
+            ("/head-body", 5),
+            ("/canary", 0),
+            ("/bare-lf", 0),
+            ("/canary", 0),
+            ("/cl-05", 5),
+            ("/canary", 0),
+            ("/te-tab", 5),
+            ("/canary", 0)
+        ],
         "what the origin saw"
     );
 }
