@@ -76,6 +76,7 @@ impl Deployments {
 pub(super) struct Tracker {
     d: Arc<Mutex<Deployment>>,
     changed: Arc<Notify>,
+    metrics: cutover_metrics::Metrics,
 }
 
 impl Tracker {
@@ -108,8 +109,11 @@ impl Tracker {
         });
     }
 
+    /// Ends the deployment in `state`, counted in `cutover_deployments_total`
+    /// before anyone can read that it ended.
     fn end(&self, state: &str, error: Option<String>) {
         self.with(|d| {
+            self.metrics.deployments.with_label_values(&[&d.site, state]).inc();
             d.state = state.into();
             d.error = error;
         });
@@ -205,23 +209,22 @@ impl Controller {
                 previous.cancelled().await;
             }
             let Some(c) = me.upgrade() else { return };
-            let state = if overridden.is_cancelled() {
+            if overridden.is_cancelled() {
                 // An operator took the site over while this one waited.
                 let why = "overridden by a forced switch or rollback before it started".to_string();
                 (0..STEPS.len()).for_each(|i| tracker.finish(i, "skipped", why.clone()));
                 tracker.end("failed", Some(why));
-                "failed"
             } else {
-                c.run_deploy(&site, req, &tracker, &overridden).await
-            };
-            c.deploy_ended(&site, &own_id, &done, state).await;
+                c.run_deploy(&site, req, &tracker, &overridden).await;
+            }
+            c.deploy_ended(&site, &own_id, &done).await;
         });
         Ok(id)
     }
 
-    /// A deployment `id` of `site` ended in `state` (or stopped at a shutdown,
-    /// `running`): out of the site's queue, and the next one may start.
-    async fn deploy_ended(&self, site: &str, id: &str, done: &CancellationToken, state: &str) {
+    /// A deployment `id` of `site` ended (or stopped at a shutdown): out of
+    /// the site's queue, and the next one may start.
+    async fn deploy_ended(&self, site: &str, id: &str, done: &CancellationToken) {
         {
             let mut inner = self.inner.lock().await;
             if let Some(queue) = inner.deploying.get_mut(site) {
@@ -232,9 +235,6 @@ impl Controller {
             }
         }
         done.cancel();
-        if state != "running" {
-            self.metrics.deployments.with_label_values(&[site, state]).inc();
-        }
     }
 
     /// A deployment by id.
@@ -242,22 +242,15 @@ impl Controller {
         self.deployments.get(id).ok_or_else(|| not_found("deployment", id))
     }
 
-    /// Runs the steps; returns the final state. `overridden`: an operator's
+    /// Runs the steps, to the deployment's end. `overridden`: an operator's
     /// forced switch or rollback took the site over, which ends the deploy.
-    async fn run_deploy(
-        &self,
-        site: &str,
-        req: DeployRequest,
-        t: &Tracker,
-        overridden: &CancellationToken,
-    ) -> &'static str {
+    async fn run_deploy(&self, site: &str, req: DeployRequest, t: &Tracker, overridden: &CancellationToken) {
         let fail = |i: usize, why: String| {
             t.finish(i, "failed", why.clone());
             for j in i + 1..STEPS.len() {
                 t.finish(j, "skipped", "an earlier step failed");
             }
             t.end("failed", Some(why));
-            "failed"
         };
         // 1. set_target
         t.start(0);
@@ -334,20 +327,20 @@ impl Controller {
             if let Some(why) = why {
                 t.finish(5, "skipped", why.clone());
                 t.end("rolled_back", Some(why));
-                return "rolled_back";
+                return;
             }
             t.finish(5, "skipped", "no watch configured");
             t.end("succeeded", None);
-            return "succeeded";
+            return;
         };
         t.start(5);
         self.watch_step(site, &req.target, t, outcome).await
     }
 
-    /// The watch step of a deploy of `target` on `site` that went live: its
-    /// end, as the watch's `outcome` says. A watch that a shutdown ended
+    /// The watch step of a deploy of `target` on `site` that went live, and
+    /// the deployment's end, as the watch's `outcome` says. A watch that a shutdown ended
     /// leaves the deployment `running`: the next start resumes both.
-    async fn watch_step(&self, site: &str, target: &str, t: &Tracker, mut outcome: WatchReceiver) -> &'static str {
+    async fn watch_step(&self, site: &str, target: &str, t: &Tracker, mut outcome: WatchReceiver) {
         let result = loop {
             if let Some(o) = outcome.borrow_and_update().clone() {
                 break o;
@@ -357,34 +350,29 @@ impl Controller {
             }
         };
         if result == WatchOutcome::Cancelled && self.shutdown.is_cancelled() {
-            return "running";
+            return;
         }
         match result {
             WatchOutcome::Passed => {
                 t.finish(5, "succeeded", "no rollback needed");
                 t.end("succeeded", None);
-                "succeeded"
             }
             WatchOutcome::RolledBack(why) => {
                 t.finish(5, "failed", format!("rolled back: {why}"));
                 t.end("rolled_back", Some(why));
-                "rolled_back"
             }
             WatchOutcome::Failed(why) => {
                 t.finish(5, "failed", why.clone());
                 t.end("failed", Some(why));
-                "failed"
             }
             WatchOutcome::Cancelled => match self.undone(site, target).await {
                 Some(why) => {
                     t.finish(5, "skipped", format!("the watch was ended: {why}"));
                     t.end("rolled_back", Some(why));
-                    "rolled_back"
                 }
                 None => {
                     t.finish(5, "skipped", "the watch was ended by a later switch");
                     t.end("succeeded", None);
-                    "succeeded"
                 }
             },
         }
@@ -415,15 +403,14 @@ impl Controller {
         let me = self.me.clone();
         tokio::spawn(async move {
             let Some(c) = me.upgrade() else { return };
-            let state = match outcome {
+            match outcome {
                 Some(outcome) => c.watch_step(&site, &target, &tracker, outcome).await,
                 None => {
                     tracker.finish(5, "skipped", "the watch did not resume after a restart of cutover");
                     tracker.end("succeeded", None);
-                    "succeeded"
                 }
-            };
-            c.deploy_ended(&site, &id, &done, state).await;
+            }
+            c.deploy_ended(&site, &id, &done).await;
         });
     }
 
@@ -445,7 +432,7 @@ impl Controller {
                 }
             }
         });
-        Tracker { d, changed }
+        Tracker { d, changed, metrics: self.metrics.clone() }
     }
 
     /// Saves `d` with its site's state (the newest [`KEEP_SAVED`] of the site).
