@@ -15,7 +15,7 @@ use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use support::{Origin, Proxy};
+use support::{h2_frames as h2, Origin, Proxy};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -616,81 +616,6 @@ async fn shutdown_finishes_h1_requests_with_connection_close() {
     tokio::time::timeout(Duration::from_secs(4), stopping).await.expect("the proxy never finished stopping").unwrap();
 }
 
-/// One HTTP/2 frame.
-struct H2Frame {
-    kind: u8,
-    flags: u8,
-    stream: u32,
-    payload: Vec<u8>,
-}
-
-/// An h2c connection written and read frame by frame, to see exactly which
-/// GOAWAY frames the proxy sends and what becomes of a stream opened after them.
-struct RawH2 {
-    s: tokio::net::TcpStream,
-    inbox: Vec<u8>,
-}
-
-impl RawH2 {
-    const DATA: u8 = 0;
-    const HEADERS: u8 = 1;
-    const SETTINGS: u8 = 4;
-    const PING: u8 = 6;
-    const GOAWAY: u8 = 7;
-    const END_STREAM: u8 = 1;
-    const ACK: u8 = 1;
-
-    async fn connect(addr: SocketAddr) -> RawH2 {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut h2 = RawH2 { s, inbox: Vec::new() };
-        h2.send(Self::SETTINGS, 0, 0, &[]).await.unwrap();
-        h2
-    }
-
-    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        let mut frame = Vec::new();
-        if kind == Self::SETTINGS && flags == 0 && stream == 0 && payload.is_empty() {
-            frame.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        }
-        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        frame.extend_from_slice(&[kind, flags]);
-        frame.extend_from_slice(&stream.to_be_bytes());
-        frame.extend_from_slice(payload);
-        self.s.write_all(&frame).await
-    }
-
-    /// A `GET http://shop.test{path}` on `stream` (HPACK without the dynamic table or Huffman).
-    async fn get(&mut self, stream: u32, path: &str) -> std::io::Result<()> {
-        // :method GET, :scheme http (static table), then :path and :authority as literals.
-        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-        block.extend_from_slice(path.as_bytes());
-        block.extend_from_slice(&[0x01, 9]);
-        block.extend_from_slice(b"shop.test");
-        self.send(Self::HEADERS, Self::END_STREAM | 0x4, stream, &block).await
-    }
-
-    /// The next frame; `None` once the connection ends.
-    async fn next(&mut self) -> Option<H2Frame> {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            if self.inbox.len() >= 9 {
-                let len = u32::from_be_bytes([0, self.inbox[0], self.inbox[1], self.inbox[2]]) as usize;
-                if self.inbox.len() >= 9 + len {
-                    let frame: Vec<u8> = self.inbox.drain(..9 + len).collect();
-                    let stream = u32::from_be_bytes(frame[5..9].try_into().unwrap()) & 0x7fff_ffff;
-                    return Some(H2Frame { kind: frame[3], flags: frame[4], stream, payload: frame[9..].to_vec() });
-                }
-            }
-            match self.s.read(&mut buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
-            }
-        }
-    }
-}
-
 /// A-11 on HTTP/2: at shutdown an h2c client with three slow streams in
 /// flight gets the two-step GOAWAY: first with the last stream id 2^31-1
 /// and a PING; a stream it opens before answering that PING is still served;
@@ -703,46 +628,55 @@ async fn shutdown_sends_h2_clients_a_two_step_goaway() {
     let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
     let p = Proxy::start(&http_sites(blue.addr, green.addr, "30s")).await;
     p.wait_healthy("shop", &["blue"]).await;
-    let mut h2 = RawH2::connect(p.addr).await;
+    use tokio::io::AsyncWriteExt;
+    let (mut frames, mut w) = h2::raw_h2(p.addr).await;
+    let get = |id: u32, path: &str| {
+        h2::frame(
+            h2::HEADERS,
+            h2::END_STREAM | h2::END_HEADERS,
+            id,
+            &h2::request_block("shop.test", "GET", path.as_bytes(), &[]),
+        )
+    };
     for id in [1, 3, 5] {
-        h2.get(id, "/slow?ms=800").await.unwrap();
+        w.write_all(&get(id, "/slow?ms=800")).await.unwrap();
     }
     assert!(support::eventually(Duration::from_secs(3), || blue.count() == 3).await, "the streams never reached blue");
 
     let stopping = tokio::spawn(p.stop());
     let mut goaways = Vec::new();
-    // Per stream: whether its answer began with `:status 200` (static index 8), its body, whether it ended.
+    // Per stream: whether its answer began with `:status 200`, its body, whether it ended.
     let mut answers: std::collections::BTreeMap<u32, (bool, Vec<u8>, bool)> = Default::default();
-    let frames = async {
-        while let Some(f) = h2.next().await {
+    let read = async {
+        while let Some(f) = frames.next().await {
             match f.kind {
-                RawH2::SETTINGS | RawH2::PING if f.flags & RawH2::ACK == 0 => {
-                    h2.send(f.kind, RawH2::ACK, 0, if f.kind == RawH2::PING { &f.payload } else { &[] }).await.unwrap()
+                h2::SETTINGS | h2::PING if f.flags & h2::ACK == 0 => {
+                    let payload = if f.kind == h2::PING { &f.payload[..] } else { &[] };
+                    w.write_all(&h2::frame(f.kind, h2::ACK, 0, payload)).await.unwrap()
                 }
-                RawH2::GOAWAY => {
-                    let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap()) & 0x7fff_ffff;
-                    goaways.push(last);
+                h2::GOAWAY => {
+                    goaways.push(f.last_stream() & 0x7fff_ffff);
                     // Before the PING that follows the first is answered; after the final one.
                     let _ = match goaways.len() {
-                        1 => h2.get(7, "/slow?ms=300").await,
-                        _ => h2.get(9, "/late").await,
+                        1 => w.write_all(&get(7, "/slow?ms=300")).await,
+                        _ => w.write_all(&get(9, "/late")).await,
                     };
                 }
-                RawH2::HEADERS => {
+                h2::HEADERS => {
                     let a = answers.entry(f.stream).or_default();
-                    a.0 |= f.payload.first() == Some(&0x88);
-                    a.2 |= f.flags & RawH2::END_STREAM != 0;
+                    a.0 |= f.status() == 200;
+                    a.2 |= f.flags & h2::END_STREAM != 0;
                 }
-                RawH2::DATA => {
+                h2::DATA => {
                     let a = answers.entry(f.stream).or_default();
                     a.1.extend_from_slice(&f.payload);
-                    a.2 |= f.flags & RawH2::END_STREAM != 0;
+                    a.2 |= f.flags & h2::END_STREAM != 0;
                 }
                 _ => {}
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(4), frames).await.expect("the h2 connection was never closed");
+    tokio::time::timeout(Duration::from_secs(4), read).await.expect("the h2 connection was never closed");
     assert_eq!(goaways, [0x7fff_ffff, 7], "not a two-step GOAWAY naming stream 7 last");
     let whole = (true, b"blue slow done".to_vec(), true);
     for id in [1, 3, 5, 7] {

@@ -2,6 +2,8 @@
 //! loopback ports, and small HTTP clients. Every test talks over sockets.
 #![allow(dead_code)]
 
+pub mod h2_frames;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
