@@ -6,6 +6,7 @@
 #
 #   bash benches/syscalls.sh                        # target/release/cutover
 #   BIN=/tmp/old/cutover BIG=1 bash benches/syscalls.sh
+#   CONNS=1 bash benches/syscalls.sh                # one connection, like peers.sh's (lat)
 #
 # Needs perf (Debian's linux-perf) with access to tracepoints (root), wrk,
 # nginx and curl. Same ports and configurations as ab-vs-nginx.sh (it sources
@@ -14,7 +15,7 @@ set -uo pipefail
 BIN=${BIN:-target/release/cutover}
 for c in perf wrk nginx curl; do command -v "$c" >/dev/null || { echo "syscalls.sh: needs $c" >&2; exit 1; }; done
 [[ -x $BIN ]] || { echo "syscalls.sh: $BIN not found (cargo build --release)" >&2; exit 1; }
-if [[ ${BIG:-0} == 1 ]]; then CONNS=16 URL_PATH=/1m; else CONNS=64 URL_PATH=/; fi
+if [[ ${BIG:-0} == 1 ]]; then CONNS=${CONNS:-16} URL_PATH=/1m; else CONNS=${CONNS:-64} URL_PATH=/; fi
 # The origin, the proxy configurations and cleanup, without the measuring loop.
 eval "$(sed -n '/^T=\$(mktemp -d)/,/^nginx -c "\$T\/origin.conf"/p' "$(dirname "$0")/ab-vs-nginx.sh" |
   sed "s#\"\$(dirname \"\$0\")/#\"$(dirname "$0")/#")"

@@ -58,8 +58,13 @@ const H2_MAX_LOCAL_RESETS: usize = 1024;
 /// connections never are, short enough that a burst of idle ones never holds
 /// its peak memory (it costs a new hyper connection, a few µs, on wake-up).
 const PARK_AFTER: Duration = Duration::from_millis(20);
-/// The longest watchdog interval of a busy plain connection.
-const BUSY_TICK: Duration = Duration::from_secs(1);
+/// The longest watchdog interval of a busy plain connection: no longer than
+/// the first timer each request arms (`answer_within`), so that this timer is
+/// due first and registering the request's is never the runtime's earliest.
+/// tokio's timer writes the runtime's eventfd (a system call, and an
+/// `epoll_wait` that returns at once) when a new timer is due before the one
+/// its worker last slept until.
+const BUSY_TICK: Duration = cutover_core::upstream::DRAIN_WATCH_AFTER;
 /// How long a connection asked to finish (idle, or shutting down) may take to
 /// close once it has no request open: hyper's HTTP/2 server waits for the
 /// client's answer to its shutdown PING, a client that stops reading leaves a

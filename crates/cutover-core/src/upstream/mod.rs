@@ -17,7 +17,7 @@
 pub mod h1;
 mod wait;
 
-pub use wait::{answer_within, drained, response_deadline, Silence};
+pub use wait::{answer_within, drained, response_deadline, Silence, DRAIN_WATCH_AFTER};
 
 use std::io;
 use std::time::{Duration, Instant};
