@@ -211,6 +211,79 @@ async fn alpn_h2_to_an_http1_upstream() {
     assert!(seen.iter().all(|s| s.version == http::Version::HTTP_11 && s.headers["host"] == "a.test"));
 }
 
+/// A-2 over TLS: 8 connections negotiated by ALPN h2 each keep 4 streams in
+/// flight while blue and green are switched 24 times, 100–250 ms apart. No
+/// stream fails; no connection is closed or sent a GOAWAY by a switch (each
+/// connection future is still running and the HTTPS listener counts exactly
+/// these 8 at the end); each connection then takes a new stream, served by
+/// the last target named; every stream started more than 5 ms after an
+/// acknowledged switch went to the target it named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_over_tls_connections_outlive_a_switch_storm() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let ca = Ca::new();
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "a", &["a.test"]);
+    let opts = Options { https: true, extra: tls_yaml(&["a"]), dir: Some(dir), ..Default::default() };
+    let targets = [("blue", vec![blue.addr]), ("green", vec![green.addr])];
+    let p = Proxy::start_with(&support::site("shop", "a.test", "blue", &targets), opts).await;
+    p.wait_healthy("shop", &["blue", "green"]).await;
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        let tls = handshake(&ca, p.https.unwrap(), "a.test", &[b"h2"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+        conns.push((sender, tokio::spawn(conn)));
+    }
+    let get = || Request::get("https://a.test/").body(Empty::<Bytes>::new()).unwrap();
+    let t0 = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..4 * conns.len())
+        .map(|i| {
+            let (mut sender, done) = (conns[i % conns.len()].0.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let start = t0.elapsed();
+                    let resp = sender.send_request(get()).await.expect("h2 stream failed in the storm");
+                    assert_eq!(resp.status(), 200);
+                    let body = resp.into_body().collect().await.expect("h2 body failed in the storm").to_bytes();
+                    answers.push((start, t0.elapsed(), String::from_utf8_lossy(&body).into_owned()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut switches = Vec::new();
+    for i in 0..24 {
+        let (sent, to) = (t0.elapsed(), ["green", "blue"][i % 2]);
+        p.switch("shop", to).await;
+        switches.push(support::Switch { sent, acked: t0.elapsed(), to });
+        tokio::time::sleep(Duration::from_millis(100 + (i as u64 * 61) % 151)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for s in streams {
+        answers.extend(s.await.unwrap());
+    }
+    for (i, (sender, conn)) in conns.iter().enumerate() {
+        assert!(!conn.is_finished() && !sender.is_closed(), "a switch ended h2 connection {i}");
+    }
+    let metrics = support::get(p.admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains(r#"cutover_client_connections{listener="https"} 8"#), "{metrics}");
+    assert_eq!(blue.count() + green.count(), answers.len());
+    let (checked, wrong) = support::routed_after_acks(&switches, &answers, Duration::from_millis(5));
+    assert!(wrong.is_empty(), "{} of {checked} checked streams misrouted: {wrong:#?}", wrong.len());
+    assert!(checked > answers.len() / 3, "too few streams checked: {checked} of {}", answers.len());
+    for (i, (sender, _)) in conns.iter().enumerate() {
+        let resp = sender.clone().send_request(get()).await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "blue", "connection {i}");
+    }
+}
+
 /// Reload swaps the certificate for new connections while an open one keeps
 /// working; a key that does not match its certificate is refused and the old
 /// certificate stays in use.
