@@ -806,6 +806,137 @@ async fn a_low_open_file_limit_caps_connections_and_spares_the_admin_api() {
     assert!(stderr.contains("serving at most 22 connections") && stderr.contains("ulimit -n"), "{stderr}");
 }
 
+/// D-7: while 200 slowloris connections drip request heads a byte every
+/// 100 ms and rapid-reset floods (h2c) hit the data plane of the real
+/// binary, every admin call (status, switch, `/healthz`) is answered within
+/// 5 s, and each of 8 switches takes effect: a request sent after its ack
+/// goes to the target it named. The attack is shown to be under way: the
+/// proxy counts the slowloris connections, and floods get GOAWAY while the
+/// admin calls run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_and_switches_under_slowloris_and_an_h2_flood() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use support::h2_frames as h2;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    let healthy = |site: &serde_json::Value| site["targets"]["green"]["endpoints"][0]["healthy"] == true;
+    let mut ready = false;
+    for _ in 0..200 {
+        ready = healthy(&support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await.1);
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "green never became healthy");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let slowloris: Vec<_> = (0..200)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                'connect: while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = tokio::net::TcpStream::connect(http).await else { continue };
+                    if s.write_all(b"GET /slowloris HTTP/1.1\r\nHost: shop\r\nX-Drip: ").await.is_err() {
+                        continue;
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                            Ok(Ok(0)) | Ok(Err(_)) => continue 'connect,
+                            Ok(Ok(_)) => {}
+                            Err(_) if s.write_all(b"a").await.is_err() => continue 'connect,
+                            Err(_) => {}
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let goaways = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (stop, goaways) = (stop.clone(), goaways.clone());
+        let block = h2::request_block("shop", "GET", b"/flood", &[]);
+        let out: Vec<u8> = (1..4000u32)
+            .step_by(2)
+            .flat_map(|id| {
+                let cancel = h2::frame(h2::RST_STREAM, 0, id, &h2::CANCEL.to_be_bytes());
+                [h2::frame(h2::HEADERS, h2::END_STREAM | h2::END_HEADERS, id, &block), cancel].concat()
+            })
+            .collect();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (mut frames, mut w) = h2::raw_h2(http).await;
+                let out = out.clone();
+                let writer = tokio::spawn(async move {
+                    for batch in out.chunks(64 * 1024) {
+                        if w.write_all(batch).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                if frames.until(|f| f.kind == h2::GOAWAY).await.is_some() {
+                    goaways.fetch_add(1, Ordering::Relaxed);
+                }
+                frames.until_closed(|_| false).await;
+                let _ = writer.await;
+            }
+        })
+    };
+    // The attack is on: the proxy holds the slowloris crowd, and a flood was answered.
+    let gauge = r#"cutover_client_connections{listener="http"} "#;
+    let held = || async {
+        let metrics = support::get(admin, "127.0.0.1", "/metrics").await.body;
+        let line = metrics.lines().find_map(|l| l.strip_prefix(gauge)).map(str::to_string);
+        line.and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let mut crowd = 0.0;
+    for _ in 0..500 {
+        crowd = held().await;
+        if crowd >= 150.0 && goaways.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(crowd >= 150.0 && goaways.load(Ordering::Relaxed) > 0, "attack not under way: {crowd} connections");
+    let floods_before = goaways.load(Ordering::Relaxed);
+
+    let mut least = f64::MAX;
+    for i in 0..8 {
+        let to = ["green", "blue"][i % 2];
+        let (status, site) = within_5s("status", support::admin_call(admin, "GET", "/v1/sites/shop", None, None)).await;
+        assert_eq!((status, site["live"].as_str()), (200, Some(["blue", "green"][i % 2])), "{site}");
+        let body = Some(serde_json::json!({ "to": to }));
+        let switch = support::admin_call(admin, "POST", "/v1/sites/shop/switch", body, None);
+        let (status, site) = within_5s("switch", switch).await;
+        assert_eq!((status, site["live"].as_str()), (200, Some(to)), "switch {i}: {site}");
+        let answer = within_5s("data-plane request", support::get(http, "shop", "/")).await;
+        assert_eq!(answer.body, to, "request after switch {i} was acknowledged");
+        assert_eq!(within_5s("/healthz", support::get(admin, "127.0.0.1", "/healthz")).await.status, 200);
+        least = least.min(held().await);
+        // Long enough for drips and new floods between the rounds.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(least >= 150.0, "the slowloris crowd thinned to {least} connections during the admin calls");
+    assert!(goaways.load(Ordering::Relaxed) > floods_before, "no flood was answered during the admin calls");
+    stop.store(true, Ordering::Relaxed);
+    for t in slowloris {
+        t.await.unwrap();
+    }
+    flood.await.unwrap();
+    assert!(blue.seen().iter().chain(green.seen().iter()).all(|s| s.path == "/"), "an attack request was forwarded");
+}
+
+/// `call`'s outcome; fails the test when it takes more than 5 s.
+async fn within_5s<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), call).await.unwrap_or_else(|_| panic!("{what}: no answer within 5 s"))
+}
+
 /// A switch sent raw, as the kill may cut it: the status line's code, or
 /// `None` when no answer came before the connection ended.
 async fn switch_or_cut(admin: SocketAddr, to: &str) -> Option<u16> {
