@@ -9,6 +9,8 @@ pub const MAX_ENTRIES: usize = 500;
 
 /// One recorded action, accepted or refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Read only from the state file, where every other record refuses a field it does not know.
+#[serde(deny_unknown_fields)]
 pub struct HistoryEntry {
     /// RFC 3339 time, UTC, milliseconds.
     pub at: String,

@@ -261,6 +261,9 @@ impl StateStore for FileStore {
             let at = if at.is_empty() { "the file".to_string() } else { at };
             return Err(corrupt(format!("{at} is an array, not an object")));
         }
+        // A name twice in one object (two `shop` sites, two `green` targets or weights): serde keeps
+        // the last silently, so a hand-edited file would start with one of two decisions unsaid.
+        serde_json::from_slice::<UniqueKeys>(&bytes).map_err(|e| corrupt(e.to_string()))?;
         if state.version != STATE_VERSION {
             return Err(corrupt(format!("unsupported version {} (expected {STATE_VERSION})", state.version)));
         }
@@ -291,6 +294,64 @@ impl StateStore for FileStore {
             let _ = fs::remove_file(&tmp);
         }
         result.map_err(|e| self.io(e))
+    }
+}
+
+/// Any JSON document whose objects name no key twice (see [`FileStore::load`]).
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut keys = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if keys.contains(&key) {
+                return Err(serde::de::Error::custom(format!("{key:?} is named twice in one object")));
+            }
+            map.next_value::<UniqueKeys>()?;
+            keys.insert(key);
+        }
+        Ok(self)
     }
 }
 
@@ -364,6 +425,29 @@ mod tests {
             let err = FileStore::new(&path).load().unwrap_err().to_string();
             assert!(err.contains(&format!("{at} is an array, not an object")), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn a_name_twice_in_one_object_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        for (file, name) in [
+            (
+                r#"{"version":1,"sites":{"shop":{"live":"green","previous":null},"shop":{"live":"blue","previous":null}}}"#,
+                "shop",
+            ),
+            (
+                r#"{"version":1,"sites":{"shop":{"live":"blue","previous":null,"weights":{"blue":50,"green":50,"green":50}}}}"#,
+                "green",
+            ),
+        ] {
+            fs::write(&path, file).unwrap();
+            let err = FileStore::new(&path).load().unwrap_err().to_string();
+            assert!(err.contains(&format!("{name:?} is named twice in one object")), "{file}: {err}");
+        }
+        // The same name in different objects is fine.
+        fs::write(&path, r#"{"version":1,"sites":{"blue":{"live":"blue","previous":"blue"}}}"#).unwrap();
+        assert!(FileStore::new(&path).load().unwrap().is_some());
     }
 
     #[test]
