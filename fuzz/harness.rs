@@ -11,6 +11,7 @@ use std::path::Path;
 
 use cutover_admin::api::{decode_body, BodyKind};
 use cutover_config::{Config, ConfigErrors};
+use cutover_core::state::{FileStore, State, StateStore, STATE_VERSION};
 use cutover_proxy::headers;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -173,6 +174,50 @@ pub fn admin_body(data: &[u8]) -> [Result<(), String>; 3] {
         assert!(results[1].is_ok(), "an empty rollback body is allowed");
     }
     results
+}
+
+/// State-file target: the bytes as the state file cutover reads at start
+/// (`FileStore::load`, the function `serve` calls), written to a scratch file
+/// of this process (`$TMPDIR/cutover-fuzz-state-PID-N/`, removed after).
+///
+/// Returns the state read, or the error message. Invariants: the file is left
+/// byte for byte as it was; an error names the file and `--reset-state`; a
+/// state read has the supported version, a live target for every site and
+/// weights adding up to 100, and saving it then reading it back gives it again.
+pub fn state_file(data: &[u8]) -> Result<State, String> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("cutover-fuzz-state-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let path = dir.join("state.json");
+    std::fs::write(&path, data).expect("scratch file");
+    let result = FileStore::new(&path).load();
+    assert_eq!(std::fs::read(&path).expect("the file is still there"), data, "load changed the file");
+    let result = match result {
+        Ok(Some(state)) => {
+            assert_eq!(state.version, STATE_VERSION);
+            for (name, site) in &state.sites {
+                assert!(!site.live.is_empty(), "site {name:?} read without a live target");
+                if let Some(w) = &site.weights {
+                    assert_eq!(w.values().map(|&p| u32::from(p)).sum::<u32>(), 100, "site {name:?}: weights");
+                }
+            }
+            let again = dir.join("again.json");
+            FileStore::new(&again).save(&state).expect("a state read can be saved");
+            let read_back = FileStore::new(&again).load().expect("a saved state can be read");
+            assert_eq!(read_back.as_ref(), Some(&state), "the state changed on its way through a save");
+            Ok(state)
+        }
+        Ok(None) => panic!("an existing file was read as no state"),
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.contains(&path.display().to_string()), "the error names no file: {message}");
+            assert!(message.contains("--reset-state"), "the error gives no remedy: {message}");
+            Err(message)
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn split_once(s: &[u8], sep: u8) -> (&[u8], Option<&[u8]>) {
