@@ -202,8 +202,10 @@ async fn corrupt_state_stops_the_start_until_reset() {
     child.wait().unwrap();
 }
 
-/// E-3: a state file that is empty, random bytes, JSON of an unsupported
-/// `version`, or JSON of another shape than the state's stops the start:
+/// E-3, F-4: a state file that is empty, random bytes, JSON of an
+/// unsupported `version`, or JSON of another shape than the state's
+/// (including a BOM, bytes that are not UTF-8, a number out of range, a site
+/// named twice, a field nothing reads) stops the start:
 /// the process exits non-zero on its own (well within 10 s) with a line
 /// naming the file, the fault and `--reset-state`, binds nothing, and leaves
 /// the file byte for byte as it was, with nothing written beside it.
@@ -223,7 +225,7 @@ async fn every_kind_of_bad_state_file_stops_the_start_and_is_left_as_it_was() {
         })
         .collect();
     // (the file's bytes, what the message says of the fault)
-    let cases: [(&[u8], &str); 16] = [
+    let cases: [(&[u8], &str); 22] = [
         (b"", "EOF while parsing"),
         (b" \n\t\n", "EOF while parsing"),
         (&random, "is not valid"),
@@ -240,6 +242,18 @@ async fn every_kind_of_bad_state_file_stops_the_start_and_is_left_as_it_was() {
         (br#"{"version":1,"sites":{"shop":"green"}}"#, "invalid type: string"),
         (br#"{"version":1,"sites":{},"generation":7}"#, "unknown field `generation`"),
         (br#"{"version":1,"sites":{}} {}"#, "trailing characters"),
+        (b"\xef\xbb\xbf{\"version\":1,\"sites\":{}}", "expected value at line 1 column 1"),
+        (b"{\"version\":1,\"sites\":{\"shop\":{\"live\":\"gr\xffeen\",\"previous\":null}}}", "invalid unicode"),
+        (br#"{"version":1e400,"sites":{}}"#, "number out of range"),
+        (br#"{"version":1,"sites":{"shop":{"live":"green","previous":null,"weights":{"green":256}}}}"#, "expected u8"),
+        (
+            br#"{"version":1,"sites":{"shop":{"live":"green","previous":null},"shop":{"live":"blue","previous":null}}}"#,
+            r#""shop" is named twice in one object"#,
+        ),
+        (
+            br#"{"version":1,"sites":{"shop":{"live":"green","previous":null,"history":[{"at":"2025-01-01T00:00:00Z","kind":"switch","from":null,"to":null,"actor":"api","reason":null,"result":"ok","x":[[[]]]}]}}}"#,
+            "unknown field `x`",
+        ),
     ];
     for (bytes, fault) in cases {
         let what = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
@@ -266,6 +280,41 @@ async fn every_kind_of_bad_state_file_stops_the_start_and_is_left_as_it_was() {
             assert!(std::net::TcpListener::bind(addr).is_ok(), "{what:?}: {addr} was bound despite the error");
         }
     }
+}
+
+/// E-3, F-4: a directory in place of the state file stops the start with a
+/// line naming the file, the fault and `--reset-state`, and stays as it was.
+/// A state file naming a site and a live target the configuration no longer
+/// has (SPEC §5) is accepted: cutover starts with a warning for each and
+/// serves the configured live target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_for_the_state_file_is_refused_and_names_gone_from_the_config_are_dropped() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let state = dir.path().join("state/cutover-state.json");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("inside"), "kept").unwrap();
+    let (status, stderr) = serve(dir.path(), &[]).wait_output();
+    assert!(!status.success() && status.code().is_some(), "{status}\n{stderr}");
+    let line = stderr.lines().find(|l| l.contains("state/cutover-state.json")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("cannot be read") && line.contains("--reset-state"), "{line}");
+    assert_eq!(std::fs::read_to_string(state.join("inside")).unwrap(), "kept");
+    assert!(std::net::TcpListener::bind(http).is_ok(), "{http} was bound despite the error");
+    std::fs::remove_dir_all(&state).unwrap();
+
+    let gone =
+        r#"{"version":1,"sites":{"gone":{"live":"blue","previous":null},"shop":{"live":"purple","previous":null}}}"#;
+    std::fs::write(&state, gone).unwrap();
+    let mut child = serve(dir.path(), &[]);
+    wait_up(admin, &mut child).await;
+    assert_eq!(support::get(http, "shop", "/").await.body, "blue");
+    let (_, site) = support::admin_call(admin, "GET", "/v1/sites/shop", None, None).await;
+    assert_eq!(site["live"], "blue", "{site}");
+    child.kill().unwrap();
+    let stderr = child.wait_output().1;
+    let warned = |what: &str| stderr.lines().any(|l| l.contains("WARN") && l.contains(what));
+    assert!(warned("site=gone") && warned("target=purple"), "{stderr}");
 }
 
 /// `check` exits 0 on the documented example and 1 with every error (field
