@@ -107,7 +107,7 @@ const CANARY: &[u8] = b"GET /canary HTTP/1.1\r\nHost: shop.test\r\n\r\n";
 /// answer, the connection closed, and the canary never answered.
 async fn refused_with_canary(addr: SocketAddr, req: &[u8], status: u16) {
     let r = raw(addr, &[req, CANARY].concat()).await;
-    let shown = String::from_utf8_lossy(req);
+    let shown = String::from_utf8_lossy(&req[..req.len().min(200)]);
     assert_eq!(r.status(), status, "{shown:?} → {:?}", r.text);
     assert_eq!(r.responses(), 1, "the canary was answered after {shown:?}: {:?}", r.text);
     assert!(r.closed, "connection left open after {shown:?}");
@@ -996,6 +996,35 @@ async fn heads_over_a_small_max_header_bytes_get_431() {
     assert_eq!(paths(&blue), vec!["/fits".to_string()]);
 }
 
+/// A 431 closes the connection, whichever limit refused the head (a 100 KiB
+/// field, 150 fields, a head over a small `max_header_bytes`, sent alone or
+/// behind a served request): the canary pipelined behind it is never
+/// answered nor forwarded, since a server reading on after a refused head
+/// could take part of it for a request.
+#[tokio::test]
+async fn a_431_closes_the_connection_before_a_pipelined_request() {
+    let (p, blue) = one_site("").await;
+    let (small, small_blue) = one_site("limits: { max_header_bytes: 2048 }").await;
+    let big = format!("GET /big HTTP/1.1\r\nHost: shop.test\r\nX-Big: {}\r\n\r\n", "a".repeat(100 * 1024));
+    let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let many = format!("GET /many HTTP/1.1\r\nHost: shop.test\r\n{many}\r\n");
+    let pad = format!("GET /pad HTTP/1.1\r\nHost: shop.test\r\nX-Pad: {}\r\n\r\n", "a".repeat(3000));
+    for (addr, head) in [(p.addr, &big), (p.addr, &many), (small.addr, &pad)] {
+        refused_with_canary(addr, head.as_bytes(), 431).await;
+        // Behind a request that is served, on the same connection.
+        let first = b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+        let r = raw(addr, &[&first[..], head.as_bytes(), CANARY].concat()).await;
+        let statuses: Vec<&str> = r.text.match_indices("HTTP/1.1 ").map(|(i, _)| &r.text[i + 9..i + 12]).collect();
+        assert_eq!(statuses, ["200", "431"], "{:?}", r.text.get(..300));
+        assert!(r.closed, "connection left open after a 431 behind a request");
+    }
+    settle().await;
+    for origin in [&blue, &small_blue] {
+        assert!(paths(origin).iter().all(|p| p == "/first"), "forwarded: {:?}", paths(origin));
+    }
+    assert_eq!(paths(&blue).len() + paths(&small_blue).len(), 3);
+}
+
 /// Sends one more byte of a request head every 100 ms (for 3 s at most) until
 /// the proxy closes the connection; how long after `start` that was.
 async fn drip_until_cut(s: &mut TcpStream, start: Instant) -> Option<Duration> {
@@ -1454,18 +1483,25 @@ async fn read_to(s: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
 }
 
 /// A request target that is not a path (`GET x`) gets 400, one over 8 KiB
-/// gets 414; neither is forwarded.
+/// gets 414 (60 KiB too), alone or behind a served request; each closes the
+/// connection, and neither it nor the canary pipelined behind it is forwarded.
 #[tokio::test]
 async fn request_targets_that_are_no_path_or_too_long_are_refused() {
     let (p, blue) = one_site("").await;
     refused_with_canary(p.addr, b"GET x HTTP/1.1\r\nHost: shop.test\r\n\r\n", 400).await;
-    let long = format!("GET /{} HTTP/1.1\r\nHost: shop.test\r\n\r\n", "a".repeat(9 * 1024));
-    let r = raw(p.addr, &[long.as_bytes(), CANARY].concat()).await;
-    assert_eq!(r.status(), 414, "{:?}", r.text.get(..200));
+    for len in [9 * 1024, 60 * 1024] {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: shop.test\r\n\r\n", "a".repeat(len));
+        refused_with_canary(p.addr, long.as_bytes(), 414).await;
+        let r =
+            raw(p.addr, &[b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n", long.as_bytes(), CANARY].concat()).await;
+        assert_eq!(r.responses(), 2, "{:?}", r.text);
+        assert!(r.text.starts_with("HTTP/1.1 200") && r.text.contains("HTTP/1.1 414"), "{:?}", r.text);
+        assert!(r.closed, "connection left open after a 414 behind a request");
+    }
     let options = raw(p.addr, b"OPTIONS * HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").await;
     assert_ne!(options.status(), 400, "{:?}", options.text);
     settle().await;
-    assert!(paths(&blue).iter().all(|p| p == "*" || p == "/canary"), "forwarded: {:?}", paths(&blue));
+    assert!(paths(&blue).iter().all(|p| p == "*" || p == "/first"), "forwarded: {:?}", paths(&blue));
 }
 
 /// An upstream that ignores `Expect: 100-continue` gets the body after
