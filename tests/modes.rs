@@ -152,6 +152,59 @@ async fn maintenance_serves_the_page() {
     assert_eq!(status, 400, "an empty mode change is a bad request");
 }
 
+/// Maintenance exempts only `read_only.allow_paths` (SPEC §3), and a path an
+/// upstream could resolve to another one is never exempt: dot segments,
+/// encoded dots or slashes, `;` parameters, a double-encoded `%`, a
+/// backslash, another case or a doubled slash all get the maintenance page,
+/// with any method; only the exact allowed paths reach the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_exemptions_cannot_be_reached_by_traversal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Origin::start("blue").await;
+    let p = Proxy::start(&shop(&[("blue", vec![blue.addr], "")], "")).await;
+    let (status, site) = p.api("PUT", "/v1/sites/shop/mode", Some(json!({"maintenance": true}))).await;
+    assert_eq!((status, site["mode"]["maintenance"].as_bool()), (200, Some(true)), "{site}");
+    let mut c = Client::connect(p.addr).await;
+    for m in ["GET", "POST"] {
+        for sneaky in [
+            "/api/search/../../orders",
+            "/api/search/%2e%2e/orders",
+            "/api/search/%2E%2E/%2e%2e/orders",
+            "/api/search/..%2forders",
+            "/api/search/..%2Forders",
+            "/api/search/..;/orders",
+            "/api/search/.;/../orders",
+            "/api/search/..%3b/orders",
+            "/api/search/%252e%252e/orders",
+            "/api/search/./../orders",
+            "/login/..",
+            "/login;jsessionid=1",
+            "/login/.",
+            "/LOGIN",
+            "//login",
+        ] {
+            let a = c.send(req(m, sneaky, "")).await.unwrap();
+            assert_eq!((a.status, a.headers.contains_key("retry-after")), (503, true), "{m} {sneaky}");
+            assert!(a.body.contains("maintenance"), "{m} {sneaky}: {}", a.body);
+        }
+    }
+    // A backslash cannot be sent through an http::Uri: raw bytes.
+    for sneaky in ["/api/search/..\\..\\orders", "/api/search/%5c..%5corders"] {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let head = format!("GET {sneaky} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 503") || out.starts_with("HTTP/1.1 400"), "{sneaky}: {out}");
+    }
+    // The control: the exempt paths themselves are served.
+    assert_eq!(c.send(req("GET", "/login", "")).await.unwrap().status, 200);
+    assert_eq!(c.send(req("POST", "/api/search/q", "q")).await.unwrap().status, 200);
+    let seen: Vec<_> = blue.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(seen, ["/login", "/api/search/q"], "a request got past maintenance");
+}
+
 /// Pause → switch → resume: N concurrent requests are held, released in
 /// order to the new live target, and all succeed; the held gauge follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
