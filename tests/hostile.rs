@@ -1570,3 +1570,46 @@ async fn expect_100_continue_waits_for_the_upstream() {
     assert!(all.contains("HTTP/1.1 200") && all.ends_with("hello"), "{all:?}");
     assert_eq!(blue.seen()[0].body_len, 5);
 }
+
+/// A request target with a fragment (`/x#frag`; RFC 9112 §3.2 origin-form
+/// has none) has it stripped, as hyper's parser and cutover's own both do:
+/// the upstream gets the target without it, over either server, and the path
+/// rules judge that same path, so `#` can neither hide a path from them nor
+/// reach an upstream that would resolve it otherwise.
+#[tokio::test]
+async fn a_fragment_in_the_target_is_stripped_before_rules_and_upstream() {
+    let (origin, seen) =
+        raw_origin(BodyRead::Before, |_, _| (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(), true)).await;
+    let mut sites = site("shop", "shop.test", "blue", &[("blue", vec![origin])]);
+    sites.push_str("    read_only: { allow_paths: [/open/*] }\n");
+    let p = Proxy::start(&sites).await;
+    let close = "Host: shop.test\r\nConnection: close\r\n";
+    let served = [
+        (format!("GET /x#frag HTTP/1.1\r\n{close}\r\n"), "/x"),
+        (format!("GET /x?q=1#frag HTTP/1.1\r\n{close}\r\n"), "/x?q=1"),
+        (format!("GET /a#/../admin HTTP/1.1\r\n{close}\r\n"), "/a"),
+        (format!("GET /# HTTP/1.1\r\n{close}\r\n"), "/"),
+        (format!("GET http://shop.test/x#frag HTTP/1.1\r\n{close}\r\n"), "/x"),
+        (format!("POST /p#frag HTTP/1.1\r\n{close}Content-Length: 2\r\n\r\nhi"), "/p"),
+        // HTTP/1.0 is served by hyper, not by cutover's own server.
+        ("GET /h#frag HTTP/1.0\r\nHost: shop.test\r\n\r\n".to_string(), "/h"),
+        // An encoded `#` is a path character like any other.
+        (format!("GET /x%23y HTTP/1.1\r\n{close}\r\n"), "/x%23y"),
+    ];
+    for (req, _) in &served {
+        let r = raw(p.addr, req.as_bytes()).await;
+        assert!(r.text.starts_with("HTTP/1.1 200") || r.text.starts_with("HTTP/1.0 200"), "{req:?} → {:?}", r.text);
+    }
+    let (status, _) = p.api("PUT", "/v1/sites/shop/mode", Some(serde_json::json!({"read_only": true}))).await;
+    assert_eq!(status, 200);
+    let write = |target: &str| format!("POST {target} HTTP/1.1\r\n{close}Content-Length: 2\r\n\r\nhi");
+    assert_eq!(raw(p.addr, write("/open/ok#frag").as_bytes()).await.status(), 200);
+    for hidden in ["/closed#/open/x", "/closed#/../open/x", "/open#/"] {
+        assert_eq!(raw(p.addr, write(hidden).as_bytes()).await.status(), 503, "{hidden}");
+    }
+    settle().await;
+    let got: Vec<String> = seen.lock().unwrap().iter().filter(|p| *p != "/up").cloned().collect();
+    let mut wanted: Vec<String> = served.iter().map(|(_, path)| path.to_string()).collect();
+    wanted.push("/open/ok".into());
+    assert_eq!(got, wanted, "what the upstream was sent");
+}
