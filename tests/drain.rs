@@ -159,6 +159,125 @@ async fn a_tunnel_closed_at_the_deadline_is_not_reset() {
     }
 }
 
+/// A client-masked WebSocket frame (RFC 6455 §5.2); payloads up to 64 KiB.
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// The next whole (unmasked) frame from the server: its first byte and payload;
+/// `None` once the connection ends, `Err` on a reset.
+async fn read_ws_frame(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if buf.len() >= 2 {
+            assert_eq!(buf[1] & 0x80, 0, "a server frame is never masked");
+            let (len, at) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+                126 | 127 => (usize::MAX, 0),
+                n => (n as usize, 2),
+            };
+            if len != usize::MAX && buf.len() >= at + len {
+                let frame = (buf[0], buf[at..at + len].to_vec());
+                buf.drain(..at + len);
+                return Ok(Some(frame));
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match s.read(&mut chunk).await? {
+            0 => return Ok(None),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A-4 with a client that closes: a WebSocket opened on blue echoes 400
+/// messages of mixed sizes, sent in pipelined bursts, every one in order and
+/// from blue, before and after a switch to green; then the client's close
+/// (1000) goes through the tunnel, the origin's close frame with 1000 comes
+/// back, and the connection ends with a FIN, not a reset. The tunnel is then
+/// no longer in flight, so blue's drain ends long before its deadline with
+/// no forced close; a WebSocket opened after the switch lands on green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closed_by_its_client_echoes_in_order_and_ends_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (blue, green) = (ws_origin("blue").await, ws_origin("green").await);
+    let p = Proxy::start(&ws_sites(blue, green, "60s")).await;
+    p.wait_healthy("chat", &["blue", "green"]).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let upgrade = "GET /socket HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the upgrade");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+    buf.drain(..end);
+    let message = |i: usize| match i % 5 {
+        0 => format!("{i}:{}", "x".repeat(1000 + i)),
+        _ => format!("m{i}"),
+    };
+    for burst in 0..20 {
+        if burst == 10 {
+            p.switch("chat", "green").await;
+        }
+        let sent: Vec<usize> = (burst * 20..burst * 20 + 20).collect();
+        let frames: Vec<u8> = sent.iter().flat_map(|&i| ws_frame(0x1, message(i).as_bytes())).collect();
+        s.write_all(&frames).await.unwrap();
+        for &i in &sent {
+            let frame = tokio::time::timeout(Duration::from_secs(3), read_ws_frame(&mut s, &mut buf)).await;
+            let (first, payload) = frame.expect("no echo within 3 s").unwrap().expect("closed mid-conversation");
+            assert_eq!(first, 0x81, "echo {i} is no final text frame");
+            assert_eq!(String::from_utf8(payload).unwrap(), format!("blue:{}", message(i)), "echo {i}");
+        }
+    }
+    let (_, site) = p.api("GET", "/v1/sites/chat", None).await;
+    assert_eq!(
+        (site["targets"]["blue"]["state"].as_str(), site["targets"]["blue"]["inflight"].as_u64()),
+        (Some("draining"), Some(1))
+    );
+    s.write_all(&ws_frame(0x8, &[0x03, 0xe8, b'b', b'y', b'e'])).await.unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(3), read_ws_frame(&mut s, &mut buf)).await;
+    let (first, payload) = close.expect("no close frame within 3 s").unwrap().expect("closed without a close frame");
+    assert_eq!(first, 0x88, "not a close frame: {payload:?}");
+    assert_eq!(payload.get(..2), Some(&[0x03, 0xe8][..]), "close code is not 1000: {payload:?}");
+    let after = tokio::time::timeout(Duration::from_secs(3), read_ws_frame(&mut s, &mut buf)).await;
+    assert!(matches!(after.expect("the connection stayed open after the close handshake"), Ok(None)), "not a FIN");
+    s.shutdown().await.unwrap();
+    drained(&p, "chat", "blue").await;
+    let mut state = String::new();
+    for _ in 0..250 {
+        let (_, site) = p.api("GET", "/v1/sites/chat", None).await;
+        state = site["targets"]["blue"]["state"].as_str().unwrap_or_default().to_string();
+        if state != "draining" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "standby", "blue's drain did not end with its last tunnel");
+    assert_eq!(forced_closes(&p, "chat").await, 0);
+    let mut new = open_ws(p.addr).await;
+    assert_eq!(echo(&mut new, "after").await.as_deref(), Some("green:after"));
+}
+
 /// Switching back to a draining target cancels its drain: its WebSocket stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_back_cancels_the_drain() {
