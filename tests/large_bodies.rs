@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,10 +30,12 @@ fn pattern(from: usize, len: usize) -> Vec<u8> {
 /// of the body comes with it: all `N` bytes are left to relay); `/chunked/N`: `N`
 /// bytes chunked (copied, never spliced); `/short/N`: says `N`, sends half, closes; `/extra/N`: `N`
 /// bytes and some more in the same write; `/stall/N`: says `N`, sends an
-/// eighth, then waits. Records `(connection number, path)` of each request.
+/// eighth, then waits. Records `(connection number, path)` of each request,
+/// and the connections open.
 struct RawOrigin {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(usize, String)>>>,
+    open: Arc<Mutex<HashSet<usize>>>,
 }
 
 impl RawOrigin {
@@ -40,14 +43,25 @@ impl RawOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let open = Arc::new(Mutex::new(HashSet::new()));
+        let (log, opened) = (seen.clone(), open.clone());
         tokio::spawn(async move {
             for n in 0.. {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                tokio::spawn(serve(stream, n, log.clone()));
+                let (log, opened) = (log.clone(), opened.clone());
+                opened.lock().unwrap().insert(n);
+                tokio::spawn(async move {
+                    serve(stream, n, log).await;
+                    opened.lock().unwrap().remove(&n);
+                });
             }
         });
-        RawOrigin { addr, seen }
+        RawOrigin { addr, seen, open }
+    }
+
+    /// The connection that carried the last request for `path`.
+    fn conn_of(&self, path: &str) -> usize {
+        self.seen.lock().unwrap().iter().rev().find(|(_, p)| p == path).expect("never requested").0
     }
 
     /// Connections that carried requests other than health probes.
@@ -284,8 +298,8 @@ async fn client_that_leaves_mid_body_frees_everything() {
 /// A client that stops reading its response is cut once it has read nothing
 /// for `idle_timeout` (nginx's `send_timeout`), whether the body is spliced
 /// (`Content-Length`) or copied (chunked), by cutover's own server or by
-/// hyper's: the request leaves the in-flight count and its upstream
-/// connection is not kept.
+/// hyper's: the request leaves the in-flight count, its upstream connection
+/// is closed (the origin sees it end), and the next request gets a true answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_is_cut_at_idle_timeout() {
     let origin = RawOrigin::start().await;
@@ -327,6 +341,14 @@ async fn client_that_stops_reading_is_cut_at_idle_timeout() {
             }
         }
         assert!(got < len, "{method} {kind}: the whole body arrived");
+        // Its upstream connection is closed, not left open in the middle of
+        // its body (where no other request could ever use it).
+        let conn = origin.conn_of(&format!("/{kind}/{len}"));
+        let closed = support::eventually(Duration::from_secs(5), || !origin.open.lock().unwrap().contains(&conn)).await;
+        assert!(closed, "{method} {kind}: the upstream connection is still open");
+        // The next request gets a true answer, on a new connection or one whose body ended.
+        let (status, _, body) = fetch(&mut connect(p.addr).await, method, "/big/100000").await.unwrap();
+        assert_eq!((status, body == pattern(0, 100_000)), (200, true), "{method} {kind}: the next answer");
     }
 }
 
