@@ -44,20 +44,26 @@ fn serve(dir: &Path, extra: &[&str]) -> Cutover {
     Cutover::spawn(Command::new(BIN).arg("serve").arg("--config").arg(dir.join("cutover.yaml")).args(extra))
 }
 
-/// A running `cutover serve` whose stderr goes to a file. Dropping it kills
+/// A running `cutover serve` whose stdout and stderr go to files. Dropping it kills
 /// it, and fails the test (unless it is failing already) if the process ever
 /// printed `panicked at` (reliability plan F-1).
 struct Cutover {
     child: Child,
+    stdout: tempfile::NamedTempFile,
     stderr: tempfile::NamedTempFile,
 }
 
 impl Cutover {
     fn spawn(cmd: &mut Command) -> Cutover {
-        let stderr = tempfile::NamedTempFile::new().unwrap();
-        let file = std::fs::OpenOptions::new().append(true).open(stderr.path()).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
-        Cutover { child, stderr }
+        let (stdout, stderr) = (tempfile::NamedTempFile::new().unwrap(), tempfile::NamedTempFile::new().unwrap());
+        let file = |f: &tempfile::NamedTempFile| std::fs::OpenOptions::new().append(true).open(f.path()).unwrap();
+        let child = cmd.stdout(file(&stdout)).stderr(file(&stderr)).spawn().unwrap();
+        Cutover { child, stdout, stderr }
+    }
+
+    /// Everything it wrote to stdout so far.
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.stdout.path()).unwrap()).into_owned()
     }
 
     /// Everything it wrote to stderr so far.
@@ -1370,4 +1376,94 @@ async fn access_log_escapes_what_clients_send() {
             }
         }
     }
+}
+
+/// D-2: the admin token never shows. `cutover serve` runs with a token file
+/// and `RUST_LOG=trace` (every crate's most verbose logs: DEBUG lines show);
+/// admin calls that
+/// succeed, fail (bad JSON, unknown site, refused switch) or are refused
+/// (a wrong token that starts with the real one or repeats it, the token in
+/// the query string, with the Basic scheme or none), a reload, `ctl` with
+/// a wrong token and a data-plane request carrying it all leave the token out of the
+/// process's stdout and stderr, every answer, `/metrics`, and ctl's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_never_shows_in_logs_answers_or_metrics() {
+    let (blue, green) = (Origin::start("blue").await, Origin::start("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = write_config(dir.path(), blue.addr, green.addr);
+    let token =
+        format!("tk-{:032x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    std::fs::write(dir.path().join("admin.token"), format!("{token}\n")).unwrap();
+    let yaml = std::fs::read_to_string(dir.path().join("cutover.yaml")).unwrap();
+    let with_token =
+        yaml.replace(&format!("listen: \"{admin}\" }}"), &format!("listen: \"{admin}\", token_file: admin.token }}"));
+    assert_ne!(yaml, with_token);
+    std::fs::write(dir.path().join("cutover.yaml"), with_token).unwrap();
+    let mut child = Cutover::spawn(
+        Command::new(BIN).arg("serve").arg("--config").arg(dir.path().join("cutover.yaml")).env("RUST_LOG", "trace"),
+    );
+    wait_up(admin, &mut child).await;
+    let mut answers = Vec::new();
+    let call = |method: &str, path: &str, body: &str, auth: Option<String>| {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        if let Some(a) = auth {
+            req.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        async move { support::raw_exchange(admin, req.as_bytes()).await }
+    };
+    let bearer = Some(format!("Bearer {token}"));
+    let status = |a: &str| a.get(9..12).unwrap_or_default().to_string();
+    for (method, path, body, auth, want) in [
+        ("GET", "/v1/sites", "", bearer.clone(), "200"),
+        ("POST", "/v1/sites/shop/switch", "{\"to\":\"green\"}", bearer.clone(), "200"),
+        ("POST", "/v1/sites/shop/switch", "{\"to\":", bearer.clone(), "400"),
+        ("POST", "/v1/sites/nope/switch", "{\"to\":\"green\"}", bearer.clone(), "404"),
+        ("POST", "/v1/sites/shop/switch", "{\"to\":\"none\"}", bearer.clone(), "404"),
+        ("POST", "/v1/reload", "", bearer.clone(), "200"),
+        ("GET", "/v1/sites", "", Some(format!("Bearer {token}x")), "401"),
+        ("POST", "/v1/sites/shop/switch", "{\"to\":\"blue\"}", Some(format!("Bearer {token}{token}")), "401"),
+        ("GET", &format!("/v1/sites?token={token}"), "", None, "401"),
+        ("GET", &format!("/v1/sites?access_token={token}"), "", Some(format!("Bearer {token}x")), "401"),
+        ("GET", "/v1/sites", "", Some(format!("Basic {token}")), "401"),
+        ("GET", "/v1/sites", "", Some(token.clone()), "401"),
+        ("GET", "/healthz", "", Some(format!("Bearer {token}x")), "200"),
+    ] {
+        let a = call(method, path, body, auth).await;
+        assert_eq!(status(&a), want, "{method} {path}: {a}");
+        answers.push(a);
+    }
+    let metrics = support::get(admin, "127.0.0.1", "/metrics").await.body;
+    assert!(metrics.contains("cutover_switches_total"), "{metrics}");
+    answers.push(metrics);
+    // A data-plane request carrying the token (an operator's mistake), and
+    // an underscore header, whose drop is logged at DEBUG.
+    let plain = format!(
+        "GET /after HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {token}\r\nX_Under: 1\r\nConnection: close\r\n\r\n"
+    );
+    let a = support::raw_exchange(http, plain.as_bytes()).await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    answers.push(a);
+    let wrong = format!("{token}x");
+    let out = ctl(admin, &["--token", &wrong, "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    answers.push(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let out = ctl(admin, &["--token", &token, "history", "shop"]).await;
+    assert!(out.status.success(), "{out:?}");
+    answers.push(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    for (i, a) in answers.iter().enumerate() {
+        assert!(!a.contains(&token), "answer {i} shows the token: {a}");
+    }
+    signal(&child, "-TERM");
+    let stdout = child.stdout();
+    let (status, stderr) = child.wait_output();
+    assert!(status.success(), "{status}");
+    // The debug logs are there (the test would pass vacuously otherwise).
+    assert!(stderr.contains("DEBUG") && stderr.contains(" access: "), "{stderr}");
+    assert!(
+        !stderr.contains(&token),
+        "stderr shows the token:\n{}",
+        stderr.lines().filter(|l| l.contains(&token)).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!stdout.contains(&token), "stdout shows the token");
 }
