@@ -543,3 +543,90 @@ async fn a_client_without_alpn_gets_http_1_1() {
     assert_eq!(get_over(tls).await, (200, http::Version::HTTP_11));
     assert_eq!(origin.seen()[0].headers["x-forwarded-proto"], "https");
 }
+
+/// A raw ClientHello record (RFC 5246 §7.4.1.2) with `legacy_version`,
+/// these cipher suites, SNI `a.test`, the groups, point formats and
+/// signature algorithms of a modern client, and no `supported_versions`
+/// (so no TLS 1.3).
+fn client_hello(version: u16, suites: &[u16]) -> Vec<u8> {
+    let ext = |kind: u16, data: &[u8]| [&kind.to_be_bytes()[..], &(data.len() as u16).to_be_bytes(), data].concat();
+    let list16 = |items: &[u16]| {
+        let bytes: Vec<u8> = items.iter().flat_map(|i| i.to_be_bytes()).collect();
+        [&(bytes.len() as u16).to_be_bytes()[..], &bytes].concat()
+    };
+    let name = b"a.test";
+    let sni = [&(name.len() as u16 + 3).to_be_bytes()[..], &[0], &(name.len() as u16).to_be_bytes(), name].concat();
+    let extensions = [
+        ext(0x0000, &sni),
+        ext(0x000a, &list16(&[0x001d, 0x0017, 0x0018])),
+        ext(0x000b, &[1, 0]),
+        ext(0x000d, &list16(&[0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0201])),
+    ]
+    .concat();
+    let mut body = version.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0x5a; 32]);
+    body.push(0);
+    body.extend_from_slice(&list16(suites));
+    body.extend_from_slice(&[1, 0]);
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut handshake = vec![1];
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// What the server answers to a raw `hello`: the first record's content
+/// type and its first two bytes (an alert's level and description, or a
+/// handshake message's type); `None` if it closes without a record.
+async fn answer_to_hello(addr: SocketAddr, hello: &[u8]) -> Option<(u8, [u8; 2])> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(hello).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while got.len() < 7 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read).await.expect("neither an answer nor a close in 5 s");
+    (got.len() >= 7).then(|| (got[0], [got[5], got[6]]))
+}
+
+/// C-15: TLS 1.0 and 1.1 are refused, and so are weak cipher suites. A
+/// ClientHello offering only TLS 1.1 or 1.0 (classic CBC suites, or even
+/// AES-GCM ones) gets a `protocol_version` alert (70) or a close, and a
+/// TLS 1.2 one offering only RC4, 3DES and CBC-SHA suites a
+/// `handshake_failure` (40) or a close, never a ServerHello; the same TLS 1.2
+/// hello with an ECDHE-ECDSA AES-GCM suite (the control) gets a ServerHello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_0_1_1_and_weak_suites_are_refused() {
+    let ca = Ca::new();
+    let origin = Origin::start("blue").await;
+    let p = start_https(&ca, origin.addr, "{}").await;
+    let addr = p.https.unwrap();
+    const ALERT: u8 = 0x15;
+    let classic = [0xc009, 0xc013, 0xc00a, 0xc014, 0x002f, 0x0035, 0x000a];
+    let gcm = [0xc02b, 0xc02f, 0xc02c, 0xc030];
+    for (version, suites) in [(0x0302, &classic[..]), (0x0301, &classic[..]), (0x0302, &gcm[..])] {
+        match answer_to_hello(addr, &client_hello(version, suites)).await {
+            None | Some((ALERT, [2, 70])) => {}
+            other => panic!("TLS {version:#06x} with {suites:04x?}: {other:?}"),
+        }
+    }
+    let weak = [0x0005, 0x0004, 0xc011, 0xc007, 0x000a, 0xc008, 0xc012, 0xc009, 0xc013, 0x002f, 0x0035, 0x003c];
+    match answer_to_hello(addr, &client_hello(0x0303, &weak)).await {
+        None | Some((ALERT, [2, 40])) => {}
+        other => panic!("TLS 1.2 with weak suites: {other:?}"),
+    }
+    let control = [&weak[..], &[0xc02b]].concat();
+    assert_eq!(answer_to_hello(addr, &client_hello(0x0303, &control)).await, Some((0x16, [0x02, 0x00])));
+    assert_eq!(origin.count(), 0);
+}
