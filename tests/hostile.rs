@@ -1025,6 +1025,40 @@ async fn a_431_closes_the_connection_before_a_pipelined_request() {
     assert_eq!(paths(&blue).len() + paths(&small_blue).len(), 3);
 }
 
+/// A 1 MiB head sent slowly (16 KiB every 20 ms) gets 431 once it passes
+/// the 64 KiB limit, long before its end: the proxy neither buffers the rest
+/// nor waits for it, closes the connection, and forwards nothing.
+#[tokio::test]
+async fn a_big_head_sent_slowly_gets_431_at_the_limit() {
+    let (p, blue) = one_site("").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /slow-big HTTP/1.1\r\nHost: shop.test\r\n").await.unwrap();
+    let piece = format!("X-Pad: {}\r\n", "a".repeat(16 * 1024 - 9));
+    let (mut sent, mut got) = (0, Vec::new());
+    let mut buf = [0u8; 4096];
+    while sent < 1 << 20 {
+        if s.write_all(piece.as_bytes()).await.is_err() {
+            break;
+        }
+        sent += piece.len();
+        match timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert!(sent < 1 << 20, "the whole 1 MiB head was taken in");
+    let rest = read_until_close(&mut s, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&got).to_string() + &rest.text;
+    assert!(text.starts_with("HTTP/1.1 431"), "after {sent} bytes: {text:?}");
+    assert!(rest.closed, "connection left open after the 431");
+    settle().await;
+    assert_eq!(blue.count(), 0, "forwarded: {:?}", paths(&blue));
+}
+
 /// Sends one more byte of a request head every 100 ms (for 3 s at most) until
 /// the proxy closes the connection; how long after `start` that was.
 async fn drip_until_cut(s: &mut TcpStream, start: Instant) -> Option<Duration> {
