@@ -808,7 +808,8 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 }
 
 /// The host a request is for: the absolute-form/`:authority` host, else `Host`, without port.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
+/// Public for the `router` fuzz target (`fuzz/harness.rs`), which routes as [`Proxy::handle`] does.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
         return Some(a.host());
     }
