@@ -154,9 +154,9 @@ async fn maintenance_serves_the_page() {
 
 /// Maintenance exempts only `read_only.allow_paths` (SPEC §3), and a path an
 /// upstream could resolve to another one is never exempt: dot segments,
-/// encoded dots or slashes, `;` parameters, a double-encoded `%`, a
-/// backslash, another case or a doubled slash all get the maintenance page,
-/// with any method; only the exact allowed paths reach the origin.
+/// encoded dots or slashes, `;` parameters, a double-encoded `%`, overlong
+/// UTF-8 or `%u` dots, a backslash, another case or a doubled slash all get
+/// the maintenance page, with any method; only the exact allowed paths reach the origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_exemptions_cannot_be_reached_by_traversal() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -177,6 +177,10 @@ async fn maintenance_exemptions_cannot_be_reached_by_traversal() {
             "/api/search/..%3b/orders",
             "/api/search/%252e%252e/orders",
             "/api/search/./../orders",
+            // What lenient decoders read as `..` (overlong UTF-8, IIS's %u).
+            "/api/search/%c0%ae%c0%ae/orders",
+            "/api/search/%e0%80%ae%e0%80%ae/orders",
+            "/api/search/%u002e%u002e/orders",
             "/login/..",
             "/login;jsessionid=1",
             "/login/.",

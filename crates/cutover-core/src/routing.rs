@@ -190,12 +190,18 @@ impl SiteRoute {
 /// No dot segments, no backslash, no `;` path parameters (servlet containers
 /// strip them before resolving `..`, so `/a/..;/b` is `/b` there), and none
 /// of those encoded, nor an encoded `%` (an upstream that decodes twice).
+/// Nor the encodings lenient decoders also read as ASCII: overlong UTF-8
+/// (`%c0%ae` is `.` to old Tomcat and IIS; lead byte C0 or C1, or E0 80–9F,
+/// or F0 80–8F) and IIS's `%uXXXX`. None of these is valid UTF-8 or a valid
+/// percent-encoding, so no real path is lost (found by the `router` fuzz target).
 fn is_plain_path(path: &str) -> bool {
     let lower_has =
         |needle: &str| path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
     !path.contains(['\\', ';'])
         && !path.split('/').any(|seg| seg == "." || seg == "..")
-        && !["%2e", "%2f", "%5c", "%3b", "%25"].into_iter().any(lower_has)
+        && !["%2e", "%2f", "%5c", "%3b", "%25", "%c0", "%c1", "%e0%8", "%e0%9", "%f0%8", "%u"]
+            .into_iter()
+            .any(lower_has)
 }
 
 impl TargetPool {
@@ -335,10 +341,17 @@ mod tests {
             "/api/x;jsessionid=1",
             "/api/..%3B/orders",
             "/api/%252e%252e/orders",
+            "/api/%c0%ae%c0%ae/orders",
+            "/api/%C1%9Corders",
+            "/api/%e0%80%ae%e0%80%ae/orders",
+            "/api/%f0%80%80%ae./orders",
+            "/api/%u002e%u002e/orders",
         ] {
             assert!(!is_plain_path(bad), "{bad}");
         }
-        for good in ["/", "/api/search/q", "/a.b/c..d", "/.well-known/acme"] {
+        for good in
+            ["/", "/api/search/q", "/a.b/c..d", "/.well-known/acme", "/caf%C3%A9", "/%E0%A4%85", "/%F0%9F%98%80"]
+        {
             assert!(is_plain_path(good), "{good}");
         }
     }
