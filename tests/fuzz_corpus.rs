@@ -181,3 +181,96 @@ fn state_file_seeds() {
         assert!(message.contains(fault), "{name}: {message}");
     }
 }
+
+/// F-4 for routing: every seed of `fuzz/corpus/router/` is routed against the
+/// fixed snapshot of `harness::ROUTER_CONFIG` with every invariant of
+/// `harness::router` holding (host lookups follow the configuration whatever
+/// the case, port or trailing dot; a path allowed is plain and stays allowed
+/// however an upstream decodes and resolves it; the query never changes the
+/// verdict; a preview never falls back; modes answer as SPEC §3 says), and
+/// each named seed gets the verdict, site and target pinned below.
+#[test]
+fn router_seeds() {
+    use harness::Verdict::{Forward, Maintenance, PreviewRefused, ReadOnly, Rejected};
+    let results = replay("router", harness::router);
+    assert!(results.len() >= 50, "only {} seeds", results.len());
+    let bad = StatusCode::BAD_REQUEST;
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    for (name, verdict, site, target) in [
+        ("shop-get", Forward, Some("shop"), Some("blue")),
+        ("shop-post-write", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-up", Forward, Some("shop"), Some("blue")),
+        ("shop-post-up-query-traversal", Forward, Some("shop"), Some("blue")),
+        ("shop-post-up-encoded", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search", Forward, Some("shop"), Some("blue")),
+        ("shop-post-search-double-slash", Forward, Some("shop"), Some("blue")),
+        // Paths an upstream could resolve outside `/api/search/`: writes stay refused.
+        ("shop-post-search-dotdot", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-dotdot-semicolon", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-jsessionid", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-pct2e", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-pct2f", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-pct25", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-backslash", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-overlong-utf8", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-overlong-utf8-3", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-post-search-iis-unicode", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-options-star", Forward, Some("shop"), Some("blue")),
+        // Hosts: any case, a port, one trailing dot; IP literals as written.
+        ("shop-host-uppercase", ReadOnly, Some("shop"), Some("blue")),
+        ("shop-host-trailing-dot", Forward, Some("shop"), Some("blue")),
+        ("shop-host-two-trailing-dots", Forward, Some("fallback"), Some("blue")),
+        ("shop-ipv6", Forward, Some("shop"), Some("blue")),
+        ("shop-ipv6-absolute", Forward, Some("shop"), Some("blue")),
+        ("shop-ipv6-longhand", Forward, Some("fallback"), Some("blue")),
+        ("shop-preview-header", Forward, Some("shop"), Some("green")),
+        ("shop-preview-header-unknown", PreviewRefused(unavailable), Some("shop"), None),
+        ("shop-preview-header-twice", PreviewRefused(unavailable), Some("shop"), None),
+        ("preview-host-green", Forward, Some("shop"), Some("green")),
+        ("preview-host-green-post", ReadOnly, Some("shop"), Some("green")),
+        ("preview-host-green-odd-case", Forward, Some("shop"), Some("green")),
+        ("preview-host-gray-unhealthy", PreviewRefused(unavailable), Some("shop"), None),
+        ("preview-host-blue-dot-in-config", Forward, Some("shop"), Some("blue")),
+        ("preview-host-beats-header", Forward, Some("shop"), Some("green")),
+        ("blog-maintenance", Maintenance, Some("blog"), Some("blue")),
+        ("blog-healthz", Forward, Some("blog"), Some("blue")),
+        ("blog-static", Forward, Some("blog"), Some("blue")),
+        ("blog-static-traversal", Maintenance, Some("blog"), Some("blue")),
+        ("blog-www-dot-in-config", Forward, Some("blog"), Some("blue")),
+        ("blog-punycode", Maintenance, Some("blog"), Some("blue")),
+        ("blog-utf8-host", Rejected(bad), None, None),
+        ("blog-preview-token", Forward, Some("blog"), Some("green")),
+        ("blog-preview-no-token", PreviewRefused(StatusCode::FORBIDDEN), Some("blog"), None),
+        ("blog-preview-wrong-token", PreviewRefused(StatusCode::FORBIDDEN), Some("blog"), None),
+        ("blog-other-sites-header", Forward, Some("blog"), Some("blue")),
+        ("api-post", ReadOnly, Some("api"), Some("clone")),
+        ("api-post-hook", Forward, Some("api"), Some("clone")),
+        ("api-absolute-form-wins", Forward, Some("api"), Some("clone")),
+        // No `*.` wildcards: a name no site has goes to the `*` site.
+        ("fallback-unknown", Forward, Some("fallback"), Some("blue")),
+        ("fallback-subdomain", Forward, Some("fallback"), Some("blue")),
+        ("fallback-suffix", Forward, Some("fallback"), Some("blue")),
+        ("fallback-wildcard-literal", Forward, Some("fallback"), Some("blue")),
+        ("fallback-http10-no-host", Forward, Some("fallback"), Some("blue")),
+        ("fallback-huge-host", Forward, Some("fallback"), Some("blue")),
+        ("reject-empty", Rejected(bad), None, None),
+        ("reject-empty-host", Rejected(bad), None, None),
+        ("reject-no-host", Rejected(bad), None, None),
+        ("reject-userinfo", Rejected(bad), None, None),
+        ("reject-non-utf8-host", Rejected(bad), None, None),
+        ("reject-ipv6-zone", Rejected(bad), None, None),
+        ("garbage", Rejected(bad), None, None),
+    ] {
+        let got = seed(&results, name);
+        assert_eq!((&got.verdict, got.site.as_deref(), got.target.as_deref()), (&verdict, site, target), "{name}");
+    }
+    // `read_only.allow_paths`, the query aside: exact, or a prefix; never a path that could resolve elsewhere.
+    for name in ["shop-post-up", "shop-post-up-query-traversal", "shop-post-search", "blog-static", "api-post-hook"] {
+        assert!(seed(&results, name).allowed, "{name} is in allow_paths");
+    }
+    for name in
+        ["shop-post-up-encoded", "shop-post-search-dotdot", "shop-post-search-overlong-utf8", "blog-static-traversal"]
+    {
+        assert!(!seed(&results, name).allowed, "{name} is not in allow_paths");
+    }
+}
